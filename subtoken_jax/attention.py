@@ -1,0 +1,125 @@
+"""Grouped-query attention whose value read-out can be sparsified per (token, KV head, value group).
+
+`attend` is a pure function usable from any Flax model; `Attention` is the linen module of the decoder,
+with optional LoRA on q/k/v/o, rotary embeddings and an explicit KV cache for incremental decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from subtoken_jax.errors import InputError
+from subtoken_jax.layers import apply_rope, rope_inverse_frequencies
+from subtoken_jax.lora import LoRADense
+from subtoken_jax.model_config import ModelConfig
+from subtoken_jax.value_groups import mask_values
+
+
+def attention_allowed(q_positions, kv_positions, *, sliding_window: Optional[int] = None,
+                      token_keep_mask: Optional[jax.Array] = None) -> jax.Array:
+    """Which keys each query may attend to: [batch, kv_heads|1, 1, q_len, kv_len] booleans.
+
+    A kv slot with a negative position is empty (padding or unused cache). Causal by positions;
+    a sliding window of w lets query i see keys i-w+1..i (Hugging Face's convention).
+    token_keep_mask ([batch, kv_len] or [batch, kv_len, kv_heads]) evicts whole tokens.
+    """
+    q = q_positions[:, :, None]
+    kv = kv_positions[:, None, :]
+    allowed = (kv >= 0) & (kv <= q)
+    if sliding_window is not None:
+        allowed &= (q - kv) < sliding_window
+    allowed = allowed[:, None, None, :, :]  # [B, 1, 1, T, S]
+    if token_keep_mask is not None:
+        keep = token_keep_mask.astype(bool)
+        if keep.ndim == 2:
+            keep = keep[:, None, None, None, :]
+        elif keep.ndim == 3:
+            keep = jnp.transpose(keep, (0, 2, 1))[:, :, None, None, :]
+        else:
+            raise InputError(f"token keep mask must be [batch, kv_len] or [batch, kv_len, kv_heads], got {keep.shape}")
+        allowed = allowed & keep
+    return allowed
+
+
+def attend(query, key, value, allowed, *, value_group_mask: Optional[jax.Array] = None,
+           return_weights: bool = False):
+    """softmax(q k^T / sqrt(d)) (v * group mask), with grouped-query heads.
+
+    query [B, T, Hq, D]; key, value [B, S, Hkv, D]; allowed from `attention_allowed`;
+    value_group_mask [B, S, Hkv, G]. Softmax runs in float32. Rows with no allowed key give zeros.
+    """
+    batch, q_len, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    if num_heads % num_kv_heads:
+        raise InputError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    value = mask_values(value, value_group_mask)
+    q = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("btkrd,bskd->bkrts", q, key).astype(jnp.float32) * (head_dim ** -0.5)
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    weights = jnp.where(allowed, weights, 0.0)  # fully masked rows: zeros, not a uniform average
+    out = jnp.einsum("bkrts,bskd->btkrd", weights.astype(value.dtype), value)
+    out = out.reshape(batch, q_len, num_heads, head_dim)
+    return (out, weights) if return_weights else out
+
+
+class Attention(nn.Module):
+    """Self-attention of one decoder layer (GQA, RoPE, optional sliding window, LoRA, KV cache)."""
+
+    config: ModelConfig
+    layer_index: int = 0
+
+    def setup(self):
+        cfg = self.config
+        heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+
+        def dense(name, features, axes, bias):
+            return LoRADense(features=features, axes=axes, use_bias=bias,
+                             lora=cfg.lora if cfg.lora.applies_to(name) else None,
+                             dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, name=name)
+
+        self.q = dense("q", (heads, head_dim), ("embed", "heads", "head_dim"), cfg.qkv_bias)
+        self.k = dense("k", (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias)
+        self.v = dense("v", (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias)
+        self.o = dense("o", (cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg.o_bias)
+        self.inv_freq = rope_inverse_frequencies(head_dim, cfg.rope_theta,
+                                                 dict(cfg.rope_scaling) if cfg.rope_scaling else None)
+
+    def project_kv(self, x, positions, deterministic: bool = True):
+        """Keys (rotated) and values of x: each [B, T, Hkv, D]."""
+        key = apply_rope(self.k(x, deterministic=deterministic), positions, self.inv_freq)
+        value = self.v(x, deterministic=deterministic)
+        key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
+        value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
+        return key, value
+
+    def __call__(self, x, positions, *, cache: Optional[Tuple[jax.Array, jax.Array, jax.Array]] = None,
+                 cache_index=None, value_group_mask=None, token_keep_mask=None, deterministic: bool = True):
+        """x [B, T, E]; positions [B, T] (negative = padding).
+
+        Without a cache, attends over x itself. With cache = (keys, values, kv_positions) of capacity L,
+        writes this chunk at cache_index and attends over all L slots; masks then cover the L slots.
+        Returns (output [B, T, E], new cache or None).
+        """
+        query = apply_rope(self.q(x, deterministic=deterministic), positions, self.inv_freq)
+        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "head_dim"))
+        key, value = self.project_kv(x, positions, deterministic)
+        kv_positions = positions
+        new_cache = None
+        if cache is not None:
+            cached_k, cached_v, cached_pos = cache
+            start = (0, cache_index, 0, 0)
+            key = jax.lax.dynamic_update_slice(cached_k, key.astype(cached_k.dtype), start)
+            value = jax.lax.dynamic_update_slice(cached_v, value.astype(cached_v.dtype), start)
+            kv_positions = jax.lax.dynamic_update_slice(cached_pos, positions.astype(cached_pos.dtype),
+                                                        (0, cache_index))
+            new_cache = (key, value, kv_positions)
+        allowed = attention_allowed(positions, kv_positions, sliding_window=self.config.sliding_window(self.layer_index),
+                                    token_keep_mask=token_keep_mask)
+        out = attend(query, key.astype(query.dtype), value.astype(query.dtype), allowed,
+                     value_group_mask=value_group_mask)
+        return self.o(out, deterministic=deterministic), new_cache

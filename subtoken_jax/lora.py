@@ -1,0 +1,152 @@
+"""LoRA for any projection of the decoder, and helpers to train, merge and export it.
+
+`LoRADense` is a DenseGeneral (it contracts the input's last dims, so attention's per-head kernels
+[embed, heads, head_dim] and [heads, head_dim, embed] fit) with an optional low-rank delta:
+
+    y = x . W + b + (alpha / r) * ((dropout(x) . A) * gate) . B
+
+`B` starts at zero so a fresh adapter changes nothing. `gate` ([..., r], optional) scales each rank
+component per token: routed subspace LoRA passes a 0/1 (or soft) gate that activates some subspaces.
+Parameters are plain leaves named `kernel`, `bias`, `lora_a`, `lora_b`, so trees can be split,
+merged and checkpointed with ordinary pytree tools.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from subtoken_jax.model_config import LoRAConfig
+
+LORA_PARAM_NAMES = ("lora_a", "lora_b")
+
+
+def _contract(x, kernel, num_in: int):
+    """x [..., *in] . kernel [*in, *out] -> [..., *out]."""
+    axes_x = tuple(range(x.ndim - num_in, x.ndim))
+    return jax.lax.dot_general(x, kernel, ((axes_x, tuple(range(num_in))), ((), ())))
+
+
+class LoRADense(nn.Module):
+    """A DenseGeneral with logical axis names and an optional (routed) LoRA delta."""
+
+    features: Tuple[int, ...]  # output shape
+    axes: Tuple[Optional[str], ...]  # logical names of kernel axes: input axes then output axes
+    use_bias: bool = False
+    lora: Optional[LoRAConfig] = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(stddev=0.02)
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True, gate: Optional[jax.Array] = None):
+        features = tuple(self.features)
+        num_in = len(self.axes) - len(features)
+        in_shape = x.shape[x.ndim - num_in:]
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                            in_shape + features, self.param_dtype)
+        x = x.astype(self.dtype)
+        y = _contract(x, kernel.astype(self.dtype), num_in)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[num_in:]),
+                              features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if self.lora is None or not self.lora.enabled:
+            if gate is not None:
+                raise ValueError(f"{self.name}: a LoRA gate was given but this projection has no LoRA")
+            return y
+        rank = self.lora.rank
+        fan_in = 1
+        for size in in_shape:
+            fan_in *= size
+        lora_a = self.param(
+            "lora_a",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=fan_in ** -0.5),
+                                         self.axes[:num_in] + ("lora_rank",)),
+            in_shape + (rank,), self.param_dtype)
+        lora_b = self.param(
+            "lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + self.axes[num_in:]),
+            (rank,) + features, self.param_dtype)
+        if self.lora.dropout > 0.0:
+            x = nn.Dropout(rate=self.lora.dropout)(x, deterministic=deterministic)
+        low_rank = _contract(x, lora_a.astype(self.dtype), num_in)  # [..., r]
+        if gate is not None:
+            low_rank = low_rank * gate.astype(self.dtype)
+        delta = _contract(low_rank, lora_b.astype(self.dtype), 1)
+        return y + delta * (self.lora.alpha / rank)
+
+
+# ----------------------------------------------------------------------------- parameter-tree helpers
+
+
+def is_lora_path(path: Sequence[str]) -> bool:
+    return path[-1] in LORA_PARAM_NAMES
+
+
+def split_params(params, is_trainable: Callable[[Tuple[str, ...]], bool] = is_lora_path):
+    """Splits a param tree into (trainable, frozen) nested dicts by a predicate on the key path."""
+    flat = traverse_util.flatten_dict(params)
+    trainable = {k: v for k, v in flat.items() if is_trainable(k)}
+    frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def combine_params(*trees):
+    """Inverse of `split_params`: merges disjoint nested dicts into one tree."""
+    flat = {}
+    for tree in trees:
+        for key, value in traverse_util.flatten_dict(tree).items():
+            if key in flat:
+                raise ValueError(f"parameter {'/'.join(key)} appears in more than one tree")
+            flat[key] = value
+    return traverse_util.unflatten_dict(flat)
+
+
+def _kernel_delta(lora_a, lora_b, alpha: float):
+    rank = lora_a.shape[-1]
+    num_in = lora_a.ndim - 1
+    a = lora_a.astype(jnp.float32).reshape(-1, rank)
+    b = lora_b.astype(jnp.float32).reshape(rank, -1)
+    delta = (a @ b) * (alpha / rank)
+    return delta.reshape(lora_a.shape[:num_in] + lora_b.shape[1:])
+
+
+def _map_lora_modules(params, fn):
+    """Applies fn(module_dict) -> module_dict to every module that has LoRA params."""
+    if not isinstance(params, dict):
+        return params
+    if "lora_a" in params and "kernel" in params:
+        return fn(dict(params))
+    return {name: _map_lora_modules(child, fn) for name, child in params.items()}
+
+
+def merge_lora(params, alpha: float):
+    """Folds every adapter into its kernel (W + alpha/r A B) and drops the LoRA params."""
+
+    def merge(module):
+        delta = _kernel_delta(module.pop("lora_a"), module.pop("lora_b"), alpha)
+        module["kernel"] = (module["kernel"].astype(jnp.float32) + delta).astype(module["kernel"].dtype)
+        return module
+
+    return _map_lora_modules(params, merge)
+
+
+def unmerge_lora(merged_params, lora_params, alpha: float):
+    """Inverse of `merge_lora`: subtracts the adapters from merged kernels and restores the LoRA params."""
+    flat_lora = traverse_util.flatten_dict(lora_params)
+    flat = dict(traverse_util.flatten_dict(merged_params))
+    modules = {k[:-1] for k in flat_lora}
+    for module in modules:
+        a, b = flat_lora[module + ("lora_a",)], flat_lora[module + ("lora_b",)]
+        kernel = flat[module + ("kernel",)]
+        flat[module + ("kernel",)] = (kernel.astype(jnp.float32) - _kernel_delta(a, b, alpha)).astype(kernel.dtype)
+        flat[module + ("lora_a",)], flat[module + ("lora_b",)] = a, b
+    return traverse_util.unflatten_dict(flat)
+
+
+def count_params(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))

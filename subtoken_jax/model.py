@@ -1,0 +1,117 @@
+"""The decoder: a functional Flax linen model of the Llama family (Llama, Qwen2/Qwen2.5, Mistral).
+
+    logits = model.apply({"params": params}, input_ids)
+    logits, cache = model.apply({"params": params}, ids, cache=cache)       # incremental decoding
+
+Optional inputs route inside tokens: `value_group_mask` (per layer [B, S, Hkv, G], 1 keep / 0 drop)
+and `token_keep_mask` (per layer or shared, [B, S] or [B, S, Hkv]), where S is the number of key
+slots attended to (the sequence itself, or the cache capacity when decoding).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from subtoken_jax.attention import Attention
+from subtoken_jax.errors import InputError
+from subtoken_jax.kv_cache import KVCache
+from subtoken_jax.layers import MLP, RMSNorm
+from subtoken_jax.model_config import ModelConfig
+from subtoken_jax.value_groups import per_layer
+
+
+class DecoderBlock(nn.Module):
+    config: ModelConfig
+    layer_index: int = 0
+
+    @nn.compact
+    def __call__(self, x, positions, *, cache=None, cache_index=None, value_group_mask=None,
+                 token_keep_mask=None, deterministic: bool = True):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.weights_dtype, name=name)  # noqa: E731
+        attn_out, new_cache = Attention(cfg, self.layer_index, name="attn")(
+            norm("attn_norm")(x), positions, cache=cache, cache_index=cache_index,
+            value_group_mask=value_group_mask, token_keep_mask=token_keep_mask, deterministic=deterministic)
+        x = x + attn_out
+        x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x), deterministic=deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+
+
+def default_positions(input_ids, attention_mask=None, offset=0):
+    """Positions 0..T-1 (+offset), or, with a padding mask, counted over real tokens with pads at -1."""
+    batch, length = input_ids.shape
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + offset, (batch, length))
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1 + offset, -1).astype(jnp.int32)
+
+
+class DecoderLM(nn.Module):
+    """Token embedding, N decoder blocks, final norm and LM head (tied to the embedding if configured)."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
+                              embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                          ("vocab", "embed")))
+        self.blocks = [DecoderBlock(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.weights_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                                    param_dtype=cfg.weights_dtype,
+                                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                             ("embed", "vocab")))
+
+    def __call__(self, input_ids, *, positions=None, attention_mask=None, cache: Optional[KVCache] = None,
+                 value_group_mask=None, token_keep_mask=None, deterministic: bool = True):
+        """input_ids [B, T] -> logits [B, T, vocab] (float32); with a cache, returns (logits, new cache)."""
+        cfg = self.config
+        if input_ids.ndim != 2:
+            raise InputError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        if cache is not None and input_ids.shape[1] > cache.capacity:
+            raise InputError(f"{input_ids.shape[1]} tokens do not fit a KV cache of capacity {cache.capacity}")
+        if positions is None:
+            offset = 0 if cache is None else cache.index
+            if cache is not None and attention_mask is None:
+                # continue from the last real position of each row (left-padded prompts included)
+                offset = jnp.max(cache.positions, axis=1, keepdims=True) + 1
+            positions = default_positions(input_ids, attention_mask, offset)
+        vg_masks = per_layer(value_group_mask, cfg.num_layers, "value_group_mask")
+        keep_masks = per_layer(token_keep_mask, cfg.num_layers, "token_keep_mask")
+
+        x = self.embed(input_ids)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        new_keys, new_values, new_positions = [], [], None
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layer(i)
+            x, layer_cache = block(x, positions, cache=layer_cache, cache_index=None if cache is None else cache.index,
+                                   value_group_mask=vg_masks[i], token_keep_mask=keep_masks[i],
+                                   deterministic=deterministic)
+            if layer_cache is not None:
+                new_keys.append(layer_cache[0])
+                new_values.append(layer_cache[1])
+                new_positions = layer_cache[2]
+        x = self.final_norm(x)
+        if cfg.tie_word_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = self.lm_head(x)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), positions=new_positions,
+                            index=cache.index + input_ids.shape[1])
+        return logits, new_cache
+
+
+def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8):
+    """Fresh, unboxed parameters of a DecoderLM (logical-axis metadata stripped)."""
+    model = DecoderLM(config)
+    variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
+    return model, nn.meta.unbox(variables["params"])
