@@ -1,9 +1,13 @@
 """subtoken-jax: sub-token (value-group) routing for LoRA adaptation and KV-cache compression."""
 
 from subtoken_jax.errors import CheckpointError, ConfigError, InputError
+from subtoken_jax.generate import generate
+from subtoken_jax.hf_export import save_pretrained
+from subtoken_jax.hf_import import load_pretrained
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM, init_params
 from subtoken_jax.model_config import LoRAConfig, ModelConfig
+from subtoken_jax.tokenization import ByteTokenizer, HFTokenizer
 
-__all__ = ["CheckpointError", "ConfigError", "DecoderLM", "InputError", "KVCache", "LoRAConfig", "ModelConfig",
-           "init_params"]
+__all__ = ["ByteTokenizer", "CheckpointError", "ConfigError", "DecoderLM", "HFTokenizer", "InputError", "KVCache",
+           "LoRAConfig", "ModelConfig", "generate", "init_params", "load_pretrained", "save_pretrained"]

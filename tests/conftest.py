@@ -1,0 +1,16 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from hf_fixtures import FAMILIES, build_tiny_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def tiny_hf(request, tmp_path_factory):
+    """(family, folder, torch model) for each supported architecture."""
+    folder = str(tmp_path_factory.mktemp(f"hf_{request.param}"))
+    return request.param, folder, build_tiny_hf_model(request.param, folder)
