@@ -1,0 +1,126 @@
+"""Value-group masked attention against a brute-force numpy loop; cache decoding against the full pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from subtoken_jax import InputError, KVCache, ModelConfig, init_params
+from subtoken_jax.attention import attend, attention_allowed
+
+
+def brute_force_attention(q, k, v, group_mask, keep=None, window=None):
+    """Loop over every (batch, query, head): softmax over allowed keys of q.k, read-out of masked values."""
+    batch, q_len, heads, dim = q.shape
+    kv_heads, groups = k.shape[2], group_mask.shape[-1]
+    out = np.zeros_like(q, dtype=np.float64)
+    for b in range(batch):
+        for t in range(q_len):
+            for h in range(heads):
+                kh = h // (heads // kv_heads)
+                keys = [s for s in range(t + 1) if (window is None or t - s < window)
+                        and (keep is None or keep[b, s])]
+                if not keys:  # every key evicted: attention reads nothing
+                    continue
+                scores = np.array([q[b, t, h] @ k[b, s, kh] / np.sqrt(dim) for s in keys])
+                weights = np.exp(scores - scores.max())
+                weights /= weights.sum()
+                for w, s in zip(weights, keys):
+                    value = v[b, s, kh].astype(np.float64).copy()
+                    for g in range(groups):
+                        if not group_mask[b, s, kh, g]:
+                            value[g * dim // groups:(g + 1) * dim // groups] = 0.0
+                    out[b, t, h] += w * value
+    return out
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), groups=st.sampled_from([1, 2, 4, 8]), window=st.sampled_from([None, 3]),
+       kv_heads=st.sampled_from([1, 2]), use_keep=st.booleans())
+def test_masked_attention_equals_brute_force(seed, groups, window, kv_heads, use_keep):
+    rng = np.random.default_rng(seed)
+    batch, length, heads, dim = 2, 6, 4, 8
+    q = rng.normal(size=(batch, length, heads, dim)).astype(np.float32)
+    k = rng.normal(size=(batch, length, kv_heads, dim)).astype(np.float32)
+    v = rng.normal(size=(batch, length, kv_heads, dim)).astype(np.float32)
+    group_mask = rng.random((batch, length, kv_heads, groups)) < 0.5
+    keep = rng.random((batch, length)) < 0.7 if use_keep else None
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    allowed = attention_allowed(positions, positions, sliding_window=window,
+                                token_keep_mask=None if keep is None else jnp.asarray(keep))
+    ours = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), allowed,
+                  value_group_mask=jnp.asarray(group_mask, jnp.float32))
+    np.testing.assert_allclose(np.asarray(ours), brute_force_attention(q, k, v, group_mask, keep, window),
+                               atol=1e-5)
+
+
+def test_all_ones_mask_equals_unmasked_and_zero_mask_zeros_output():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(1, 5, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 5, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(1, 5, 2, 8)), jnp.float32)
+    pos = jnp.arange(5)[None]
+    allowed = attention_allowed(pos, pos)
+    plain = attend(q, k, v, allowed)
+    np.testing.assert_array_equal(attend(q, k, v, allowed, value_group_mask=jnp.ones((1, 5, 2, 4))), plain)
+    assert float(jnp.abs(attend(q, k, v, allowed, value_group_mask=jnp.zeros((1, 5, 2, 4)))).max()) == 0.0
+
+
+def test_per_head_token_keep_mask():
+    """A [B, S, Hkv] keep mask evicts a token from one KV head only."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(1, 4, 2, 4)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 4, 2, 4)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(1, 4, 2, 4)), jnp.float32)
+    pos = jnp.arange(4)[None]
+    keep = np.ones((1, 4, 2), bool)
+    keep[0, 1, 1] = False
+    out = attend(q, k, v, attention_allowed(pos, pos, token_keep_mask=jnp.asarray(keep)))
+    ones = np.ones((1, 4, 2, 1), bool)
+    head0 = brute_force_attention(np.asarray(q)[:, :, :1], np.asarray(k)[:, :, :1], np.asarray(v)[:, :, :1],
+                                  ones[:, :, :1], keep[:, :, 0])
+    head1 = brute_force_attention(np.asarray(q)[:, :, 1:], np.asarray(k)[:, :, 1:], np.asarray(v)[:, :, 1:],
+                                  ones[:, :, :1], keep[:, :, 1])
+    np.testing.assert_allclose(np.asarray(out), np.concatenate([head0, head1], axis=2), atol=1e-5)
+
+
+def test_mask_shape_errors():
+    q = jnp.zeros((1, 3, 2, 8))
+    k = v = jnp.zeros((1, 3, 2, 8))
+    allowed = attention_allowed(jnp.arange(3)[None], jnp.arange(3)[None])
+    with pytest.raises(InputError, match="does not divide head_dim=8"):
+        attend(q, k, v, allowed, value_group_mask=jnp.ones((1, 3, 2, 3)))
+    with pytest.raises(InputError, match=r"\[batch, kv_length, kv_heads, G\]"):
+        attend(q, k, v, allowed, value_group_mask=jnp.ones((1, 4, 2, 2)))
+
+
+def test_cache_decoding_with_masks_equals_full_pass():
+    """Prefill + token-by-token decoding with a value-group mask over the cache equals one masked pass."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, value_groups=4, sliding_windows=(None, 3))
+    model, params = init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 7), 0, 64)
+    masks = tuple(jax.random.bernoulli(jax.random.key(10 + i), 0.5, (2, 7, 2, 4)).astype(jnp.float32)
+                  for i in range(2))
+    full = model.apply({"params": params}, ids, value_group_mask=masks)
+    cache = KVCache.create(cfg, 2, 7)
+    logits, cache = model.apply({"params": params}, ids[:, :4], cache=cache, value_group_mask=masks)
+    steps = [logits]
+    for t in range(4, 7):
+        step_logits, cache = model.apply({"params": params}, ids[:, t:t + 1], cache=cache, value_group_mask=masks)
+        steps.append(step_logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+    assert int(cache.index) == 7
+
+
+def test_left_padded_batch_matches_unpadded_rows():
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    model, params = init_params(cfg, jax.random.key(0))
+    row = jax.random.randint(jax.random.key(2), (1, 5), 0, 64)
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), row], axis=1)
+    mask = jnp.concatenate([jnp.zeros((1, 3)), jnp.ones((1, 5))], axis=1)
+    alone = model.apply({"params": params}, row)
+    with_pad = model.apply({"params": params}, padded, attention_mask=mask)
+    np.testing.assert_allclose(with_pad[:, 3:], alone, atol=1e-5)
