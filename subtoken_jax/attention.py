@@ -16,7 +16,7 @@ from subtoken_jax.errors import InputError
 from subtoken_jax.layers import apply_rope, rope_inverse_frequencies
 from subtoken_jax.lora import LoRADense
 from subtoken_jax.model_config import ModelConfig
-from subtoken_jax.value_groups import mask_values
+from subtoken_jax.value_groups import group_norm_scores, mask_values, realised_budget, route_value_groups
 
 
 def attention_allowed(q_positions, kv_positions, *, sliding_window: Optional[int] = None,
@@ -86,6 +86,12 @@ class Attention(nn.Module):
         self.k = dense("k", (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias)
         self.v = dense("v", (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias)
         self.o = dense("o", (cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg.o_bias)
+        if cfg.routing.enabled:
+            self.value_router = nn.Dense(kv_heads * cfg.value_groups, dtype=jnp.float32, param_dtype=jnp.float32,
+                                         kernel_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                                  ("embed", "router")),
+                                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("router",)),
+                                         name="value_router")
         self.inv_freq = rope_inverse_frequencies(head_dim, cfg.rope_theta,
                                                  dict(cfg.rope_scaling) if cfg.rope_scaling else None)
 
@@ -97,29 +103,56 @@ class Attention(nn.Module):
         value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
         return key, value
 
-    def __call__(self, x, positions, *, cache: Optional[Tuple[jax.Array, jax.Array, jax.Array]] = None,
-                 cache_index=None, value_group_mask=None, token_keep_mask=None, deterministic: bool = True):
+    def route(self, x, value, positions, budget, prefix_stats=None):
+        """Query-independent value-group mask of these tokens: (mask [B, T, Hkv, G], adaptive stats)."""
+        cfg = self.config
+        batch, length, kv_heads, _ = value.shape
+        groups = cfg.value_groups
+        scores = self.value_router(x).reshape(batch, length, kv_heads, groups).astype(jnp.float32)
+        if cfg.routing.norm_prior:
+            scores = scores + jax.lax.stop_gradient(group_norm_scores(value, groups))
+        valid = positions >= 0
+        mask, stats = route_value_groups(scores, budget, cfg.routing.mode, cfg.routing.temperature, valid,
+                                         prefix_stats)
+        self.sow("routing", "value_scores", scores)
+        self.sow("routing", "value_group_mask", jax.lax.stop_gradient(mask))
+        self.sow("routing", "value_budget", realised_budget(mask, valid))
+        return mask, stats
+
+    def __call__(self, x, positions, *, cache: Optional[dict] = None, cache_index=None, value_group_mask=None,
+                 token_keep_mask=None, value_budget=None, deterministic: bool = True):
         """x [B, T, E]; positions [B, T] (negative = padding).
 
-        Without a cache, attends over x itself. With cache = (keys, values, kv_positions) of capacity L,
-        writes this chunk at cache_index and attends over all L slots; masks then cover the L slots.
-        Returns (output [B, T, E], new cache or None).
+        Without a cache, attends over x itself. With a cache (a layer view from KVCache.layer, of
+        capacity L), writes this chunk at cache_index and attends over all L slots; explicit masks
+        then cover the L slots. A routed model computes its own value-group mask unless one is given.
+        Returns (output [B, T, E], updated layer cache or None).
         """
+        cfg = self.config
         query = apply_rope(self.q(x, deterministic=deterministic), positions, self.inv_freq)
         query = nn.with_logical_constraint(query, ("batch", "length", "heads", "head_dim"))
         key, value = self.project_kv(x, positions, deterministic)
+        routed_mask = None
+        if cfg.routing.enabled and value_group_mask is None:
+            stats = None if cache is None else cache["route_stats"]
+            routed_mask, stats = self.route(x, value, positions, value_budget, stats)
         kv_positions = positions
         new_cache = None
         if cache is not None:
-            cached_k, cached_v, cached_pos = cache
-            start = (0, cache_index, 0, 0)
-            key = jax.lax.dynamic_update_slice(cached_k, key.astype(cached_k.dtype), start)
-            value = jax.lax.dynamic_update_slice(cached_v, value.astype(cached_v.dtype), start)
-            kv_positions = jax.lax.dynamic_update_slice(cached_pos, positions.astype(cached_pos.dtype),
-                                                        (0, cache_index))
-            new_cache = (key, value, kv_positions)
-        allowed = attention_allowed(positions, kv_positions, sliding_window=self.config.sliding_window(self.layer_index),
+            write = lambda old, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                old, new.astype(old.dtype), cache_index, axis=1)
+            key, value = write(cache["keys"], key), write(cache["values"], value)
+            kv_positions = write(cache["positions"], positions)
+            new_cache = {"keys": key, "values": value, "positions": kv_positions}
+            if "group_mask" in cache:
+                if routed_mask is not None:
+                    routed_mask = write(cache["group_mask"], routed_mask)
+                    new_cache["route_stats"] = stats
+                else:
+                    new_cache["route_stats"] = cache["route_stats"]
+                new_cache["group_mask"] = routed_mask if routed_mask is not None else cache["group_mask"]
+        allowed = attention_allowed(positions, kv_positions, sliding_window=cfg.sliding_window(self.layer_index),
                                     token_keep_mask=token_keep_mask)
-        out = attend(query, key.astype(query.dtype), value.astype(query.dtype), allowed,
-                     value_group_mask=value_group_mask)
+        mask = value_group_mask if value_group_mask is not None else routed_mask
+        out = attend(query, key.astype(query.dtype), value.astype(query.dtype), allowed, value_group_mask=mask)
         return self.o(out, deterministic=deterministic), new_cache

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from subtoken_jax.errors import ConfigError
 from subtoken_jax.model_config import LoRAConfig
 
 LORA_PARAM_NAMES = ("lora_a", "lora_b")
@@ -74,10 +75,34 @@ class LoRADense(nn.Module):
         if self.lora.dropout > 0.0:
             x = nn.Dropout(rate=self.lora.dropout)(x, deterministic=deterministic)
         low_rank = _contract(x, lora_a.astype(self.dtype), num_in)  # [..., r]
+        if self.lora.num_subspaces > 1 and gate is None:
+            gate = self.subspace_gate(x, in_shape, num_in)
         if gate is not None:
             low_rank = low_rank * gate.astype(self.dtype)
         delta = _contract(low_rank, lora_b.astype(self.dtype), 1)
         return y + delta * (self.lora.alpha / rank)
+
+    def subspace_gate(self, x, in_shape, num_in):
+        """Routed subspace LoRA: a per-token router activates k of S rank subspaces.
+
+        The forward gate is exactly 0/1 per subspace; the router learns through straight-through
+        softmax probabilities. A Switch-style load-balancing loss S * sum_s f_s P_s (1 when balanced)
+        is sown into the "routing" collection.
+        """
+        num, active = self.lora.num_subspaces, self.lora.active_subspaces
+        router = self.param("subspace_router",
+                            nn.with_logical_partitioning(nn.initializers.normal(stddev=0.01),
+                                                         self.axes[:num_in] + ("router",)),
+                            in_shape + (num,), jnp.float32)
+        probs = jax.nn.softmax(_contract(x.astype(jnp.float32), router, num_in), axis=-1)
+        top = jax.lax.top_k(probs, active)[1]
+        hard = jnp.sum(jax.nn.one_hot(top, num, dtype=probs.dtype), axis=-2)
+        gate = hard + (probs - jax.lax.stop_gradient(probs))  # forward value is exactly `hard`
+        tokens_share = jnp.mean(hard.reshape(-1, num), axis=0) / active
+        prob_share = jnp.mean(probs.reshape(-1, num), axis=0)
+        self.sow("routing", "lora_subspaces", hard)
+        self.sow("routing", "lora_balance_loss", num * jnp.sum(tokens_share * prob_share))
+        return jnp.repeat(gate, self.lora.rank // num, axis=-1)
 
 
 # ----------------------------------------------------------------------------- parameter-tree helpers
@@ -85,6 +110,11 @@ class LoRADense(nn.Module):
 
 def is_lora_path(path: Sequence[str]) -> bool:
     return path[-1] in LORA_PARAM_NAMES
+
+
+def is_adapter_path(path: Sequence[str]) -> bool:
+    """What adaptation trains: LoRA factors and every router (value-group and subspace routers)."""
+    return is_lora_path(path) or any(str(key).endswith("router") for key in path)
 
 
 def split_params(params, is_trainable: Callable[[Tuple[str, ...]], bool] = is_lora_path):
@@ -128,6 +158,9 @@ def merge_lora(params, alpha: float):
     """Folds every adapter into its kernel (W + alpha/r A B) and drops the LoRA params."""
 
     def merge(module):
+        if "subspace_router" in module:
+            raise ConfigError("routed subspace LoRA gates each token differently and cannot be merged into "
+                              "static weights; export the base, or train plain LoRA (lora.num_subspaces=1)")
         delta = _kernel_delta(module.pop("lora_a"), module.pop("lora_b"), alpha)
         module["kernel"] = (module["kernel"].astype(jnp.float32) + delta).astype(module["kernel"].dtype)
         return module

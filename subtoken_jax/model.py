@@ -20,7 +20,7 @@ from subtoken_jax.attention import Attention
 from subtoken_jax.errors import InputError
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.layers import MLP, RMSNorm
-from subtoken_jax.model_config import ModelConfig
+from subtoken_jax.model_config import ModelConfig, check_budget
 from subtoken_jax.value_groups import per_layer
 
 
@@ -30,12 +30,13 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, *, cache=None, cache_index=None, value_group_mask=None,
-                 token_keep_mask=None, deterministic: bool = True):
+                 token_keep_mask=None, value_budget=None, deterministic: bool = True):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.weights_dtype, name=name)  # noqa: E731
         attn_out, new_cache = Attention(cfg, self.layer_index, name="attn")(
             norm("attn_norm")(x), positions, cache=cache, cache_index=cache_index,
-            value_group_mask=value_group_mask, token_keep_mask=token_keep_mask, deterministic=deterministic)
+            value_group_mask=value_group_mask, token_keep_mask=token_keep_mask, value_budget=value_budget,
+            deterministic=deterministic)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x), deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
@@ -69,8 +70,12 @@ class DecoderLM(nn.Module):
                                                                              ("embed", "vocab")))
 
     def __call__(self, input_ids, *, positions=None, attention_mask=None, cache: Optional[KVCache] = None,
-                 value_group_mask=None, token_keep_mask=None, deterministic: bool = True):
-        """input_ids [B, T] -> logits [B, T, vocab] (float32); with a cache, returns (logits, new cache)."""
+                 value_group_mask=None, token_keep_mask=None, value_budget=None, deterministic: bool = True):
+        """input_ids [B, T] -> logits [B, T, vocab] (float32); with a cache, returns (logits, new cache).
+
+        value_budget: fraction of value groups a routed model keeps (default: config.routing.budget).
+        Apply with mutable=["routing"] to get the routing pytree (scores, masks, realised budgets).
+        """
         cfg = self.config
         if input_ids.ndim != 2:
             raise InputError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
@@ -82,21 +87,22 @@ class DecoderLM(nn.Module):
                 # continue from the last real position of each row (left-padded prompts included)
                 offset = jnp.max(cache.positions, axis=1, keepdims=True) + 1
             positions = default_positions(input_ids, attention_mask, offset)
+        if value_budget is None:
+            value_budget = cfg.routing.budget
+        elif isinstance(value_budget, (int, float)):
+            check_budget(value_budget, "value_budget")
         vg_masks = per_layer(value_group_mask, cfg.num_layers, "value_group_mask")
         keep_masks = per_layer(token_keep_mask, cfg.num_layers, "token_keep_mask")
 
         x = self.embed(input_ids)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        new_keys, new_values, new_positions = [], [], None
+        new_layers = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layer(i)
             x, layer_cache = block(x, positions, cache=layer_cache, cache_index=None if cache is None else cache.index,
                                    value_group_mask=vg_masks[i], token_keep_mask=keep_masks[i],
-                                   deterministic=deterministic)
-            if layer_cache is not None:
-                new_keys.append(layer_cache[0])
-                new_values.append(layer_cache[1])
-                new_positions = layer_cache[2]
+                                   value_budget=value_budget, deterministic=deterministic)
+            new_layers.append(layer_cache)
         x = self.final_norm(x)
         if cfg.tie_word_embeddings:
             logits = self.embed.attend(x)
@@ -105,9 +111,7 @@ class DecoderLM(nn.Module):
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is None:
             return logits
-        new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), positions=new_positions,
-                            index=cache.index + input_ids.shape[1])
-        return logits, new_cache
+        return logits, KVCache.from_layers(new_layers, cache.index + input_ids.shape[1])
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8):

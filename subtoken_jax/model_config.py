@@ -64,6 +64,37 @@ class LoRAConfig:
         return self.enabled and target in self.targets
 
 
+ROUTING_MODES = ("none", "fixed_k", "adaptive")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingConfig:
+    """Query-independent value-group routing on the KV path (see value_groups.py)."""
+
+    mode: str = "none"  # none | fixed_k (exactly round(rho*G) groups per token and head) | adaptive
+    budget: float = 1.0  # rho: fraction of value groups kept when apply() is given no value_budget
+    temperature: float = 1.0  # of the sigmoid relaxation that carries gradients to the router
+    norm_prior: bool = True  # add log ||value group|| to the learned score (starts at keep-largest-norm)
+
+    def __post_init__(self):
+        if self.mode not in ROUTING_MODES:
+            raise ConfigError(f"routing.mode={self.mode!r} is unknown; choose one of {ROUTING_MODES}")
+        check_budget(self.budget, "routing.budget")
+        if self.temperature <= 0:
+            raise ConfigError(f"routing.temperature must be > 0, got {self.temperature}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+def check_budget(value: float, what: str = "budget") -> float:
+    """Budgets are fractions kept, in (0, 1]."""
+    if not 0.0 < float(value) <= 1.0:
+        raise ConfigError(f"{what}={value} is out of range; a budget is the fraction kept, in (0, 1]")
+    return float(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder (Llama, Qwen2/Qwen2.5, Mistral are instances of it)."""
@@ -89,6 +120,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     lora: LoRAConfig = LoRAConfig()
+    routing: RoutingConfig = RoutingConfig()
     architecture: str = "llama"  # llama | qwen2 | mistral, used for HF export
 
     def __post_init__(self):
@@ -116,6 +148,8 @@ class ModelConfig:
         resolve_dtype(self.param_dtype)
         if not isinstance(self.lora, LoRAConfig):
             object.__setattr__(self, "lora", LoRAConfig(**dict(self.lora)))
+        if not isinstance(self.routing, RoutingConfig):
+            object.__setattr__(self, "routing", RoutingConfig(**dict(self.routing)))
 
     @property
     def resolved_head_dim(self) -> int:
@@ -152,6 +186,8 @@ class ModelConfig:
             if "targets" in lora:
                 lora["targets"] = tuple(lora["targets"])
             values["lora"] = LoRAConfig(**lora)
+        if "routing" in values and not isinstance(values["routing"], RoutingConfig):
+            values["routing"] = RoutingConfig(**dict(values["routing"]))
         for key in ("sliding_windows",):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])

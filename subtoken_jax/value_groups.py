@@ -52,3 +52,92 @@ def kept_fraction(masks: PerLayer) -> jax.Array:
     kept = sum(jnp.sum(m.astype(jnp.float32)) for m in leaves)
     total = sum(m.size for m in leaves)
     return kept / total
+
+
+# ----------------------------------------------------------------------------- query-independent routing
+#
+# A router scores each (token, KV head, value group) from the token's own hidden state; a budget rho
+# turns scores into a hard 0/1 mask. The forward pass uses the hard mask; gradients reach the router
+# through a sigmoid relaxation around the keep threshold (straight-through estimator).
+
+
+def group_norm_scores(values: jax.Array, groups: int) -> jax.Array:
+    """log ||v_g|| for values [B, S, Hkv, D] -> [B, S, Hkv, G] (the keep-largest-norm heuristic's score)."""
+    batch, length, heads, dim = values.shape
+    grouped = values.reshape(batch, length, heads, groups, dim // groups).astype(jnp.float32)
+    return 0.5 * jnp.log(jnp.sum(jnp.square(grouped), axis=-1) + 1e-12)
+
+
+def _straight_through(hard: jax.Array, scores: jax.Array, threshold: jax.Array, temperature: float):
+    soft = jax.nn.sigmoid((scores - threshold) / temperature)
+    return hard + (soft - jax.lax.stop_gradient(soft))  # forward value is exactly `hard`
+
+
+def fixed_k_mask(scores: jax.Array, budget, temperature: float = 1.0) -> jax.Array:
+    """Keeps exactly K = round(budget * G) (at least 1) groups of every token and head.
+
+    `budget` may be a traced scalar: ranks come from a sort, so one compilation serves every budget.
+    The relaxation's threshold sits halfway between the K-th and (K+1)-th score.
+    """
+    groups = scores.shape[-1]
+    k = jnp.clip(jnp.round(jnp.asarray(budget, jnp.float32) * groups), 1, groups).astype(jnp.int32)
+    order = jnp.argsort(-scores, axis=-1)
+    ranks = jnp.argsort(order, axis=-1)
+    hard = (ranks < k).astype(scores.dtype)
+    ranked = -jnp.sort(-scores, axis=-1)
+    kth = jnp.take_along_axis(ranked, jnp.broadcast_to(k - 1, scores.shape[:-1])[..., None], axis=-1)
+    next_index = jnp.minimum(k, groups - 1)
+    after = jnp.take_along_axis(ranked, jnp.broadcast_to(next_index, scores.shape[:-1])[..., None], axis=-1)
+    after = jnp.where(k >= groups, kth - 1.0, after)
+    threshold = jax.lax.stop_gradient(0.5 * (kth + after))
+    return _straight_through(hard, scores, threshold, temperature)
+
+
+def adaptive_mask(scores: jax.Array, budget, temperature: float = 1.0, valid: Optional[jax.Array] = None,
+                  prefix_stats: Optional[jax.Array] = None):
+    """Keeps a variable number of groups per token, about `budget` of all groups on average.
+
+    Causal: token t's threshold is the normal quantile of the scores of tokens 0..t (per sequence and
+    KV head), mean + z * std with z = Phi^-1(1 - budget), from running sums. A token whose groups
+    score high relative to what came before keeps more groups. The training loss adds a budget term
+    so the realised fraction tracks `budget` however the learned scores are distributed.
+
+    scores [B, S, Hkv, G]; valid [B, S] marks real tokens (padding does not enter the statistics);
+    prefix_stats [B, Hkv, 3] (count, sum, sum of squares) of earlier chunks, for incremental decoding.
+    Returns (mask, stats including this chunk).
+    """
+    budget = jnp.asarray(budget, jnp.float32)
+    weight = jnp.ones(scores.shape[:2], jnp.float32) if valid is None else valid.astype(jnp.float32)
+    w = weight[:, :, None, None]
+    s = jax.lax.stop_gradient(scores.astype(jnp.float32))
+    running = jnp.cumsum(jnp.concatenate([jnp.broadcast_to(w * scores.shape[-1], s[..., :1].shape),
+                                          jnp.sum(w * s, -1, keepdims=True),
+                                          jnp.sum(w * s * s, -1, keepdims=True)], axis=-1), axis=1)
+    if prefix_stats is not None:
+        running = running + prefix_stats[:, None]
+    count = jnp.maximum(running[..., :1], 1.0)
+    mean = running[..., 1:2] / count
+    std = jnp.sqrt(jnp.maximum(running[..., 2:3] / count - mean * mean, 1e-12))
+    z = jax.scipy.stats.norm.ppf(1.0 - jnp.clip(budget, 1e-4, 1.0 - 1e-4))
+    threshold = jnp.where(budget >= 1.0, -jnp.inf, mean + z * std)
+    hard = (scores >= threshold).astype(scores.dtype)
+    return _straight_through(hard, scores, threshold, temperature), running[:, -1]
+
+
+def route_value_groups(scores: jax.Array, budget, mode: str, temperature: float = 1.0,
+                       valid: Optional[jax.Array] = None, prefix_stats: Optional[jax.Array] = None):
+    """Scores [B, S, Hkv, G] -> (mask, adaptive stats or None); the mask is hard in value, straight-through in gradient."""
+    if mode == "fixed_k":
+        return fixed_k_mask(scores, budget, temperature), prefix_stats
+    if mode == "adaptive":
+        return adaptive_mask(scores, budget, temperature, valid, prefix_stats)
+    raise InputError(f"unknown routing mode {mode!r}; use fixed_k or adaptive")
+
+
+def realised_budget(mask: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """Fraction of value groups kept over real tokens; mask [B, S, Hkv, G], valid [B, S]."""
+    hard = jax.lax.stop_gradient(mask).astype(jnp.float32)
+    if valid is None:
+        return jnp.mean(hard)
+    w = valid.astype(jnp.float32)[:, :, None, None]
+    return jnp.sum(hard * w) / jnp.maximum(jnp.sum(w) * mask.shape[2] * mask.shape[3], 1.0)
