@@ -86,7 +86,7 @@ class Attention(nn.Module):
         self.k = dense("k", (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias)
         self.v = dense("v", (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias)
         self.o = dense("o", (cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg.o_bias)
-        if cfg.routing.enabled:
+        if cfg.routing.enabled and cfg.routing.scorer == "router":
             self.value_router = nn.Dense(kv_heads * cfg.value_groups, dtype=jnp.float32, param_dtype=jnp.float32,
                                          kernel_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                                                   ("embed", "router")),
@@ -108,9 +108,17 @@ class Attention(nn.Module):
         cfg = self.config
         batch, length, kv_heads, _ = value.shape
         groups = cfg.value_groups
-        scores = self.value_router(x).reshape(batch, length, kv_heads, groups).astype(jnp.float32)
-        if cfg.routing.norm_prior:
-            scores = scores + jax.lax.stop_gradient(group_norm_scores(value, groups))
+        scorer = cfg.routing.scorer
+        if scorer == "random":  # fixed per layer, token position and group: a reproducible baseline
+            key = jax.random.fold_in(jax.random.key(0), self.layer_index)
+            noise = jax.random.normal(key, (cfg.max_position_embeddings, kv_heads, groups))
+            scores = noise[jnp.clip(positions, 0, cfg.max_position_embeddings - 1)]
+        else:
+            scores = jnp.zeros((batch, length, kv_heads, groups), jnp.float32)
+            if scorer == "router":
+                scores = self.value_router(x).reshape(batch, length, kv_heads, groups).astype(jnp.float32)
+            if scorer == "norm" or cfg.routing.norm_prior:
+                scores = scores + jax.lax.stop_gradient(group_norm_scores(value, groups))
         valid = positions >= 0
         mask, stats = route_value_groups(scores, budget, cfg.routing.mode, cfg.routing.temperature, valid,
                                          prefix_stats)

@@ -65,6 +65,7 @@ class LoRAConfig:
 
 
 ROUTING_MODES = ("none", "fixed_k", "adaptive")
+ROUTING_SCORERS = ("router", "norm", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +76,14 @@ class RoutingConfig:
     budget: float = 1.0  # rho: fraction of value groups kept when apply() is given no value_budget
     temperature: float = 1.0  # of the sigmoid relaxation that carries gradients to the router
     norm_prior: bool = True  # add log ||value group|| to the learned score (starts at keep-largest-norm)
+    # router: learned per-layer router (+ norm prior); norm / random: parameter-free baselines
+    scorer: str = "router"
 
     def __post_init__(self):
         if self.mode not in ROUTING_MODES:
             raise ConfigError(f"routing.mode={self.mode!r} is unknown; choose one of {ROUTING_MODES}")
+        if self.scorer not in ROUTING_SCORERS:
+            raise ConfigError(f"routing.scorer={self.scorer!r} is unknown; choose one of {ROUTING_SCORERS}")
         check_budget(self.budget, "routing.budget")
         if self.temperature <= 0:
             raise ConfigError(f"routing.temperature must be > 0, got {self.temperature}")

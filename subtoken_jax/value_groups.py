@@ -135,8 +135,11 @@ def route_value_groups(scores: jax.Array, budget, mode: str, temperature: float 
 
 
 def realised_budget(mask: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
-    """Fraction of value groups kept over real tokens; mask [B, S, Hkv, G], valid [B, S]."""
-    hard = jax.lax.stop_gradient(mask).astype(jnp.float32)
+    """Fraction of value groups kept over real tokens; mask [B, S, Hkv, G], valid [B, S].
+
+    Differentiable through a straight-through mask, so a loss on it moves the router's threshold.
+    """
+    hard = mask.astype(jnp.float32)
     if valid is None:
         return jnp.mean(hard)
     w = valid.astype(jnp.float32)[:, :, None, None]
