@@ -140,6 +140,8 @@ class Attention(nn.Module):
         query = apply_rope(self.q(x, deterministic=deterministic), positions, self.inv_freq)
         query = nn.with_logical_constraint(query, ("batch", "length", "heads", "head_dim"))
         key, value = self.project_kv(x, positions, deterministic)
+        # KV selectors read the (rotated) queries of a prefill: apply with mutable=["prefill"] to get them
+        self.sow("prefill", "queries", query)
         routed_mask = None
         if cfg.routing.enabled and value_group_mask is None:
             stats = None if cache is None else cache["route_stats"]
