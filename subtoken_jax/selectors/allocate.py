@@ -1,0 +1,144 @@
+"""Budget allocation of value groups, and the token x sub-token combination with its byte accounting.
+
+Scores of (token, KV head, value group) pairs are comparable within a head, a layer, or the whole
+model, so the budget can be spent at any of these scopes: "head" gives every (layer, row, KV head)
+the same share (uniform, like fixed per-head caches); "layer" lets heads of a layer compete; "global"
+lets layers compete too (the score's scale must then be comparable across layers). Every scope keeps
+exactly round(budget * valid pairs) pairs; padding and evicted tokens are not valid and never kept.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from subtoken_jax.errors import InputError
+from subtoken_jax.model_config import check_budget
+from subtoken_jax.selectors.base import PrefillState, TokenSelector, budget_count, ranks_by
+
+SCOPES = ("head", "layer", "global")
+
+
+def _valid_pairs(shape, positions, token_keep_mask) -> jax.Array:
+    """[B, S, Hkv, G] booleans: pairs of real (and kept) tokens."""
+    valid = jnp.ones(shape, bool)
+    if positions is not None:
+        valid &= (positions >= 0)[:, :, None, None]
+    if token_keep_mask is not None:
+        keep = jnp.asarray(token_keep_mask).astype(bool)
+        keep = keep[:, :, None, None] if keep.ndim == 2 else keep[..., None]
+        valid &= keep
+    return valid
+
+
+@jax.jit
+def _top_pairs(scores: jax.Array, valid: jax.Array, budget) -> jax.Array:
+    """Along the last axis: keep the round(budget * n_valid) valid entries of highest score.
+
+    Ties go to the lower flat index (earlier layer, then slot, head, group): deterministic.
+    """
+    k = budget_count(budget, jnp.sum(valid, axis=-1))
+    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores.astype(jnp.float32))
+    ranks = ranks_by(valid, scores)
+    return (ranks < k[..., None]) & valid
+
+
+def allocate_value_groups(scores: Sequence[jax.Array], budget, *, scope: str = "head", positions=None,
+                          token_keep_masks=None) -> Tuple[jax.Array, ...]:
+    """Per-layer value-group masks [B, S, Hkv, G] (0/1 float32) keeping the top pairs within each scope unit.
+
+    scores: per layer [B, S, Hkv, G]; positions [B, S] (-1 = padding); token_keep_masks: None, one
+    [B, S] / [B, S, Hkv] mask, or one per layer (pairs of evicted tokens are excluded from the count).
+    """
+    if scope not in SCOPES:
+        raise InputError(f"unknown allocation scope {scope!r}; choose one of {SCOPES}")
+    if isinstance(budget, (int, float)):
+        check_budget(budget)
+    scores = [jnp.asarray(s, jnp.float32) for s in scores]
+    if token_keep_masks is None or hasattr(token_keep_masks, "shape"):
+        token_keep_masks = [token_keep_masks] * len(scores)
+    valid = [_valid_pairs(s.shape, positions, m) for s, m in zip(scores, token_keep_masks)]
+    if scope == "head":  # unit = (layer, row, head): rank over [B, Hkv, S * G]
+        def per_head(s, v):
+            b, n, h, g = s.shape
+            flat = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(b, h, n * g)  # noqa: E731
+            keep = _top_pairs(flat(s), flat(v), budget)
+            return jnp.transpose(keep.reshape(b, h, n, g), (0, 2, 1, 3))
+        masks = [per_head(s, v) for s, v in zip(scores, valid)]
+    elif scope == "layer":  # unit = (layer, row)
+        masks = [_top_pairs(s.reshape(s.shape[0], -1), v.reshape(v.shape[0], -1), budget).reshape(s.shape)
+                 for s, v in zip(scores, valid)]
+    else:  # unit = row, across all layers
+        flat_s = jnp.concatenate([s.reshape(s.shape[0], -1) for s in scores], axis=1)
+        flat_v = jnp.concatenate([v.reshape(v.shape[0], -1) for v in valid], axis=1)
+        keep = _top_pairs(flat_s, flat_v, budget)
+        sizes = np.cumsum([s[0].size for s in scores])[:-1]
+        masks = [part.reshape(s.shape) for part, s in zip(jnp.split(keep, sizes, axis=1), scores)]
+    return tuple(m.astype(jnp.float32) for m in masks)
+
+
+def combine(state: PrefillState, token_selector: Optional[TokenSelector], token_fraction,
+            subtoken_scores_fn: Callable[[PrefillState, int], jax.Array], value_budget, scope: str = "head"):
+    """Token eviction then value-group allocation: returns (token keep masks, value-group masks), per layer.
+
+    Keeps `token_fraction` (tau) of the real context tokens with token_selector (None: keep all), then
+    `value_budget` (rho) of the surviving (token, head, group) pairs, so about tau * rho of the values
+    and tau of the keys remain.
+    """
+    if token_selector is None:
+        token_masks = tuple(jnp.broadcast_to((state.positions >= 0)[..., None], k.shape[:3]).astype(jnp.float32)
+                            for k in state.keys)
+    else:
+        token_masks = token_selector.masks(state, token_fraction)
+    scores = [subtoken_scores_fn(state, layer) for layer in range(state.num_layers)]
+    group_masks = allocate_value_groups(scores, value_budget, scope=scope, positions=state.positions,
+                                        token_keep_masks=token_masks)
+    return token_masks, group_masks
+
+
+def kv_bytes_fraction(token_keep_masks, group_masks, G: int, index_bytes: float = 4.0, *, head_dim: int = 128,
+                      dtype_bytes: float = 2.0, group_bits: float = 1.0, positions=None) -> Dict[str, float]:
+    """Fractions of the full cache's bytes a compressed cache holds: {"total", "keys", "values", "index"}.
+
+    Per (layer, real token, KV head) the full cache holds a key and a value of head_dim elements.
+    Kept: keys of kept tokens; values of kept groups of kept tokens; metadata: a token index
+    (`index_bytes`, int32) per kept (token, head) when tokens are evicted, and a `group_bits` bitmap
+    per group of each kept (token, head) when value groups are dropped. "total" is relative to keys +
+    values; "keys"/"values" to their own full size; "index" is the metadata's share of the full size.
+    Masks are per layer (or one shared): token [B, S] / [B, S, Hkv] (None = all kept), groups [B, S, Hkv, G].
+    """
+    layers = max(len(m) if isinstance(m, (list, tuple)) else 1 for m in (token_keep_masks, group_masks))
+    as_list = lambda m: [m] * layers if m is None or hasattr(m, "shape") else list(m)  # noqa: E731
+    tokens, groups = as_list(token_keep_masks), as_list(group_masks)
+    full = kept_keys = kept_values = meta = 0.0
+    for t, g in zip(tokens, groups):
+        if t is None and g is None:
+            raise InputError("kv_bytes_fraction needs a token keep mask or a value-group mask per layer")
+        ref = g[..., 0] if g is not None else (t if np.ndim(t) == 3 else np.asarray(t)[..., None])
+        shape = np.shape(ref)  # [B, S, Hkv]
+        real = np.ones(shape, bool)
+        if positions is not None:
+            real = np.broadcast_to(np.asarray(positions)[..., None] >= 0, shape)
+        keep = real.copy()
+        if t is not None:
+            t = np.asarray(t, bool)
+            keep &= np.broadcast_to(t[..., None] if t.ndim == 2 else t, shape)
+        if g is not None and np.shape(g)[-1] != G:
+            raise InputError(f"value-group masks have {np.shape(g)[-1]} groups but G={G}")
+        n_real, n_kept = real.sum(), keep.sum()
+        full += n_real * 2 * head_dim * dtype_bytes
+        kept_keys += n_kept * head_dim * dtype_bytes
+        if g is None:
+            kept_values += n_kept * head_dim * dtype_bytes
+        else:
+            g = np.asarray(g, bool) & keep[..., None]
+            kept_values += g.sum() * (head_dim // G) * dtype_bytes
+            meta += n_kept * G * group_bits / 8.0
+        if t is not None:
+            meta += n_kept * index_bytes
+    half = full / 2.0
+    return {"total": float((kept_keys + kept_values + meta) / full), "keys": float(kept_keys / half),
+            "values": float(kept_values / half), "index": float(meta / full)}
