@@ -189,7 +189,7 @@ def load_pretrained(path: str, dtype: str = "float32", *, param_dtype: Optional[
 
 
 def add_fresh_lora(cfg: ModelConfig, base_params, seed: int = 0):
-    """Adds newly initialised LoRA params (B = 0) to a base param tree without re-initialising the base.
+    """Adds newly initialised LoRA params (B = 0) and routers to a base param tree without re-initialising the base.
 
     Only the LoRA leaves leave the jitted init, so XLA drops the base weights' initialisation (no
     second copy of a 7B model in memory).
@@ -197,12 +197,12 @@ def add_fresh_lora(cfg: ModelConfig, base_params, seed: int = 0):
     import flax.linen as nn
     import jax
 
-    from subtoken_jax.lora import combine_params, split_params
+    from subtoken_jax.lora import combine_params, is_adapter_path, split_params
 
     model = DecoderLM(cfg)
 
     def init_lora(rng):
         params = nn.meta.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
-        return split_params(params)[0]
+        return split_params(params, is_adapter_path)[0]
 
     return combine_params(base_params, jax.jit(init_lora)(jax.random.key(seed)))
