@@ -1,0 +1,567 @@
+"""Input pipelines on grain: document sources, synthetic long-context tasks, packing, mixing.
+
+The path of one batch:
+
+    documents (list of str, or a TFDS split)  --pack_documents-->  one flat int32 token array
+        --packed_examples-->  chunk i = tokens[i*L : i*L + L + 1]  (stride L = seq_len, so every
+        adjacent token pair is predicted exactly once)  -->  {"inputs", "targets", "loss_mask"}
+    synthetic tasks (generated from (seed, stream, index))  --synthetic_examples-->  one example
+        per sequence, padded, loss on the answer only or on the whole text
+    --make_lm_dataset-->  shuffle each part, repeat (training), mix by weights, batch
+
+Everything up to the batch is a grain MapDataset (random access), so the training iterator's
+state is one integer ({"next_index": k}) that grain.checkpoint.CheckpointSave stores in orbax.
+Text is small here, so it is tokenized once up front; nothing imports TensorFlow (TFDS is used
+only through its array_record data sources).
+
+Documents: `text_files` splits files into paragraphs at blank lines (the blank lines become the
+EOS between documents); `embedded_default_corpus` keeps one document per standard-library file,
+since code is full of blank lines that do not end a document.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import os
+import re
+import sysconfig
+import types
+from typing import Callable, Iterator, Optional, Protocol, Sequence
+
+import grain
+import numpy as np
+
+from subtoken_jax.errors import ConfigError, InputError
+
+SOURCES = ("embedded", "text_files", "tfds", "synthetic", "mixture")
+
+
+class Tokenizer(Protocol):
+    """What the pipelines need from a tokenizer (ByteTokenizer and HFTokenizer both fit)."""
+
+    eos_id: Optional[int]
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+# ----------------------------------------------------------------------------- document sources
+
+
+def text_files(patterns: str | Sequence[str]) -> list[str]:
+    """Paragraphs (separated by blank lines) of the files matching `patterns`, in sorted file order.
+
+    Each pattern is a path or a glob (`**` recurses); a pattern that matches no file is an error
+    rather than an empty corpus, because a typo would otherwise train on nothing.
+    """
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns:
+        raise InputError("text_files needs at least one path or glob")
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise InputError(f"no text file matches {pattern!r}")
+        files.extend(m for m in matches if m not in files)
+    documents: list[str] = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            documents.extend(_paragraphs(fh.read()))
+    return documents
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+# Machine-specific (site-packages), bulky test fixtures, or GUI code: left out so the corpus is the
+# same on every install of one Python version.
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+
+
+def embedded_default_corpus(split: str = "train", max_bytes: int = 4_000_000) -> list[str]:
+    """The Python standard library's `.py` sources: text on every machine with Python, no download.
+
+    One document per file, files in sorted relative-path order, at most `max_bytes` bytes (the last
+    file is cut). A file is in the "validation" split when the SHA-256 of its relative path is
+    0 mod 20 (about 5% of files), so the split does not move when `max_bytes` changes.
+    """
+    if split not in ("train", "validation") or max_bytes < 1:
+        raise ConfigError(f"embedded corpus needs split 'train' or 'validation' and max_bytes >= 1, got "
+                          f"split={split!r}, max_bytes={max_bytes}")
+    root = sysconfig.get_paths()["stdlib"]
+    documents, remaining = [], max_bytes
+    for rel in _stdlib_sources(root):
+        if remaining <= 0:
+            break
+        if (_path_bucket(rel) == 0) != (split == "validation"):
+            continue
+        with open(os.path.join(root, rel), "rb") as fh:
+            data = fh.read(remaining)
+        if data.strip():  # many __init__.py files are empty
+            remaining -= len(data)
+            documents.append(data.decode("utf-8", errors="ignore"))
+    if not documents:
+        raise InputError(f"found no Python sources under {root}; use data.source=text_files instead")
+    return documents
+
+
+def _stdlib_sources(root: str) -> list[str]:
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
+        paths.extend(os.path.relpath(os.path.join(folder, f), root) for f in files if f.endswith(".py"))
+    return sorted(paths)
+
+
+def _path_bucket(rel_path: str) -> int:
+    return int.from_bytes(hashlib.sha256(rel_path.encode()).digest()[:4], "big") % 20
+
+
+class TfdsText:
+    """Random access to one text feature of a prepared TFDS split, decoded (TFDS returns bytes)."""
+
+    def __init__(self, source, key: str = "text"):
+        self._source, self._key = source, key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> str:
+        return self._source[index][self._key].decode("utf-8")
+
+
+def tfds_documents(name: str, data_dir: Optional[str], split: str, key: str = "text") -> TfdsText:
+    """A TFDS split prepared as array_record, read through `tfds.data_source` (never downloads)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        source = tfds.data_source(name, data_dir=data_dir or None, split=split, download=False)
+    except (ValueError, RuntimeError, OSError) as error:  # DatasetNotFoundError is a ValueError
+        first_line = str(error).strip().splitlines()[0]
+        raise InputError(f"cannot read TFDS dataset {name!r} split {split!r} from {data_dir or 'the default dir'}: "
+                         f"{first_line} (prepare it with build_text_tfds or download_and_prepare("
+                         f"file_format='array_record'))") from error
+    return TfdsText(source, key)
+
+
+def build_text_tfds(name: str, files: str | Sequence[str], data_dir: str, validation_fraction: float = 0.1):
+    """Prepares the paragraphs of local text files as TFDS dataset `name` in `data_dir` (array_record).
+
+    Records are {"text": paragraph} in file order (shuffling disabled); the last
+    `validation_fraction` of paragraphs form the "validation" split, the rest "train". A dataset
+    already prepared under that name and version is reused as it is. Returns the builder.
+    """
+    import tensorflow_datasets as tfds
+
+    if not 0.0 < validation_fraction < 1.0:
+        raise ConfigError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    documents = text_files(files)
+    if len(documents) < 2:
+        raise InputError(f"{files!r} holds {len(documents)} paragraph(s); a train and a validation split need 2")
+    cut = min(max(round(len(documents) * (1.0 - validation_fraction)), 1), len(documents) - 1)
+    builder = _text_builder_class(tfds, name)(documents=documents, cut=cut, data_dir=data_dir)
+    builder.download_and_prepare(file_format="array_record")
+    return builder
+
+
+def _text_builder_class(tfds, name: str):
+    """A GeneratorBasedBuilder subclass named `name`.
+
+    Made per call and left unregistered (skip_registration), so several names can be built in one
+    process; `tfds.data_source` finds the result by its folder. The info comes from
+    `tfds.core.DatasetInfo(builder=self, ...)`, because `dataset_info_from_configs` looks for
+    metadata files next to a package-style builder and fails for a class defined in a module, and
+    `disable_shuffling` must be passed there (a class attribute is ignored) to keep file order.
+    """
+
+    class TextParagraphs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def __init__(self, *, documents: list[str], cut: int, **kwargs):
+            self._documents, self._cut = documents, cut
+            super().__init__(**kwargs)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, disable_shuffling=True,
+                                         features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(0, self._cut),
+                    "validation": self._generate_examples(self._cut, len(self._documents))}
+
+        def _generate_examples(self, start: int, stop: int):
+            for index in range(start, stop):
+                yield index, {"text": self._documents[index]}
+
+    return types.new_class(f"TextParagraphs_{name}", (TextParagraphs,), {"skip_registration": True},
+                           lambda namespace: namespace.update(name=name))
+
+
+# ----------------------------------------------------------------------------- synthetic long-context tasks
+#
+# Every generator takes (rng, num_tokens, tokenizer) and returns {"task", "context", "question",
+# "answer", "text"} with text = context + question + answer. Its length is
+# example_length(example) = tokens(context + question) + tokens(answer): the prompt an evaluator
+# feeds plus the answer it scores. Filler is added while that stays <= num_tokens, so the length
+# lands within one filler sentence (or key-value pair) of num_tokens; an example whose essential
+# part alone is longer than num_tokens comes out at that minimum.
+
+_ADJECTIVES = ("quiet", "distant", "small", "golden", "narrow", "ancient", "busy", "gentle", "hollow", "bright",
+               "silent", "crooked", "patient", "heavy", "pale", "green")
+_NOUNS = ("river", "garden", "lantern", "village", "mountain", "window", "harbor", "meadow", "bridge", "forest",
+          "library", "orchard", "tower", "market", "valley", "road")
+_VERBS = ("follows", "crosses", "watches", "circles", "shelters", "faces", "borders", "reflects", "overlooks",
+          "touches", "hides", "greets")
+_SYLLABLES = ("ka", "lo", "mi", "ren", "tu", "sa", "vel", "dor", "ni", "pa", "qui", "zo", "bel", "ta", "ros", "fen")
+_UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_LOWER = "abcdefghijklmnopqrstuvwxyz"
+
+
+def example_length(example: dict, tokenizer: Tokenizer) -> int:
+    """Tokens of the prompt (context + question) plus tokens of the answer."""
+    return len(tokenizer.encode(example["context"] + example["question"])) + len(tokenizer.encode(example["answer"]))
+
+
+def make_needle_example(rng: np.random.Generator, num_tokens: int, tokenizer: Tokenizer, *,
+                        depth: Optional[float] = None) -> dict:
+    """Needle in a haystack: one "magic number" sentence at `depth` (0 = start, 1 = end; drawn
+    from rng when None) of filler sentences, measured in characters of the filler."""
+    depth = float(rng.uniform()) if depth is None else depth
+    key, value = _word(rng), str(rng.integers(1_000_000, 10_000_000))
+    needle = f"The magic number for {key} is {value}."
+    question, answer = f"\nQ: What is the magic number for {key}?\nA:", f" {value}"
+
+    def render(filler: list[str]) -> dict:
+        done = np.cumsum([0] + [len(s) for s in filler])  # characters before each sentence
+        at = int(np.searchsorted(done, depth * done[-1]))
+        return _example("needle", " ".join(filler[:at] + [needle] + filler[at:]), question, answer)
+
+    return _fill_to_budget(render, functools.partial(_filler_sentence, rng), " ", num_tokens, tokenizer)
+
+
+def make_variable_tracking_example(rng: np.random.Generator, num_tokens: int, tokenizer: Tokenizer, *,
+                                   num_chains: int = 2, chain_length: int = 3) -> dict:
+    """RULER-style variable tracking: chains `VAR A = 12345.`, `VAR B = VAR A.`, ... hidden in filler.
+
+    The question asks for every variable holding the first chain's value; the others are
+    distractors with different values. Statements keep their order within a chain. When the
+    statements alone exceed num_tokens, distractor chains and then hops are dropped (down to one
+    chain of two variables) so the answer stays derivable from the context.
+    """
+    if num_chains < 1 or chain_length < 2:
+        raise ConfigError(f"variable tracking needs num_chains >= 1 and chain_length >= 2, got {num_chains}, "
+                          f"{chain_length}")
+    names = _unique(rng, lambda: "".join(rng.choice(list(_UPPER), 5)), num_chains * chain_length)
+    values = _unique(rng, lambda: str(rng.integers(10_000, 100_000)), num_chains)
+    chains = [names[c * chain_length:(c + 1) * chain_length] for c in range(num_chains)]
+    interleave = rng.permutation(np.repeat(np.arange(num_chains), chain_length))
+    slots = np.sort(rng.uniform(size=len(interleave)))
+
+    def statements(shape: tuple[int, int]) -> list[str]:
+        kept, length = shape
+        written, out = [0] * kept, []  # variables of each chain written so far
+        for c in interleave:
+            if c < kept and written[c] < length:
+                i = written[c]
+                out.append(f"VAR {chains[c][i]} = {values[c] if i == 0 else 'VAR ' + chains[c][i - 1]}.")
+                written[c] += 1
+        return out
+
+    question = f"\nQ: Which variables are assigned the value {values[0]}?\nA:"
+
+    def render_shape(shape: tuple[int, int], filler: list[str]) -> dict:
+        placed = statements(shape)
+        where = np.round(slots[np.linspace(0, len(slots) - 1, len(placed)).astype(int)] * len(filler)).astype(int)
+        pieces = list(filler)
+        for offset, (at, statement) in enumerate(zip(where, placed)):
+            pieces.insert(int(at) + offset, statement)
+        answer = " " + " ".join(chains[0][:shape[1]])
+        return _example("variable_tracking", " ".join(pieces), question, answer)
+
+    shapes = [(c, n) for n in range(chain_length, 1, -1) for c in range(num_chains, 0, -1)]
+    shape = next((s for s in shapes if example_length(render_shape(s, []), tokenizer) <= num_tokens), (1, 2))
+    return _fill_to_budget(functools.partial(render_shape, shape), functools.partial(_filler_sentence, rng), " ",
+                           num_tokens, tokenizer)
+
+
+def make_associative_recall_example(rng: np.random.Generator, num_tokens: int, tokenizer: Tokenizer) -> dict:
+    """Associative recall: lines `key: value` (unique 4-letter keys); the question names one key,
+    chosen at a uniform position in the list."""
+    position = float(rng.uniform())
+    seen: set[str] = set()
+
+    def new_pair() -> str:
+        key = _unique_one(rng, lambda: "".join(rng.choice(list(_LOWER), 4)), seen)
+        return f"{key}: {rng.integers(10_000, 100_000)}"
+
+    def render(pairs: list[str]) -> dict:
+        key, value = pairs[min(int(position * len(pairs)), len(pairs) - 1)].split(": ")
+        return _example("associative_recall", "\n".join(pairs), f"\nQ: What is the value of {key}?\nA:", f" {value}")
+
+    first = new_pair()  # the list is never empty, so there is always a key to ask for
+    return _fill_to_budget(lambda more: render([first] + more), new_pair, "\n", num_tokens, tokenizer)
+
+
+TASKS: dict[str, Callable[..., dict]] = {
+    "needle": make_needle_example,
+    "variable_tracking": make_variable_tracking_example,
+    "associative_recall": make_associative_recall_example,
+}
+
+
+def _example(task: str, context: str, question: str, answer: str) -> dict:
+    return {"task": task, "context": context, "question": question, "answer": answer,
+            "text": context + question + answer}
+
+
+def _fill_to_budget(render: Callable[[list[str]], dict], new_item: Callable[[], str], sep: str, num_tokens: int,
+                    tokenizer: Tokenizer) -> dict:
+    """render(items) with as many new items as fit num_tokens.
+
+    Items are counted one by one (each with its separator), which is exact for byte tokenizers and
+    close for BPE; the rendered example is then measured exactly and trailing items are dropped
+    until it fits.
+    """
+    budget = num_tokens - example_length(render([]), tokenizer)
+    items: list[str] = []
+    while True:
+        item = new_item()
+        cost = len(tokenizer.encode(sep + item))
+        if cost > budget:
+            break
+        items.append(item)
+        budget -= cost
+    example = render(items)
+    while items and example_length(example, tokenizer) > num_tokens:
+        items.pop()
+        example = render(items)
+    return example
+
+
+def _filler_sentence(rng: np.random.Generator) -> str:
+    a, b = rng.choice(_ADJECTIVES, 2)
+    n, m = rng.choice(_NOUNS, 2)
+    return f"The {a} {n} {rng.choice(_VERBS)} the {b} {m}."
+
+
+def _word(rng: np.random.Generator) -> str:
+    return "".join(rng.choice(_SYLLABLES, 3)).capitalize()
+
+
+def _unique(rng: np.random.Generator, draw: Callable[[], str], count: int) -> list[str]:
+    seen: set[str] = set()
+    return [_unique_one(rng, draw, seen) for _ in range(count)]
+
+
+def _unique_one(rng: np.random.Generator, draw: Callable[[], str], seen: set[str]) -> str:
+    value = draw()
+    while value in seen:
+        value = draw()
+    seen.add(value)
+    return value
+
+
+class SyntheticTasks:
+    """Random access to synthetic examples; element i is a pure function of (seed, stream, i).
+
+    Tasks take turns (element i is task i mod len(tasks)). Use different `stream`s for training
+    and evaluation so that they never share an example.
+    """
+
+    def __init__(self, tasks: Sequence[str], num_tokens: int, tokenizer: Tokenizer, *, seed: int, length: int,
+                 stream: int = 0):
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ConfigError(f"synthetic tasks {list(tasks)} must be a non-empty list of: {', '.join(TASKS)}")
+        self._tasks, self._num_tokens, self._tokenizer = list(tasks), num_tokens, tokenizer
+        self._seed, self._length, self._stream = seed, length, stream
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self._seed, self._stream, index])
+        return TASKS[self._tasks[index % len(self._tasks)]](rng, self._num_tokens, self._tokenizer)
+
+
+# ----------------------------------------------------------------------------- packing and batching
+
+
+def pack_documents(documents: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+    """All documents tokenized and concatenated, each followed by EOS (when the tokenizer has one)."""
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    ids: list[int] = []
+    for index in range(len(documents)):
+        ids.extend(tokenizer.encode(documents[index]))
+        ids.extend(eos)
+    return np.asarray(ids, dtype=np.int32)
+
+
+class PackedSequences:
+    """Chunk i of a flat token array: tokens[i*L : i*L + L + 1] as inputs/targets shifted by one.
+
+    Chunks overlap by one token, so the last target of chunk i is the first input of chunk i+1
+    and every token after the first is a target exactly once; a tail shorter than L is dropped.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self._tokens, self._seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self._tokens) - 1) // self._seq_len)
+
+    def __getitem__(self, index: int) -> dict:
+        start = index * self._seq_len
+        window = self._tokens[start:start + self._seq_len + 1]
+        return {"inputs": window[:-1], "targets": window[1:], "loss_mask": np.ones(self._seq_len, np.float32)}
+
+
+def packed_examples(tokens: np.ndarray, seq_len: int, what: str = "the text") -> grain.MapDataset:
+    """A MapDataset of the packed chunks of `tokens`; `what` names the text in the error."""
+    if len(tokens) < seq_len + 1:
+        raise InputError(f"{what} has {len(tokens)} tokens, fewer than one sequence of seq_len+1={seq_len + 1}; "
+                         "give more text or lower seq_len")
+    return grain.MapDataset.source(PackedSequences(tokens, seq_len))
+
+
+def qa_lm_example(example: dict, *, tokenizer: Tokenizer, seq_len: int, answer_only_loss: bool) -> dict:
+    """One synthetic example as one sequence: prompt + answer + EOS, padded to seq_len + 1.
+
+    An example longer than the window loses the start of its context (the answer is always
+    kept). loss_mask covers the answer and its EOS, or every real token when answer_only_loss is
+    False; padding (EOS, or 0 without one) is never in the loss.
+    """
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    answer = tokenizer.encode(example["answer"]) + eos
+    tokens = (tokenizer.encode(example["context"] + example["question"]) + answer)[-(seq_len + 1):]
+    window = np.full(seq_len + 1, eos[0] if eos else 0, np.int32)
+    window[:len(tokens)] = tokens
+    mask = np.zeros(seq_len, np.float32)
+    first = max(len(tokens) - len(answer) - 1, 0) if answer_only_loss else 0
+    mask[first:len(tokens) - 1] = 1.0
+    return {"inputs": window[:-1], "targets": window[1:], "loss_mask": mask}
+
+
+def synthetic_examples(tasks: Sequence[str], tokenizer: Tokenizer, seq_len: int, *, seed: int, length: int,
+                       stream: int = 0, answer_only_loss: bool = False) -> grain.MapDataset:
+    """A MapDataset of synthetic tasks sized to fill one sequence each (generated when read)."""
+    num_tokens = seq_len if tokenizer.eos_id is not None else seq_len + 1
+    source = SyntheticTasks(tasks, num_tokens, tokenizer, seed=seed, length=length, stream=stream)
+    return grain.MapDataset.source(source).map(
+        functools.partial(qa_lm_example, tokenizer=tokenizer, seq_len=seq_len, answer_only_loss=answer_only_loss))
+
+
+def make_lm_dataset(parts: Sequence[grain.MapDataset], batch_size: int, *, seed: int,
+                    weights: Optional[Sequence[float]] = None, train: bool = True) -> grain.MapDataset:
+    """Batches of sequences from one or more parts, mixed by `weights` (shares of sequences).
+
+    Each part is shuffled with its own seed first (grain's mix interleaves in a fixed pattern, so
+    shuffling after mixing would distort the shares). Training repeats every part forever, each
+    epoch in a new order; evaluation is one finite pass that ends when a part runs out. The last
+    partial batch is dropped so every batch has the same shape.
+    """
+    shuffled = [part.shuffle(seed=seed + i) for i, part in enumerate(parts)]
+    if train:
+        shuffled = [part.repeat() for part in shuffled]
+    mixed = shuffled[0] if len(shuffled) == 1 else grain.MapDataset.mix(shuffled, weights)
+    return mixed.batch(batch_size, drop_remainder=True)
+
+
+def lm_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
+    """A checkpointable iterator (get_state/set_state) with a small prefetch in one thread."""
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+
+
+# ----------------------------------------------------------------------------- config-driven entry
+
+
+def check_data_config(config) -> None:
+    """Raises ConfigError for an unusable data config; cheap, so it runs before any work."""
+    if config.source not in SOURCES:
+        raise ConfigError(f"data.source={config.source!r} is not one of: {', '.join(SOURCES)}")
+    names = _source_names(config)
+    if config.source == "mixture":
+        leaves = [s for s in SOURCES if s != "mixture"]
+        if not names or any(n not in leaves for n in names):
+            raise ConfigError(f"data.mixture={names} must be a non-empty list of: {', '.join(leaves)}")
+        weights = list(config.get("mixture_weights", ()))
+        if len(weights) != len(names) or any(not w > 0 for w in weights):
+            raise ConfigError(f"data.mixture_weights={weights} must be {len(names)} positive numbers, one per "
+                              f"entry of data.mixture={names}")
+    if "text_files" in names and not _paths(config):
+        raise ConfigError("data.source text_files needs data.paths (files or globs)")
+    if "text_files" in names and not 0.0 < config.get("validation_fraction", 0.1) < 1.0:
+        raise ConfigError(f"data.validation_fraction must be in (0, 1), got {config.validation_fraction}")
+    if "tfds" in names and not config.get("tfds_name"):
+        raise ConfigError("data.source tfds needs data.tfds_name (a dataset prepared as array_record)")
+    if "synthetic" in names:
+        tasks = list(config.get("synthetic_tasks", ()))
+        if not tasks or any(t not in TASKS for t in tasks):
+            raise ConfigError(f"data.synthetic_tasks={tasks} must be a non-empty list of: {', '.join(TASKS)}")
+    if "embedded" in names and config.get("max_bytes", 1) < 1:
+        raise ConfigError(f"data.max_bytes must be >= 1, got {config.max_bytes}")
+    if config.get("eval_batches", 1) < 1:
+        raise ConfigError(f"data.eval_batches must be >= 1, got {config.eval_batches}")
+
+
+def build_datasets(config, tokenizer: Tokenizer, seq_len: int, batch_size: int,
+                   seed: int) -> tuple[grain.DatasetIterator, Callable[[], Iterator[dict]]]:
+    """(training iterator, eval_batches_fn) from the `data` section of a run config.
+
+    The training iterator never ends and checkpoints through grain; eval_batches_fn() returns a
+    fresh iterator over the same first `data.eval_batches` evaluation batches every time (fewer
+    when the evaluation text is short).
+    """
+    check_data_config(config)
+    names = _source_names(config)
+    weights = list(config.mixture_weights) if config.source == "mixture" else None
+    eval_examples = config.get("eval_batches", 8) * batch_size
+    parts = [_train_eval_parts(name, config, tokenizer, seq_len, seed, eval_examples) for name in names]
+    train = make_lm_dataset([p[0] for p in parts], batch_size, seed=seed, weights=weights, train=True)
+    evaluation = make_lm_dataset([p[1] for p in parts], batch_size, seed=seed, weights=weights, train=False)
+    evaluation = evaluation[:config.get("eval_batches", 8)]
+    if len(evaluation) == 0:
+        raise InputError(f"the evaluation data of {'+'.join(names)} does not fill one batch of {batch_size} "
+                         f"sequences of {seq_len} tokens; lower batch_size or seq_len, or give more text")
+    return lm_iterator(train), lambda: lm_iterator(evaluation)
+
+
+def _source_names(config) -> list[str]:
+    return list(config.get("mixture", ())) if config.source == "mixture" else [config.source]
+
+
+def _paths(config) -> list[str]:
+    paths = config.get("paths", ())
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
+def _train_eval_parts(name: str, config, tokenizer: Tokenizer, seq_len: int, seed: int,
+                      eval_examples: int) -> tuple[grain.MapDataset, grain.MapDataset]:
+    """The training and evaluation parts of one source.
+
+    text_files: the token stream is cut at 1 - validation_fraction (the convention of "first 90%
+    to train, last 10% to evaluate"); embedded: its own hash split; tfds: data.split and
+    data.eval_split; synthetic: two disjoint streams of the same generator.
+    """
+    if name == "synthetic":
+        tasks, answer_only = list(config.synthetic_tasks), config.get("answer_only_loss", False)
+        make = functools.partial(synthetic_examples, tasks, tokenizer, seq_len, seed=seed,
+                                 answer_only_loss=answer_only)
+        return make(length=2**40, stream=0), make(length=eval_examples, stream=1)
+    if name == "embedded":
+        max_bytes = config.get("max_bytes", 4_000_000)
+        train, held_out = (pack_documents(embedded_default_corpus(s, max_bytes), tokenizer)
+                           for s in ("train", "validation"))
+    elif name == "text_files":
+        tokens = pack_documents(text_files(_paths(config)), tokenizer)
+        cut = int(len(tokens) * (1.0 - config.get("validation_fraction", 0.1)))
+        train, held_out = tokens[:cut], tokens[cut:]
+    else:
+        tfds_args = (config.tfds_name, config.get("tfds_data_dir", ""))
+        train, held_out = (pack_documents(tfds_documents(*tfds_args, split), tokenizer)
+                           for split in (config.get("split", "train"), config.get("eval_split", "validation")))
+    return (packed_examples(train, seq_len, f"the {name} training split"),
+            packed_examples(held_out, seq_len, f"the {name} evaluation split"))

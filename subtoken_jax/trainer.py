@@ -1,0 +1,297 @@
+"""The training loop behind train.py: stages, jitted sharded steps, checkpoints, metrics.
+
+A run is a sequence of stages (config.stages):
+  pretrain - every parameter of a fresh decoder trains (no routing);
+  adapt    - the base is frozen (from the pretrain stage or a Hugging Face folder); LoRA (plain or
+             routed subspace) and the value-group routers train under a budget sampled per batch.
+Each stage writes DIR/<stage>/: checkpoints, metrics.jsonl, and its final params.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from subtoken_jax import checkpoint as ckpt_lib
+from subtoken_jax import data as data_lib
+from subtoken_jax import sharding as sharding_lib
+from subtoken_jax.errors import ConfigError
+from subtoken_jax.hf_import import add_fresh_lora, load_pretrained
+from subtoken_jax.lora import combine_params, is_adapter_path, split_params
+from subtoken_jax.model import DecoderLM
+from subtoken_jax.model_config import LoRAConfig, ModelConfig, RoutingConfig, check_budget
+from subtoken_jax.objectives import LossWeights, eval_step, train_step
+from subtoken_jax.tokenization import ByteTokenizer, HFTokenizer
+
+STAGES = ("pretrain", "adapt")
+_MODEL_KEYS = ("checkpoint",)  # config.model fields that are not ModelConfig fields
+
+
+# ----------------------------------------------------------------------------- config -> typed objects
+
+
+def validate_config(config: ConfigDict) -> None:
+    """Fails fast, with one line, on anything that would otherwise fail (or silently misbehave) later."""
+    unknown = set(config.stages) - set(STAGES)
+    if unknown or not config.stages:
+        raise ConfigError(f"config.stages={tuple(config.stages)} must be a non-empty sequence of {STAGES}")
+    if config.model.checkpoint and not os.path.isdir(config.model.checkpoint):
+        raise ConfigError(f"model.checkpoint={config.model.checkpoint!r} is not a folder")
+    if "pretrain" in config.stages and config.model.checkpoint:
+        raise ConfigError("stage 'pretrain' trains from scratch; drop it from config.stages when model.checkpoint is set")
+    for name in ("seq_len", "batch_size"):
+        if config[name] < 1:
+            raise ConfigError(f"config.{name} must be >= 1, got {config[name]}")
+    for budget in list(config.eval_budgets) + list(config.adapt.budgets):
+        check_budget(budget, "budget")
+    base = base_model_config(config)
+    if config.seq_len > base.max_position_embeddings:
+        raise ConfigError(f"seq_len={config.seq_len} exceeds model max_position_embeddings="
+                          f"{base.max_position_embeddings}")
+    if "adapt" in config.stages:
+        adapted_model_config(config, base)  # checks lora and routing fields
+    data_lib.check_data_config(config.data)
+
+
+def base_model_config(config: ConfigDict) -> ModelConfig:
+    if config.model.checkpoint:
+        from subtoken_jax.hf_import import config_from_hf, read_hf_config
+
+        return config_from_hf(read_hf_config(config.model.checkpoint), dtype=config.model.dtype,
+                              param_dtype=config.model.param_dtype, value_groups=config.model.value_groups)
+    fields = {k: v for k, v in config.model.to_dict().items() if k not in _MODEL_KEYS}
+    return ModelConfig.from_dict(fields)
+
+
+def adapted_model_config(config: ConfigDict, base: ModelConfig) -> ModelConfig:
+    lora = dict(config.adapt.lora.to_dict())
+    lora["targets"] = tuple(lora["targets"])
+    return base.replace(lora=LoRAConfig(**lora), routing=RoutingConfig(**config.adapt.routing.to_dict()))
+
+
+def make_tokenizer(config: ConfigDict):
+    source = config.model.checkpoint or (config.tokenizer if config.tokenizer != "byte" else "")
+    return HFTokenizer.from_folder(source) if source else ByteTokenizer()
+
+
+def make_optimizer(stage: ConfigDict, total_steps: int, grad_clip: float) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, stage.learning_rate, stage.warmup_steps,
+                                                  max(total_steps, stage.warmup_steps + 1), stage.learning_rate * 0.1)
+    return optax.chain(optax.clip_by_global_norm(grad_clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=stage.weight_decay))
+
+
+def budget_for_step(budgets, seed: int, step: int) -> float:
+    """The value budget of a step: drawn from `budgets`, reproducibly from (seed, step) so resume matches."""
+    budgets = tuple(budgets)
+    return float(budgets[np.random.default_rng([seed, step]).integers(len(budgets))])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class MetricsWriter:
+    """Metrics as JSON lines in the stage folder, and to TensorBoard if its package is installed."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, "metrics.jsonl")
+        self._tb = None
+        try:
+            from tensorboardX import SummaryWriter  # optional
+
+            self._tb = SummaryWriter(os.path.join(folder, "tb"))
+        except ImportError:
+            pass
+
+    def write(self, step: int, metrics: Dict[str, float]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, step)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def run_stage(name: str, config: ConfigDict, workdir: str, model: DecoderLM, trainable, frozen, mesh,
+              train_iter, eval_fn, *, budgets, base_fingerprint: Optional[Dict[str, Any]] = None):
+    """Trains `trainable` (with `frozen` fixed) for config.<name>.steps; resumes from DIR/<name> if present."""
+    stage = config[name]
+    folder = os.path.join(workdir, name)
+    os.makedirs(folder, exist_ok=True)
+    tx = make_optimizer(stage, stage.steps, config.grad_clip)
+    weights = LossWeights(budget=config.adapt.budget_loss_weight, balance=config.adapt.balance_loss_weight)
+
+    t_sh = sharding_lib.tree_shardings(model, trainable, mesh)
+    f_sh = sharding_lib.tree_shardings(model, frozen, mesh)
+    # shard_tree copies: device_put may alias its input, and donation would then delete the caller's arrays
+    trainable = sharding_lib.shard_tree(trainable, t_sh)
+    frozen = sharding_lib.shard_tree(frozen, f_sh)
+    o_sh = sharding_lib.opt_state_shardings(tx, trainable, t_sh, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=o_sh)(trainable)
+    b_sh = sharding_lib.batch_sharding(mesh)
+    rep = sharding_lib.replicated(mesh)
+
+    step_fn = jax.jit(lambda t, f, o, b, budget, rng: train_step(model, tx, weights, t, f, o, b, budget, rng),
+                      in_shardings=(t_sh, f_sh, o_sh, b_sh, rep, rep), out_shardings=(t_sh, o_sh, rep),
+                      donate_argnums=(0, 2))
+
+    manager = ckpt_lib.Checkpointer(os.path.join(folder, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    start = 0
+    if manager.latest_step() is not None:
+        restored = manager.restore(trainable=trainable, opt_state=opt_state, data_iterator=train_iter,
+                                   base_fingerprint=base_fingerprint)
+        trainable, opt_state, start = restored.trainable, restored.opt_state, restored.step
+        trainable = sharding_lib.shard_tree(trainable, t_sh)
+        opt_state = sharding_lib.shard_tree(opt_state, o_sh)
+        logging.info("%s: resumed from step %d", name, start)
+
+    writer = MetricsWriter(folder)
+    bar = tqdm(range(start, stage.steps), desc=name, initial=start, total=stage.steps, dynamic_ncols=True)
+    window_start, window_tokens = time.perf_counter(), 0.0
+    for step in bar:
+        batch = jax.device_put(next(train_iter), b_sh)
+        budget = jnp.float32(budget_for_step(budgets, config.seed, step))
+        rng = jax.random.fold_in(jax.random.key(config.seed), step)
+        trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch, budget, rng)
+        done = step + 1
+        if done % config.log_every == 0 or done == stage.steps:
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if not math.isfinite(metrics["loss"]):
+                raise NonFiniteLossError(
+                    f"{name}: loss became {metrics['loss']} at step {done}; the last good checkpoint "
+                    f"(step {manager.latest_step()}) is kept in {folder}. Lower the learning rate or check the data.")
+            window_tokens += metrics["tokens"] * config.log_every
+            elapsed = time.perf_counter() - window_start
+            metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+            metrics["budget"] = float(budget)
+            window_start, window_tokens = time.perf_counter(), 0.0
+            writer.write(done, metrics)
+            bar.set_postfix(loss=f"{metrics['ce']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                            rho=f"{metrics['value_budget']:.2f}")
+        if done % config.checkpoint_every == 0 or done == stage.steps:
+            eval_loss = evaluate(model, combine_params(trainable, frozen), eval_fn, budget=1.0)["loss"]
+            manager.save(done, trainable=trainable, opt_state=opt_state, data_iterator=train_iter,
+                         config=config.to_dict(), metric=eval_loss, base_fingerprint=base_fingerprint)
+            writer.write(done, {"eval_loss": eval_loss})
+    manager.close()
+    return trainable
+
+
+def evaluate(model: DecoderLM, params, eval_fn, budget: float) -> Dict[str, float]:
+    """Token-weighted mean loss and perplexity over the evaluation batches at one value budget."""
+    step = _jitted_eval(model)
+    total, count = 0.0, 0.0
+    for batch in eval_fn():
+        nll, tokens = step(params, batch, jnp.float32(budget))
+        total, count = total + float(nll), count + float(tokens)
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+_EVAL_CACHE: Dict[DecoderLM, Any] = {}
+
+
+def _jitted_eval(model: DecoderLM):
+    if model not in _EVAL_CACHE:
+        _EVAL_CACHE[model] = jax.jit(lambda p, b, budget: eval_step(model, p, b, budget))
+    return _EVAL_CACHE[model]
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def fresh_params(cfg: ModelConfig, seed: int, seq_len: int):
+    model = DecoderLM(cfg)
+    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))
+    return model, nn.meta.unbox(variables["params"])
+
+
+def run(config: ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Runs every configured stage, then evaluates perplexity at each budget; returns the summary."""
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as fh:
+        json.dump(config.to_dict(), fh, indent=2, default=list)
+    sharding_lib.maybe_initialize_distributed(config)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    tokenizer = make_tokenizer(config)
+    train_iter, eval_fn = data_lib.build_datasets(config.data, tokenizer, config.seq_len, config.batch_size,
+                                                  config.seed)
+    base_cfg = base_model_config(config)
+    summary: Dict[str, Any] = {"workdir": workdir}
+
+    with sharding_lib.use_mesh(mesh):
+        if config.model.checkpoint:
+            _, base_params, _ = load_pretrained(config.model.checkpoint, config.model.dtype,
+                                                param_dtype=config.model.param_dtype,
+                                                value_groups=config.model.value_groups, with_tokenizer=False)
+            base_model = DecoderLM(base_cfg)
+        else:
+            base_model, base_params = fresh_params(base_cfg, config.seed, config.seq_len)
+        if "pretrain" in config.stages:
+            base_params = run_stage("pretrain", config, workdir, base_model, base_params, {}, mesh, train_iter,
+                                    eval_fn, budgets=(1.0,))
+            summary["pretrain"] = evaluate(base_model, base_params, eval_fn, 1.0)
+        if "adapt" in config.stages:
+            adapted_cfg = adapted_model_config(config, base_cfg)
+            adapted_model = DecoderLM(adapted_cfg)
+            params = add_fresh_lora(adapted_cfg, base_params, config.seed)
+            trainable, frozen = split_params(params, is_adapter_path)
+            fingerprint = ckpt_lib.fingerprint(frozen, source=config.model.checkpoint or "pretrain stage")
+            trainable = run_stage("adapt", config, workdir, adapted_model, trainable, frozen, mesh, train_iter,
+                                  eval_fn, budgets=config.adapt.budgets, base_fingerprint=fingerprint)
+            summary["budgets"] = budget_table(config, base_cfg, adapted_cfg, base_params,
+                                              combine_params(trainable, frozen), eval_fn)
+    with open(os.path.join(workdir, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=2)
+    return summary
+
+
+def budget_table(config, base_cfg, adapted_cfg, base_params, adapted_params, eval_fn):
+    """Eval perplexity at each value budget: the trained router vs parameter-free baselines on the same base."""
+    mode = adapted_cfg.routing.mode
+    methods = {
+        f"routed ({mode}) + routed LoRA": (DecoderLM(adapted_cfg), adapted_params),
+        "keep-largest-norm groups": (DecoderLM(base_cfg.replace(routing=RoutingConfig(mode="fixed_k", scorer="norm"))),
+                                     base_params),
+        "random groups": (DecoderLM(base_cfg.replace(routing=RoutingConfig(mode="fixed_k", scorer="random"))),
+                          base_params),
+    }
+    rows = []
+    for budget in tqdm(config.eval_budgets, desc="eval budgets"):
+        for method, (model, params) in methods.items():
+            result = evaluate(model, params, eval_fn, budget)
+            rows.append({"method": method, "budget": float(budget), **result})
+    return rows
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+    """A markdown table of perplexity by method and budget."""
+    lines = []
+    if "pretrain" in summary:
+        lines.append(f"base model (pretrain stage): eval perplexity {summary['pretrain']['perplexity']:.3f}")
+    rows = summary.get("budgets", [])
+    if rows:
+        budgets = sorted({r["budget"] for r in rows}, reverse=True)
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        lines.append("| method | " + " | ".join(f"rho={b:g}" for b in budgets) + " |")
+        lines.append("|---|" + "---|" * len(budgets))
+        for method in methods:
+            ppl = {r["budget"]: r["perplexity"] for r in rows if r["method"] == method}
+            lines.append(f"| {method} | " + " | ".join(f"{ppl[b]:.3f}" for b in budgets) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""The training system end to end on tiny shapes: learning, kill-and-resume, bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny two-stage run: a few seconds of compute per stage on 2 cores.
+TINY = [
+    "--config.model.hidden_size=32", "--config.model.intermediate_size=64", "--config.model.num_layers=1",
+    "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.value_groups=4",
+    "--config.seq_len=32", "--config.batch_size=4", "--config.data.max_bytes=200000", "--config.data.eval_batches=2",
+    "--config.log_every=1", "--config.pretrain.warmup_steps=5", "--config.adapt.warmup_steps=2", "--config.adapt.lora.rank=4", "--config.adapt.lora.num_subspaces=2",
+    "--config.adapt.lora.active_subspaces=1", "--config.eval_budgets=(1.0,0.5)",
+]
+
+
+def _train(workdir, *overrides, **popen):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/default.py"),
+           "--workdir", str(workdir), *TINY, *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _metrics(path):
+    """The last logged loss of each step (a resumed run re-logs the steps after its checkpoint)."""
+    by_step = {}
+    with open(path) as fh:
+        for line in fh:
+            record = json.loads(line)
+            if "ce" in record:
+                by_step[record["step"]] = record["ce"]
+    return by_step
+
+
+def test_two_stage_run_learns_and_reports_budgets(tmp_path):
+    proc = _train(tmp_path, "--config.pretrain.steps=40", "--config.adapt.steps=10", "--config.checkpoint_every=20")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    losses = _metrics(tmp_path / "pretrain" / "metrics.jsonl")
+    first, last = losses[1], losses[40]
+    assert last < first - 1.0, (first, last)  # byte-level loss starts near log(259) = 5.56
+    summary = json.load(open(tmp_path / "summary.json"))
+    methods = {row["method"] for row in summary["budgets"]}
+    assert {"keep-largest-norm groups", "random groups"} <= methods
+    assert "| method |" in out
+    assert os.path.isdir(tmp_path / "adapt" / "checkpoints")
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    args = ["--config.stages=('pretrain',)", "--config.pretrain.steps=16", "--config.checkpoint_every=4"]
+    straight = _train(tmp_path / "straight", *args)
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out
+
+    victim = _train(tmp_path / "killed", *args, start_new_session=True)
+    metrics = tmp_path / "killed" / "pretrain" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or max(_metrics(metrics), default=0) < 10):
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    assert max(_metrics(metrics)) < 16, "the run finished before it could be killed"
+
+    resumed = _train(tmp_path / "killed", *args)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert _metrics(metrics) == _metrics(tmp_path / "straight" / "pretrain" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.adapt.budgets=(0.5,1.5)", "budget=1.5 is out of range"),
+    ("--config.model.value_groups=3", "must divide head_dim=16"),
+    ("--config.adapt.lora.active_subspaces=3", "active_subspaces=3"),
+    ("--config.data.source=webtext", "webtext"),
+    ("--config.seq_len=4096", "exceeds model max_position_embeddings"),
+    ("--config.model.checkpoint=/nonexistent", "is not a folder"),
+])
+def test_bad_config_fails_before_compute(tmp_path, override, message):
+    proc = _train(tmp_path, override)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    error_lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert error_lines and message in error_lines[-1], out
+    assert not os.path.exists(tmp_path / "pretrain" / "metrics.jsonl")

@@ -1,0 +1,32 @@
+"""Train a subtoken-jax model.
+
+    python train.py --config configs/default.py --workdir runs/default [--config.adapt.steps=100 ...]
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from subtoken_jax.errors import CheckpointError, ConfigError, InputError
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.", required=True)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    from subtoken_jax import trainer  # after flag parsing: keeps --help fast
+
+    try:
+        summary = trainer.run(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, CheckpointError, InputError) as error:
+        sys.exit(f"error: {error}")
+    print(trainer.format_summary(summary))
+    print(f"results: {_WORKDIR.value}/summary.json")
+
+
+if __name__ == "__main__":
+    app.run(main)
