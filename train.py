@@ -22,7 +22,7 @@ def main(argv):
 
     try:
         summary = trainer.run(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, CheckpointError, InputError) as error:
+    except (ConfigError, CheckpointError, InputError, trainer.NonFiniteLossError) as error:
         sys.exit(f"error: {error}")
     print(trainer.format_summary(summary))
     print(f"results: {_WORKDIR.value}/summary.json")

@@ -8,7 +8,7 @@ reports perplexity at each budget against keep-largest-norm and random groups on
     python train.py --config configs/default.py --workdir runs/default
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config() -> ConfigDict:
@@ -70,6 +70,7 @@ def get_config() -> ConfigDict:
     c.adapt.routing.mode = "fixed_k"  # fixed_k | adaptive
     c.adapt.routing.temperature = 0.5
     c.adapt.routing.norm_prior = True
+    c.adapt.routing.k = config_dict.placeholder(int)  # fixed_k: train and serve exactly k of G groups
     c.adapt.budgets = (0.25, 0.375, 0.5, 0.75, 1.0)  # rho sampled per batch from these
     c.adapt.budget_loss_weight = 1.0
     c.adapt.balance_loss_weight = 0.01

@@ -88,7 +88,7 @@ class DecoderLM(nn.Module):
                 offset = jnp.max(cache.positions, axis=1, keepdims=True) + 1
             positions = default_positions(input_ids, attention_mask, offset)
         if value_budget is None:
-            value_budget = cfg.routing.budget
+            value_budget = cfg.default_value_budget
         elif isinstance(value_budget, (int, float)):
             check_budget(value_budget, "value_budget")
         vg_masks = per_layer(value_group_mask, cfg.num_layers, "value_group_mask")

@@ -74,6 +74,7 @@ class RoutingConfig:
 
     mode: str = "none"  # none | fixed_k (exactly round(rho*G) groups per token and head) | adaptive
     budget: float = 1.0  # rho: fraction of value groups kept when apply() is given no value_budget
+    k: Optional[int] = None  # fixed_k only: keep exactly k of G groups by default (overrides budget)
     temperature: float = 1.0  # of the sigmoid relaxation that carries gradients to the router
     norm_prior: bool = True  # add log ||value group|| to the learned score (starts at keep-largest-norm)
     # router: learned per-layer router (+ norm prior); norm / random: parameter-free baselines
@@ -87,6 +88,8 @@ class RoutingConfig:
         check_budget(self.budget, "routing.budget")
         if self.temperature <= 0:
             raise ConfigError(f"routing.temperature must be > 0, got {self.temperature}")
+        if self.k is not None and self.mode != "fixed_k":
+            raise ConfigError(f"routing.k is for mode fixed_k, not {self.mode!r}; use routing.budget")
 
     @property
     def enabled(self) -> bool:
@@ -155,10 +158,18 @@ class ModelConfig:
             object.__setattr__(self, "lora", LoRAConfig(**dict(self.lora)))
         if not isinstance(self.routing, RoutingConfig):
             object.__setattr__(self, "routing", RoutingConfig(**dict(self.routing)))
+        if self.routing.k is not None and not 1 <= self.routing.k <= self.value_groups:
+            raise ConfigError(f"routing.k={self.routing.k} must be in [1, G={self.value_groups}] "
+                              "(K of G value groups kept)")
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def default_value_budget(self) -> float:
+        routing = self.routing
+        return routing.k / self.value_groups if routing.k is not None else routing.budget
 
     @property
     def group_dim(self) -> int:

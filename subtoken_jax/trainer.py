@@ -124,7 +124,18 @@ class MetricsWriter:
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Training diverged; the message names the last good checkpoint, which is kept."""
+
+
+def _diverged(stage: str, what: str, step: int, manager, folder: str) -> NonFiniteLossError:
+    manager.wait_until_finished()
+    return NonFiniteLossError(f"{stage}: {what} at step {step}; the last good checkpoint (step "
+                              f"{manager.latest_step()}) is kept in {folder}. Lower the learning rate or check the data.")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def run_stage(name: str, config: ConfigDict, workdir: str, model: DecoderLM, trainable, frozen, mesh,
@@ -172,9 +183,7 @@ def run_stage(name: str, config: ConfigDict, workdir: str, model: DecoderLM, tra
         if done % config.log_every == 0 or done == stage.steps:
             metrics = {k: float(v) for k, v in metrics.items()}
             if not math.isfinite(metrics["loss"]):
-                raise NonFiniteLossError(
-                    f"{name}: loss became {metrics['loss']} at step {done}; the last good checkpoint "
-                    f"(step {manager.latest_step()}) is kept in {folder}. Lower the learning rate or check the data.")
+                raise _diverged(name, f"loss became {metrics['loss']}", done, manager, folder)
             window_tokens += metrics["tokens"] * config.log_every
             elapsed = time.perf_counter() - window_start
             metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
@@ -184,6 +193,8 @@ def run_stage(name: str, config: ConfigDict, workdir: str, model: DecoderLM, tra
             bar.set_postfix(loss=f"{metrics['ce']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                             rho=f"{metrics['value_budget']:.2f}")
         if done % config.checkpoint_every == 0 or done == stage.steps:
+            if not _all_finite(trainable):  # never overwrite good checkpoints with diverged params
+                raise _diverged(name, "parameters became non-finite", done, manager, folder)
             eval_loss = evaluate(model, combine_params(trainable, frozen), eval_fn, budget=1.0)["loss"]
             manager.save(done, trainable=trainable, opt_state=opt_state, data_iterator=train_iter,
                          config=config.to_dict(), metric=eval_loss, base_fingerprint=base_fingerprint)
@@ -253,8 +264,9 @@ def run(config: ConfigDict, workdir: str) -> Dict[str, Any]:
             params = add_fresh_lora(adapted_cfg, base_params, config.seed)
             trainable, frozen = split_params(params, is_adapter_path)
             fingerprint = ckpt_lib.fingerprint(frozen, source=config.model.checkpoint or "pretrain stage")
+            budgets = (adapted_cfg.default_value_budget,) if adapted_cfg.routing.k else config.adapt.budgets
             trainable = run_stage("adapt", config, workdir, adapted_model, trainable, frozen, mesh, train_iter,
-                                  eval_fn, budgets=config.adapt.budgets, base_fingerprint=fingerprint)
+                                  eval_fn, budgets=budgets, base_fingerprint=fingerprint)
             summary["budgets"] = budget_table(config, base_cfg, adapted_cfg, base_params,
                                               combine_params(trainable, frozen), eval_fn)
     with open(os.path.join(workdir, "summary.json"), "w") as fh:

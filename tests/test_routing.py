@@ -152,6 +152,10 @@ def test_bad_routing_config():
         RoutingConfig(mode="fixed_k", budget=1.5)
     with pytest.raises(ConfigError, match="out of range"):
         RoutingConfig(mode="fixed_k", budget=0.0)
+    with pytest.raises(ConfigError, match=r"routing.k=5 must be in \[1, G=4\]"):
+        ModelConfig(**BASE, routing=RoutingConfig(mode="fixed_k", k=5))
+    with pytest.raises(ConfigError, match="routing.k is for mode fixed_k"):
+        RoutingConfig(mode="adaptive", k=2)
     cfg = ModelConfig(**BASE, routing=RoutingConfig(mode="fixed_k"))
     model, params = init_params(cfg, jax.random.key(0))
     with pytest.raises(ConfigError, match="value_budget=1.2 is out of range"):

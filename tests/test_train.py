@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     ("--config.adapt.budgets=(0.5,1.5)", "budget=1.5 is out of range"),
     ("--config.model.value_groups=3", "must divide head_dim=16"),
     ("--config.adapt.lora.active_subspaces=3", "active_subspaces=3"),
+    ("--config.adapt.routing.k=5", "routing.k=5 must be in [1, G=4]"),
     ("--config.data.source=webtext", "webtext"),
     ("--config.seq_len=4096", "exceeds model max_position_embeddings"),
     ("--config.model.checkpoint=/nonexistent", "is not a folder"),
@@ -88,3 +90,17 @@ def test_bad_config_fails_before_compute(tmp_path, override, message):
     error_lines = [line for line in out.splitlines() if line.startswith("error:")]
     assert error_lines and message in error_lines[-1], out
     assert not os.path.exists(tmp_path / "pretrain" / "metrics.jsonl")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # warmup from 0 keeps step 1 finite (and checkpointed); the huge learning rate then diverges
+    proc = _train(tmp_path, "--config.stages=('pretrain',)", "--config.pretrain.steps=12", "--config.checkpoint_every=1",
+                  "--config.pretrain.learning_rate=1e4", "--config.grad_clip=1e6")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    error = [line for line in out.splitlines() if line.startswith("error:")]
+    assert error and ("became nan" in error[-1].lower() or "non-finite" in error[-1] or "became inf" in error[-1]), out
+    match = re.search(r"last good checkpoint \(step (\d+)\)", error[-1])
+    assert match, error[-1]
+    saved = [name for name in os.listdir(tmp_path / "pretrain" / "checkpoints") if name.isdigit()]
+    assert match.group(1) in saved, "the checkpoint written before the loss diverged is gone"
