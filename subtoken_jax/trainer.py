@@ -49,6 +49,9 @@ def validate_config(config: ConfigDict) -> None:
         raise ConfigError(f"config.stages={tuple(config.stages)} must be a non-empty sequence of {STAGES}")
     if config.model.checkpoint and not os.path.isdir(config.model.checkpoint):
         raise ConfigError(f"model.checkpoint={config.model.checkpoint!r} is not a folder")
+    if "pretrain" not in config.stages and not config.model.checkpoint:
+        raise ConfigError("stage 'adapt' needs a base: set model.checkpoint to a Hugging Face folder, or add 'pretrain' "
+                          "to config.stages")
     if "pretrain" in config.stages and config.model.checkpoint:
         raise ConfigError("stage 'pretrain' trains from scratch; drop it from config.stages when model.checkpoint is set")
     for name in ("seq_len", "batch_size"):

@@ -82,6 +82,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     ("--config.data.source=webtext", "webtext"),
     ("--config.seq_len=4096", "exceeds model max_position_embeddings"),
     ("--config.model.checkpoint=/nonexistent", "is not a folder"),
+    ("--config.stages=('adapt',)", "stage 'adapt' needs a base"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, override, message):
     proc = _train(tmp_path, override)
@@ -104,3 +105,22 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert match, error[-1]
     saved = [name for name in os.listdir(tmp_path / "pretrain" / "checkpoints") if name.isdigit()]
     assert match.group(1) in saved, "the checkpoint written before the loss diverged is gone"
+
+
+def test_hf_adapt_config_runs_on_a_tiny_hf_checkpoint(tmp_path):
+    from hf_fixtures import build_tiny_hf_model
+
+    folder = str(tmp_path / "qwen2")
+    build_tiny_hf_model("qwen2", folder)
+    shakespeare = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/hf_adapt.py"),
+           "--workdir", str(tmp_path / "run"), f"--config.model.checkpoint={folder}", f"--config.data.paths=('{shakespeare}',)",
+           "--config.model.dtype=float32", "--config.model.param_dtype=float32", "--config.model.value_groups=4",
+           "--config.seq_len=32", "--config.batch_size=2", "--config.adapt.steps=3", "--config.adapt.warmup_steps=1",
+           "--config.adapt.lora.rank=4", "--config.data.eval_batches=1", "--config.eval_budgets=(0.5,)",
+           "--config.mesh.fsdp=1", "--config.mesh.data=-1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert {row["budget"] for row in summary["budgets"]} == {0.5}
+    assert "3" in os.listdir(tmp_path / "run" / "adapt" / "checkpoints")
