@@ -138,11 +138,12 @@ def main():
         for budget in BUDGETS:
             for name, (model, params) in methods.items():
                 result = trainer.evaluate(model, params, eval_fn, budget)
-                rows.append({"method": name, "value_budget": budget, "kv_bytes": (1 + budget) / 2,
-                             "perplexity": result["perplexity"], "tokens": result["tokens"]})
+                rows.append({"method": name, "value_budget": budget, "realised_value_budget": result["value_budget"],
+                             "kv_bytes": (1 + result["value_budget"]) / 2, "perplexity": result["perplexity"],
+                             "tokens": result["tokens"]})
             fraction = (1 + budget) / 2
             rows.append({"method": "token eviction, equal KV bytes (KNorm)", "value_budget": budget,
-                         "kv_bytes": fraction, "perplexity": eviction_perplexity(base_model, base_params, eval_fn,
+                         "realised_value_budget": budget, "kv_bytes": fraction, "perplexity": eviction_perplexity(base_model, base_params, eval_fn,
                                                                                  fraction)})
             print(f"budget {budget}: " + ", ".join(f"{r['method']}={r['perplexity']:.3f}" for r in rows[-6:]),
                   flush=True)
@@ -166,7 +167,9 @@ def markdown_table(rows):
     for method in methods:
         ppl = {r["value_budget"]: r["perplexity"] for r in rows if r["method"] == method}
         best = [min(r["perplexity"] for r in rows if r["value_budget"] == b) for b in BUDGETS]
-        cells = [(f"**{ppl[b]:.3f}**" if ppl[b] == best[i] else f"{ppl[b]:.3f}") for i, b in enumerate(BUDGETS)]
+        kept = {r["value_budget"]: r["realised_value_budget"] for r in rows if r["method"] == method}
+        cells = [(f"**{ppl[b]:.3f}**" if ppl[b] == best[i] else f"{ppl[b]:.3f}")
+                 + (f" (kept {kept[b]:.3f})" if abs(kept[b] - b) > 5e-4 else "") for i, b in enumerate(BUDGETS)]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -81,7 +81,8 @@ def train_step(model: DecoderLM, tx: optax.GradientTransformation, weights: Loss
 
 
 def eval_step(model: DecoderLM, params, batch, budget):
-    """Summed NLL and token count of a batch at a value budget (deterministic)."""
-    logits = model.apply({"params": params}, batch["inputs"], value_budget=budget)
+    """Summed NLL, token count and realised value budget of a batch at a value budget (deterministic)."""
+    logits, state = model.apply({"params": params}, batch["inputs"], value_budget=budget, mutable=["routing"])
     ce, tokens = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    return ce * tokens, tokens
+    _, _, realised = routing_losses(state.get("routing", {}), budget)
+    return ce * tokens, tokens, realised

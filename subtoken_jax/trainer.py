@@ -209,12 +209,14 @@ def run_stage(name: str, config: ConfigDict, workdir: str, model: DecoderLM, tra
 def evaluate(model: DecoderLM, params, eval_fn, budget: float) -> Dict[str, float]:
     """Token-weighted mean loss and perplexity over the evaluation batches at one value budget."""
     step = _jitted_eval(model)
-    total, count = 0.0, 0.0
+    total, count, kept = 0.0, 0.0, []
     for batch in eval_fn():
-        nll, tokens = step(params, batch, jnp.float32(budget))
+        nll, tokens, realised = step(params, batch, jnp.float32(budget))
         total, count = total + float(nll), count + float(tokens)
+        kept.append(float(realised))
     loss = total / max(count, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count,
+            "value_budget": sum(kept) / max(len(kept), 1)}  # realised: adaptive routing meets rho on average
 
 
 _EVAL_CACHE: Dict[DecoderLM, Any] = {}
