@@ -20,8 +20,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from subtoken_jax import trainer  # after flag parsing: keeps --help fast
 
+    config = _CONFIG.value
     try:
-        summary = trainer.run(_CONFIG.value, _WORKDIR.value)
+        if config.get("task") == "predictor":  # the query-aware value-group predictor (configs/predictor.py)
+            from subtoken_jax.selectors import predictor
+
+            result = predictor.run(config, _WORKDIR.value)
+            print(" ".join(f"{k}={float(v):.4f}" for k, v in result.items()))
+            print(f"results: {_WORKDIR.value}/predictor_eval.json")
+            return
+        summary = trainer.run(config, _WORKDIR.value)
     except (ConfigError, CheckpointError, InputError, trainer.NonFiniteLossError) as error:
         sys.exit(f"error: {error}")
     print(trainer.format_summary(summary))

@@ -1,0 +1,58 @@
+"""Learned value-group relevance predictor (subtoken_jax/selectors/predictor.py) on synthetic associative recall.
+
+The base model is frozen; only the small predictor trains, against expected-attention targets (the
+question + answer queries' realised attention on each context token times each value group's norm).
+
+    python train.py --config configs/predictor.py --workdir runs/predictor
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.task = "predictor"  # train.py dispatches on this: train the query-aware predictor, not the LM
+    c.seed = 0  # seeds the fresh base model, the predictor's init and the training prompts (held-out: seed + 10000)
+
+    # The frozen base model: a local Hugging Face folder, or (checkpoint = "") a fresh random tiny decoder
+    # built from the remaining fields (any subtoken_jax.ModelConfig field may be added here).
+    c.model = ConfigDict()
+    c.model.checkpoint = ""  # local HF folder (config.json, *.safetensors); "" = fresh random decoder below
+    c.model.dtype = "float32"  # compute dtype of the base model
+    c.model.vocab_size = 64  # token ids of the synthetic prompts are drawn from this vocabulary
+    c.model.hidden_size = 32  # fresh decoder: embedding width
+    c.model.intermediate_size = 64  # fresh decoder: MLP width
+    c.model.num_layers = 2  # fresh decoder: layers (the predictor has one embedding per layer)
+    c.model.num_heads = 4  # fresh decoder: query heads
+    c.model.num_kv_heads = 2  # fresh decoder: KV heads (the predictor scores per KV head)
+    c.model.value_groups = 4  # G: value groups per KV head (must divide head_dim; also used with a checkpoint)
+
+    # The predictor module.
+    c.predictor = ConfigDict()
+    c.predictor.hidden_size = 32  # h: width of its single hidden layer (cost per pair is O(h))
+    c.predictor.layer_embed_size = 8  # size of the learned per-layer embedding
+    c.predictor.bands = 4  # RoPE frequency bands the attention logit is split into (must divide head_dim / 2)
+    c.predictor.spread_rank = 2  # principal directions of the question's queries fed as k^T Sigma k terms (0 = off)
+
+    # Training (optax AdamW, warmup + cosine decay).
+    c.train = ConfigDict()
+    c.train.steps = 200  # optimizer steps (one fresh batch of prompts each)
+    c.train.batch_size = 16  # prompts per step
+    c.train.learning_rate = 3e-3  # peak learning rate
+    c.train.warmup_steps = 20  # linear warmup from 0
+    c.train.weight_decay = 0.0  # AdamW weight decay
+    c.train.grad_clip = 1.0  # global gradient-norm clip
+    c.train.scope = "head"  # ranking unit of the listwise loss: head | layer | global (match the allocation scope)
+    c.train.log_every = 10  # progress-bar loss refresh interval (steps)
+
+    # Synthetic associative-recall prompts: context k1 v1 k2 v2 ..., question [SEP, k], answer [v].
+    c.data = ConfigDict()
+    c.data.context_length = 32  # S: context tokens (even: key, value pairs)
+    c.data.num_queries = 1  # keys asked per question (answer length)
+
+    # Held-out evaluation.
+    c.eval = ConfigDict()
+    c.eval.value_budget = 0.25  # fraction of (token, head, group) pairs kept when measuring top-B recall
+    c.eval.scope = "head"  # allocation scope of the evaluated selection: head | layer | global
+    c.eval.batches = 4  # held-out batches (of train.batch_size prompts)
+    return c
