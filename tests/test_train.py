@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -22,10 +21,30 @@ TINY = [
 ]
 
 
-def _train(workdir, *overrides, **popen):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/default.py"),
-           "--workdir", str(workdir), *TINY, *overrides]
+def _train(workdir, *overrides, prelude="", **popen):
+    """train.py in a subprocess; `prelude` is Python run before it (to plant a deterministic crash)."""
+    script = os.path.join(ROOT, "train.py")
+    argv = ["--config", os.path.join(ROOT, "configs/default.py"), "--workdir", str(workdir), *TINY, *overrides]
+    if prelude:
+        runner = f"import runpy, sys\n{prelude}\nsys.argv = {[script, *argv]!r}\nrunpy.run_path({script!r}, run_name='__main__')"
+        cmd = [sys.executable, "-c", runner]
+    else:
+        cmd = [sys.executable, script, *argv]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+# SIGKILL the process right after step 10's metrics are written: a hard crash between checkpoints (at 8 and 12),
+# at the same step on every machine, however fast it trains.
+KILL_AFTER_STEP_10 = """
+import os, signal
+from subtoken_jax import trainer
+_write = trainer.MetricsWriter.write
+def _write_then_die(self, step, metrics):
+    _write(self, step, metrics)
+    if step == 10:
+        os.kill(os.getpid(), signal.SIGKILL)
+trainer.MetricsWriter.write = _write_then_die
+"""
 
 
 def _metrics(path):
@@ -59,14 +78,11 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     out, _ = straight.communicate(timeout=600)
     assert straight.returncode == 0, out
 
-    victim = _train(tmp_path / "killed", *args, start_new_session=True)
+    victim = _train(tmp_path / "killed", *args, prelude=KILL_AFTER_STEP_10)
+    victim.communicate(timeout=600)
+    assert victim.returncode == -signal.SIGKILL
     metrics = tmp_path / "killed" / "pretrain" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or max(_metrics(metrics), default=0) < 10):
-        time.sleep(0.2)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.communicate()
-    assert max(_metrics(metrics)) < 16, "the run finished before it could be killed"
+    assert max(_metrics(metrics)) == 10
 
     resumed = _train(tmp_path / "killed", *args)
     out, _ = resumed.communicate(timeout=600)
