@@ -4,6 +4,11 @@ The base model is frozen; only the small predictor trains, against expected-atte
 question + answer queries' realised attention on each context token times each value group's norm).
 
     python train.py --config configs/predictor.py --workdir runs/predictor
+    python train.py --config configs/predictor.py --workdir runs/retrieval/predictor \
+        --config.model.workdir=runs/retrieval --config.data.source=tasks --config.train.scope=global
+
+The workdir gets predictor_params.msgpack and config.json, which eval.py loads as the value-group scorer
+"predictor" (--config.predictor.workdir=...), and predictor_eval.json (held-out loss and top-B recall).
 """
 
 from ml_collections import ConfigDict
@@ -18,6 +23,7 @@ def get_config() -> ConfigDict:
     # built from the remaining fields (any subtoken_jax.ModelConfig field may be added here).
     c.model = ConfigDict()
     c.model.checkpoint = ""  # local HF folder (config.json, *.safetensors); "" = fresh random decoder below
+    c.model.workdir = ""  # or a train.py workdir: its base model (pretrain stage) and tokenizer; overrides the rest
     c.model.dtype = "float32"  # compute dtype of the base model
     c.model.vocab_size = 64  # token ids of the synthetic prompts are drawn from this vocabulary
     c.model.hidden_size = 32  # fresh decoder: embedding width
@@ -45,10 +51,15 @@ def get_config() -> ConfigDict:
     c.train.scope = "head"  # ranking unit of the listwise loss: head | layer | global (match the allocation scope)
     c.train.log_every = 10  # progress-bar loss refresh interval (steps)
 
-    # Synthetic associative-recall prompts: context k1 v1 k2 v2 ..., question [SEP, k], answer [v].
+    # Training prompts. random_ids: associative recall over random token ids (any vocabulary): context
+    # k1 v1 k2 v2 ..., question [SEP, k], answer [v]. tasks: the text tasks of subtoken_jax.data (needle,
+    # variable tracking, associative recall) through the base's tokenizer (needs model.workdir or checkpoint).
     c.data = ConfigDict()
-    c.data.context_length = 32  # S: context tokens (even: key, value pairs)
-    c.data.num_queries = 1  # keys asked per question (answer length)
+    c.data.source = "random_ids"  # random_ids | tasks
+    c.data.context_length = 32  # random_ids: S context tokens (even: key, value pairs)
+    c.data.num_queries = 1  # random_ids: keys asked per question (answer length)
+    c.data.tasks = ("needle", "variable_tracking", "associative_recall")  # tasks: drawn uniformly per prompt
+    c.data.lengths = (256, 512)  # tasks: tokens of context + question + answer, one length per batch, in turn
 
     # Held-out evaluation.
     c.eval = ConfigDict()

@@ -1,5 +1,6 @@
 """subtoken-jax: sub-token (value-group) routing for LoRA adaptation and KV-cache compression."""
 
+from subtoken_jax.compressed_generate import Compression, compressed_generate
 from subtoken_jax.errors import CheckpointError, ConfigError, InputError
 from subtoken_jax.generate import generate
 from subtoken_jax.hf_export import save_pretrained
@@ -9,5 +10,6 @@ from subtoken_jax.model import DecoderLM, init_params
 from subtoken_jax.model_config import LoRAConfig, ModelConfig
 from subtoken_jax.tokenization import ByteTokenizer, HFTokenizer
 
-__all__ = ["ByteTokenizer", "CheckpointError", "ConfigError", "DecoderLM", "HFTokenizer", "InputError", "KVCache",
-           "LoRAConfig", "ModelConfig", "generate", "init_params", "load_pretrained", "save_pretrained"]
+__all__ = ["ByteTokenizer", "CheckpointError", "Compression", "ConfigError", "DecoderLM", "HFTokenizer", "InputError",
+           "KVCache", "LoRAConfig", "ModelConfig", "compressed_generate", "generate", "init_params", "load_pretrained",
+           "save_pretrained"]

@@ -305,11 +305,45 @@ def make_associative_recall_example(rng: np.random.Generator, num_tokens: int, t
     return _fill_to_budget(lambda more: render([first] + more), new_pair, "\n", num_tokens, tokenizer)
 
 
+def make_copy_example(rng: np.random.Generator, num_tokens: int, tokenizer: Tokenizer) -> dict:
+    """Copy: a run of random "words" (2-6 lowercase letters, or 3-7 digit numbers, a third of them), and
+    the answer repeats it verbatim.
+
+    Almost every answer token is predictable only by looking back at the context (an induction
+    head), so a whole-text loss on these examples is a dense training signal for the copying that
+    the retrieval tasks need, where it is otherwise one answer per example. Numbers matter: with
+    10 symbols, a digit's predecessor alone rarely says which digit comes next, so copying them
+    takes a longer match than copying letters.
+    """
+    question = "\nQ: Repeat the text.\nA:"
+
+    def render(words: list[str]) -> dict:
+        return _example("copy", " ".join(words), question, " " + " ".join(words))
+
+    def word() -> str:
+        if rng.uniform() < 1 / 3:
+            return str(rng.integers(100, 10_000_000))
+        return "".join(rng.choice(list(_LOWER), int(rng.integers(2, 7))))
+
+    words: list[str] = [word()]
+    while True:
+        more = words + [word()]
+        if example_length(render(more), tokenizer) > num_tokens:
+            return render(words)
+        words = more
+
+
 TASKS: dict[str, Callable[..., dict]] = {
     "needle": make_needle_example,
     "variable_tracking": make_variable_tracking_example,
     "associative_recall": make_associative_recall_example,
+    "copy": make_copy_example,
 }
+# Tasks whose answers are long and dense (scored like text: answer_weight does not apply to them).
+DENSE_ANSWER_TASKS = ("copy",)
+# Longest example of a task in packed synthetic sequences: short copies (an induction head has few
+# positions to search) are learnt within a few hundred steps, 250-token ones not in 500.
+PACKED_MAX_TOKENS = {"copy": 96}
 
 
 def _example(task: str, context: str, question: str, answer: str) -> dict:
@@ -427,12 +461,15 @@ def packed_examples(tokens: np.ndarray, seq_len: int, what: str = "the text") ->
     return grain.MapDataset.source(PackedSequences(tokens, seq_len))
 
 
-def qa_lm_example(example: dict, *, tokenizer: Tokenizer, seq_len: int, answer_only_loss: bool) -> dict:
+def qa_lm_example(example: dict, *, tokenizer: Tokenizer, seq_len: int, answer_only_loss: bool,
+                  answer_weight: float = 1.0) -> dict:
     """One synthetic example as one sequence: prompt + answer + EOS, padded to seq_len + 1.
 
     An example longer than the window loses the start of its context (the answer is always
     kept). loss_mask covers the answer and its EOS, or every real token when answer_only_loss is
-    False; padding (EOS, or 0 without one) is never in the loss.
+    False; padding (EOS, or 0 without one) is never in the loss. The answer and its EOS weigh
+    `answer_weight` in the loss mask (the loss is a mask-weighted mean), so a whole-text loss can
+    still put most of an example's gradient on the retrieval.
     """
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     answer = tokenizer.encode(example["answer"]) + eos
@@ -440,18 +477,82 @@ def qa_lm_example(example: dict, *, tokenizer: Tokenizer, seq_len: int, answer_o
     window = np.full(seq_len + 1, eos[0] if eos else 0, np.int32)
     window[:len(tokens)] = tokens
     mask = np.zeros(seq_len, np.float32)
-    first = max(len(tokens) - len(answer) - 1, 0) if answer_only_loss else 0
+    answer_start = max(len(tokens) - len(answer) - 1, 0)
+    first = answer_start if answer_only_loss else 0
     mask[first:len(tokens) - 1] = 1.0
+    mask[answer_start:len(tokens) - 1] = answer_weight
     return {"inputs": window[:-1], "targets": window[1:], "loss_mask": mask}
 
 
+class PackedSyntheticTasks:
+    """Random access to sequences packed with several synthetic examples of random lengths.
+
+    Sequence i is a pure function of (seed, stream, i): examples (task drawn uniformly from `tasks`)
+    of num_tokens drawn uniformly from [min_tokens, room left], each prompt + answer + EOS, are laid
+    end to end in a window of seq_len + 1 tokens until fewer than min_tokens + 1 are left (an
+    example that would leave less than that takes the whole rest; one whose essential part alone
+    overflows the room left is dropped, and the rest is padding). Short examples teach retrieval at
+    short range cheaply; the first one spans up to the full window, so long range is trained too.
+    The loss mask follows qa_lm_example for each example; the few trailing slots are padding.
+    """
+
+    def __init__(self, tasks: Sequence[str], seq_len: int, min_tokens: int, tokenizer: Tokenizer, *, seed: int,
+                 length: int, stream: int = 0, answer_only_loss: bool = False, answer_weight: float = 1.0):
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ConfigError(f"synthetic tasks {list(tasks)} must be a non-empty list of: {', '.join(TASKS)}")
+        if tokenizer.eos_id is None:
+            raise ConfigError("packed synthetic sequences need a tokenizer with an EOS token (between examples)")
+        if not 1 <= min_tokens <= seq_len:
+            raise ConfigError(f"data.synthetic_min_tokens={min_tokens} must be in [1, seq_len={seq_len}]")
+        self._tasks, self._seq_len, self._min, self._tokenizer = list(tasks), seq_len, min_tokens, tokenizer
+        self._seed, self._length, self._stream = seed, length, stream
+        self._answer_only, self._answer_weight = answer_only_loss, answer_weight
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self._seed, self._stream, index, 1])
+        window = np.full(self._seq_len + 1, self._tokenizer.eos_id, np.int32)
+        weight = np.zeros(self._seq_len + 1, np.float32)  # weight[t]: of the prediction of token t
+        at = 0
+        while self._seq_len + 1 - at >= self._min + 1:
+            most = self._seq_len - at  # prompt + answer tokens that fit before the EOS
+            task = self._tasks[int(rng.integers(len(self._tasks)))]
+            num_tokens = int(rng.integers(self._min, most + 1))
+            if most - num_tokens < self._min + 1:
+                num_tokens = most
+            num_tokens = min(num_tokens, max(PACKED_MAX_TOKENS.get(task, num_tokens), self._min))
+            example = TASKS[task](rng, num_tokens, self._tokenizer)
+            prompt = self._tokenizer.encode(example["context"] + example["question"])
+            answer = self._tokenizer.encode(example["answer"]) + [self._tokenizer.eos_id]
+            tokens = prompt + answer
+            if len(tokens) > most + 1:  # its essential part alone does not fit the room left: pad instead
+                break
+            window[at:at + len(tokens)] = tokens
+            answer_start = at + len(tokens) - len(answer)
+            weight[at + 1 if not self._answer_only else answer_start:at + len(tokens)] = 1.0
+            if task not in DENSE_ANSWER_TASKS:
+                weight[answer_start:at + len(tokens)] = self._answer_weight
+            at += len(tokens)
+        return {"inputs": window[:-1], "targets": window[1:], "loss_mask": weight[1:]}
+
+
 def synthetic_examples(tasks: Sequence[str], tokenizer: Tokenizer, seq_len: int, *, seed: int, length: int,
-                       stream: int = 0, answer_only_loss: bool = False) -> grain.MapDataset:
-    """A MapDataset of synthetic tasks sized to fill one sequence each (generated when read)."""
+                       stream: int = 0, answer_only_loss: bool = False, answer_weight: float = 1.0,
+                       min_tokens: Optional[int] = None) -> grain.MapDataset:
+    """A MapDataset of synthetic tasks (generated when read): one example filling each sequence, or, with
+    min_tokens, several examples of random lengths packed into each (PackedSyntheticTasks)."""
+    if min_tokens:
+        return grain.MapDataset.source(PackedSyntheticTasks(
+            tasks, seq_len, min_tokens, tokenizer, seed=seed, length=length, stream=stream,
+            answer_only_loss=answer_only_loss, answer_weight=answer_weight))
     num_tokens = seq_len if tokenizer.eos_id is not None else seq_len + 1
     source = SyntheticTasks(tasks, num_tokens, tokenizer, seed=seed, length=length, stream=stream)
     return grain.MapDataset.source(source).map(
-        functools.partial(qa_lm_example, tokenizer=tokenizer, seq_len=seq_len, answer_only_loss=answer_only_loss))
+        functools.partial(qa_lm_example, tokenizer=tokenizer, seq_len=seq_len, answer_only_loss=answer_only_loss,
+                          answer_weight=answer_weight))
 
 
 def make_lm_dataset(parts: Sequence[grain.MapDataset], batch_size: int, *, seed: int,
@@ -501,6 +602,8 @@ def check_data_config(config) -> None:
         tasks = list(config.get("synthetic_tasks", ()))
         if not tasks or any(t not in TASKS for t in tasks):
             raise ConfigError(f"data.synthetic_tasks={tasks} must be a non-empty list of: {', '.join(TASKS)}")
+        if not config.get("answer_weight", 1.0) > 0:
+            raise ConfigError(f"data.answer_weight must be > 0, got {config.answer_weight}")
     if "embedded" in names and config.get("max_bytes", 1) < 1:
         raise ConfigError(f"data.max_bytes must be >= 1, got {config.max_bytes}")
     if config.get("eval_batches", 1) < 1:
@@ -549,7 +652,8 @@ def _train_eval_parts(name: str, config, tokenizer: Tokenizer, seq_len: int, see
     if name == "synthetic":
         tasks, answer_only = list(config.synthetic_tasks), config.get("answer_only_loss", False)
         make = functools.partial(synthetic_examples, tasks, tokenizer, seq_len, seed=seed,
-                                 answer_only_loss=answer_only)
+                                 answer_only_loss=answer_only, answer_weight=config.get("answer_weight", 1.0),
+                                 min_tokens=config.get("synthetic_min_tokens", 0))
         return make(length=2**40, stream=0), make(length=eval_examples, stream=1)
     if name == "embedded":
         max_bytes = config.get("max_bytes", 4_000_000)

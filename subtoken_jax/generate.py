@@ -1,4 +1,4 @@
-"""Autoregressive generation through the KV cache (greedy or sampled)."""
+"""Autoregressive generation through the KV cache (greedy or sampled), optionally from a compressed cache."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
+from subtoken_jax.compressed_generate import compressed_generate
 from subtoken_jax.errors import InputError
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM
+from subtoken_jax.sampling import check_sampling, pick_token
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -21,31 +23,40 @@ def _forward_with_cache(model: DecoderLM, params, ids, cache, attention_mask=Non
                        value_group_mask=value_group_mask, token_keep_mask=token_keep_mask)
 
 
-def _pick(logits, rng, temperature: float, top_k: Optional[int]):
-    if temperature <= 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits).astype(jnp.int32)
-
-
 def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, attention_mask=None,
              temperature: float = 0.0, top_k: Optional[int] = None, rng: Optional[jax.Array] = None,
-             eos_id: Optional[int] = None, progress: bool = False):
+             eos_id: Optional[int] = None, progress: bool = False, compression=None, question_ids=None,
+             question_mask=None, **compressed_kwargs):
     """Generates max_new_tokens after prompt_ids [B, T] (left-pad ragged prompts and pass attention_mask).
 
     Returns int32 [B, max_new_tokens]; after an EOS a row keeps emitting EOS. temperature 0 is greedy.
+    compression (a `Compression` or any callable of the prefill state, see compressed_generate.py):
+    the prompt's KV cache is compressed and packed after prefill, and question_ids [B, Q] (optional)
+    then run over it uncompressed before the answer (left-padded rows: question_mask); compressed_kwargs
+    go to `generate_from_state` (layout, impl, capacity, chunk, ...). Without compression, question_ids
+    are simply appended to the prompt.
     """
+    if compression is not None:
+        return compressed_generate(model, params, prompt_ids, compression=compression, max_new_tokens=max_new_tokens,
+                                   question_ids=question_ids, attention_mask=attention_mask, question_mask=question_mask,
+                                   temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id, progress=progress, **compressed_kwargs)
+    if compressed_kwargs:
+        raise InputError(f"{', '.join(sorted(compressed_kwargs))} apply only with compression=...")
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    if question_ids is not None:
+        question_ids = jnp.asarray(question_ids, jnp.int32)
+        if attention_mask is not None or question_mask is not None:
+            context_mask = jnp.ones(prompt_ids.shape, jnp.int32) if attention_mask is None else attention_mask
+            q_mask = jnp.ones(question_ids.shape, jnp.int32) if question_mask is None else question_mask
+            attention_mask = jnp.concatenate([jnp.asarray(context_mask, jnp.int32), jnp.asarray(q_mask, jnp.int32)],
+                                             axis=1)
+        prompt_ids = jnp.concatenate([prompt_ids, question_ids], axis=1)
     batch, prompt_len = prompt_ids.shape
     capacity = prompt_len + max_new_tokens
     if capacity > model.config.max_position_embeddings:
         raise InputError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
-    if temperature > 0 and rng is None:
-        raise InputError("sampling (temperature > 0) needs an rng key")
+    check_sampling(temperature, top_k, rng)
     rng = rng if rng is not None else jax.random.key(0)
     cache = KVCache.create(model.config, batch, capacity)
     logits, cache = _forward_with_cache(model, params, prompt_ids, cache, attention_mask)
@@ -54,7 +65,7 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     next_logits = logits[:, -1]
     for _ in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
         rng, step_rng = jax.random.split(rng)
-        token = _pick(next_logits, step_rng, temperature, top_k)
+        token = pick_token(next_logits, step_rng, temperature, top_k)
         if eos_id is not None:
             token = jnp.where(done, eos_id, token)
             done = done | (token == eos_id)

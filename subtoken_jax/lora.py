@@ -74,27 +74,39 @@ class LoRADense(nn.Module):
             (rank,) + features, self.param_dtype)
         if self.lora.dropout > 0.0:
             x = nn.Dropout(rate=self.lora.dropout)(x, deterministic=deterministic)
-        low_rank = _contract(x, lora_a.astype(self.dtype), num_in)  # [..., r]
-        if self.lora.num_subspaces > 1 and gate is None:
-            gate = self.subspace_gate(x, in_shape, num_in)
+        a = lora_a.astype(self.dtype)
+        routed = self.lora.num_subspaces > 1 and gate is None
+        router = self.subspace_router(in_shape, num_in) if routed else None
+        if routed and jnp.dtype(self.dtype) == jnp.float32:
+            # one contraction for A and the router (float32 either way): x is read once, forward and backward
+            both = _contract(x, jnp.concatenate([a, router], axis=-1), num_in)
+            low_rank, logits = both[..., :rank], both[..., rank:]
+        else:
+            low_rank = _contract(x, a, num_in)  # [..., r]
+            logits = _contract(x.astype(jnp.float32), router, num_in) if routed else None
+        if routed:
+            gate = self.subspace_gate(logits)
         if gate is not None:
             low_rank = low_rank * gate.astype(self.dtype)
         delta = _contract(low_rank, lora_b.astype(self.dtype), 1)
         return y + delta * (self.lora.alpha / rank)
 
-    def subspace_gate(self, x, in_shape, num_in):
-        """Routed subspace LoRA: a per-token router activates k of S rank subspaces.
+    def subspace_router(self, in_shape, num_in):
+        """The subspace router's weights [*in, S] (float32)."""
+        return self.param("subspace_router",
+                          nn.with_logical_partitioning(nn.initializers.normal(stddev=0.01),
+                                                       self.axes[:num_in] + ("router",)),
+                          in_shape + (self.lora.num_subspaces,), jnp.float32)
+
+    def subspace_gate(self, logits):
+        """Routed subspace LoRA: from router logits [..., S], a per-token gate activating k of S rank subspaces.
 
         The forward gate is exactly 0/1 per subspace; the router learns through straight-through
         softmax probabilities. A Switch-style load-balancing loss S * sum_s f_s P_s (1 when balanced)
         is sown into the "routing" collection.
         """
         num, active = self.lora.num_subspaces, self.lora.active_subspaces
-        router = self.param("subspace_router",
-                            nn.with_logical_partitioning(nn.initializers.normal(stddev=0.01),
-                                                         self.axes[:num_in] + ("router",)),
-                            in_shape + (num,), jnp.float32)
-        probs = jax.nn.softmax(_contract(x.astype(jnp.float32), router, num_in), axis=-1)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         top = jax.lax.top_k(probs, active)[1]
         hard = jnp.sum(jax.nn.one_hot(top, num, dtype=probs.dtype), axis=-2)
         gate = hard + (probs - jax.lax.stop_gradient(probs))  # forward value is exactly `hard`

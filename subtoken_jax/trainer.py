@@ -259,6 +259,12 @@ def run(config: ConfigDict, workdir: str) -> Dict[str, Any]:
             base_model = DecoderLM(base_cfg)
         else:
             base_model, base_params = fresh_params(base_cfg, config.seed, config.seq_len)
+            init_from = config.pretrain.get("init_from", "")
+            if init_from and "pretrain" in config.stages:  # warm start (a resumed stage overrides it)
+                other, base_params, _, _, _ = load_workdir_base(init_from)
+                if other.config != base_cfg:
+                    raise ConfigError(f"pretrain.init_from={init_from!r} holds a different model ({other.config}); "
+                                      f"this run's model is {base_cfg}")
         if "pretrain" in config.stages:
             base_params = run_stage("pretrain", config, workdir, base_model, base_params, {}, mesh, train_iter,
                                     eval_fn, budgets=(1.0,))
@@ -295,6 +301,52 @@ def budget_table(config, base_cfg, adapted_cfg, base_params, adapted_params, eva
             result = evaluate(model, params, eval_fn, budget)
             rows.append({"method": method, "budget": float(budget), **result})
     return rows
+
+
+def has_checkpoint_steps(folder: str) -> bool:
+    """Whether a checkpoint folder holds at least one saved step."""
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
+def restore_base_params(model: DecoderLM, folder: str):
+    """(params, step) of the latest checkpoint of a pretrain stage (its `checkpoints` folder), on one device."""
+    abstract = jax.eval_shape(
+        lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    manager = ckpt_lib.Checkpointer(folder, create=False)
+    try:
+        restored = manager.restore(trainable=target)
+    finally:
+        manager.close()
+    return restored.trainable, restored.step
+
+
+def load_workdir_base(workdir: str):
+    """(DecoderLM, params, tokenizer, training config, step) of the base a train.py workdir trained.
+
+    The base is the pretrain stage's latest checkpoint (DIR/pretrain/checkpoints), or the Hugging Face
+    folder the workdir adapted (its model.checkpoint; step None).
+    """
+    from subtoken_jax.errors import CheckpointError
+
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{workdir} has no config.json (train.py writes it); is it a training workdir?")
+    with open(config_path) as fh:
+        config = ConfigDict(json.load(fh))
+    tokenizer = make_tokenizer(config)
+    if config.model.checkpoint:
+        model, params, _ = load_pretrained(config.model.checkpoint, config.model.dtype,
+                                           param_dtype=config.model.param_dtype,
+                                           value_groups=config.model.value_groups, with_tokenizer=False)
+        return model, params, tokenizer, config, None
+    model = DecoderLM(base_model_config(config))
+    folder = os.path.join(workdir, "pretrain", "checkpoints")
+    if not has_checkpoint_steps(folder):
+        raise CheckpointError(f"{folder} holds no checkpoint: run the pretrain stage of train.py first")
+    params, step = restore_base_params(model, folder)
+    return model, params, tokenizer, config, step
 
 
 def format_summary(summary: Dict[str, Any]) -> str:

@@ -38,8 +38,8 @@ def brute_force_attention(q, k, v, group_mask, keep=None, window=None):
 
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), groups=st.sampled_from([1, 2, 4, 8]), window=st.sampled_from([None, 3]),
-       kv_heads=st.sampled_from([1, 2]), use_keep=st.booleans())
-def test_masked_attention_equals_brute_force(seed, groups, window, kv_heads, use_keep):
+       kv_heads=st.sampled_from([1, 2]), use_keep=st.booleans(), query_chunk=st.sampled_from([0, 4]))
+def test_masked_attention_equals_brute_force(seed, groups, window, kv_heads, use_keep, query_chunk):
     rng = np.random.default_rng(seed)
     batch, length, heads, dim = 2, 6, 4, 8
     q = rng.normal(size=(batch, length, heads, dim)).astype(np.float32)
@@ -50,8 +50,9 @@ def test_masked_attention_equals_brute_force(seed, groups, window, kv_heads, use
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     allowed = attention_allowed(positions, positions, sliding_window=window,
                                 token_keep_mask=None if keep is None else jnp.asarray(keep))
+    # query_chunk 4: the 6 queries run as two chunks (the second padded), as long prompts do
     ours = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), allowed,
-                  value_group_mask=jnp.asarray(group_mask, jnp.float32))
+                  value_group_mask=jnp.asarray(group_mask, jnp.float32), query_chunk=query_chunk)
     np.testing.assert_allclose(np.asarray(ours), brute_force_attention(q, k, v, group_mask, keep, window),
                                atol=1e-5)
 

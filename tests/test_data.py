@@ -218,6 +218,39 @@ def test_associative_recall_answer_is_the_queried_pair():
         assert pairs[key] == example["answer"].strip()
 
 
+def test_copy_answer_repeats_the_context():
+    example = data.make_copy_example(np.random.default_rng(0), 200, Bytes())
+    assert example["answer"] == " " + example["context"] and re.fullmatch(r"[a-z0-9 ]+", example["context"])
+
+
+def test_packed_synthetic_sequences():
+    """Several whole examples per window, each prompt + answer + EOS; answers weigh answer_weight (copy: 1)."""
+    tasks = ["needle", "variable_tracking", "associative_recall", "copy"]
+    source = data.PackedSyntheticTasks(tasks, 256, 64, Bytes(), seed=0, length=50, answer_weight=4.0)
+    assert np.array_equal(source[7]["inputs"], source[7]["inputs"]) and len(source) == 50
+    counts = []
+    for i in range(20):
+        row = source[i]
+        window = np.concatenate([row["inputs"], row["targets"][-1:]])
+        mask = np.concatenate([[0.0], row["loss_mask"]])  # mask[t]: weight of predicting window[t]
+        assert row["inputs"].shape == (256,) and set(np.unique(mask)) <= {0.0, 1.0, 4.0}
+        pieces = bytes(int(t) for t in window if t != 256).decode().split("\nA: ")
+        counts.append(len(pieces) - 1)
+        ends = np.flatnonzero(window == 256)
+        start = 0
+        for end in ends:
+            if end == start:  # padding
+                start = end + 1
+                continue
+            text = bytes(int(t) for t in window[start:end]).decode()
+            question = text.index("\nA:") + len("\nA:")
+            assert mask[start] == 0.0 and np.all(mask[start + 1:start + question] == 1.0)
+            answer_weight = 1.0 if text.startswith(text[question + 1:]) else 4.0  # a copy answer repeats its context
+            assert np.all(mask[start + question:end + 1] == answer_weight), text
+            start = end + 1
+    assert np.mean(counts) > 1.5  # examples of 64..256 tokens: usually several per window
+
+
 def test_synthetic_source_is_a_pure_function_of_seed_and_index():
     def source(seed, stream=0):
         return data.SyntheticTasks(["needle", "associative_recall"], 200, Bytes(), seed=seed, length=10,

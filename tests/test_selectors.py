@@ -158,7 +158,8 @@ def ref_allocate(scores, budget, scope, valid):
         for b, s, h, g in np.ndindex(batch, length, heads, groups):
             if valid[l][b, s, h, g]:
                 unit = {"head": (l, b, h), "layer": (l, b), "global": (b,)}[scope]
-                units.setdefault(unit, []).append((-scores[l][b, s, h, g], (l, s, h, g), b))
+                score = -np.inf if np.isnan(scores[l][b, s, h, g]) else scores[l][b, s, h, g]
+                units.setdefault(unit, []).append((-score, (l, s, h, g), b))
     totals = {}
     for l in range(layers):
         for b, s, h, g in np.ndindex(batch, length, heads, groups):
@@ -247,13 +248,18 @@ def test_select_tokens_exact_budget_and_top_k(data, batch, length, heads, budget
 @settings(max_examples=30, deadline=None)
 @given(data=st.data(), layers=st.integers(1, 3), batch=st.integers(1, 2), length=st.integers(1, 6),
        heads=st.integers(1, 2), groups=st.sampled_from([1, 2, 4]), scope=st.sampled_from(SCOPES),
-       budget=st.floats(0.01, 1.0), evict=st.sampled_from([None, "shared", "per_head"]), ties=st.booleans())
+       budget=st.floats(0.01, 1.0), evict=st.sampled_from([None, "shared", "per_head"]), ties=st.booleans(),
+       special=st.booleans())
 def test_allocator_keeps_exactly_the_top_budget(data, layers, batch, length, heads, groups, scope, budget, evict,
-                                                 ties):
+                                                 ties, special):
     rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
     shape = (batch, length, heads, groups)
     scores = [(rng.integers(0, 3, shape) if ties else rng.normal(size=shape)).astype(np.float32)
               for _ in range(layers)]
+    if special:  # NaN ranks as -inf; -0.0 ties with 0.0
+        for s in scores:
+            where = rng.random(shape) < 0.3
+            s[where] = rng.choice(np.array([np.nan, -np.inf, np.inf, -0.0, 0.0], np.float32), int(where.sum()))
     positions = np.full((batch, length), -1, np.int32)
     for b in range(batch):
         pad = data.draw(st.integers(0, length))

@@ -17,7 +17,7 @@ import numpy as np
 
 from subtoken_jax.errors import InputError
 from subtoken_jax.model_config import check_budget
-from subtoken_jax.selectors.base import PrefillState, TokenSelector, budget_count, ranks_by
+from subtoken_jax.selectors.base import PrefillState, TokenSelector, budget_count
 
 SCOPES = ("head", "layer", "global")
 
@@ -34,16 +34,35 @@ def _valid_pairs(shape, positions, token_keep_mask) -> jax.Array:
     return valid
 
 
+def _ordered_bits(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 whose unsigned order is the floats' order (-inf lowest; -0.0 taken as 0.0)."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
 @jax.jit
 def _top_pairs(scores: jax.Array, valid: jax.Array, budget) -> jax.Array:
-    """Along the last axis: keep the round(budget * n_valid) valid entries of highest score.
+    """Along the last axis: keep the round(budget * n_valid) valid entries of highest score (NaN = -inf).
 
     Ties go to the lower flat index (earlier layer, then slot, head, group): deterministic.
+    The k-th largest score is found by bisection over its 32 bits (32 counting passes, O(32 n)),
+    not by sorting: a global scope ranks every pair of the model, and on CPU a sort of that many
+    entries cost more than the predictor itself (bench/selector_cost.py).
     """
-    k = budget_count(budget, jnp.sum(valid, axis=-1))
-    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores.astype(jnp.float32))
-    ranks = ranks_by(valid, scores)
-    return (ranks < k[..., None]) & valid
+    k = budget_count(budget, jnp.sum(valid, axis=-1))[..., None]
+    key = _ordered_bits(jnp.where(valid & ~jnp.isnan(scores), scores.astype(jnp.float32), -jnp.inf))
+
+    def halve(_, bounds):  # invariant: count(key >= lo) >= k; the answer lies in [lo, hi]
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2 + (hi - lo) % 2  # upper middle; hi - lo + 1 would overflow uint32
+        enough = jnp.sum(key >= mid, axis=-1, keepdims=True) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    kth, _ = jax.lax.fori_loop(0, 32, halve, (jnp.zeros(k.shape, jnp.uint32), jnp.full(k.shape, 0xFFFFFFFF, jnp.uint32)))
+    above = valid & (key > kth)
+    tied = valid & (key == kth)
+    room = k - jnp.sum(above, axis=-1, keepdims=True)
+    return (above | (tied & (jnp.cumsum(tied, axis=-1) <= room))) & (k > 0)
 
 
 def allocate_value_groups(scores: Sequence[jax.Array], budget, *, scope: str = "head", positions=None,

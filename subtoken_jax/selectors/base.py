@@ -109,21 +109,23 @@ def _attention_received(queries, keys, q_positions, kv_positions, sliding_window
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _prefill(model: DecoderLM, params, ids, positions, cache):
-    (_, cache), variables = model.apply({"params": params}, ids, positions=positions, cache=cache,
-                                        mutable=["prefill"])
+    (logits, cache), variables = model.apply({"params": params}, ids, positions=positions, cache=cache,
+                                             mutable=["prefill"])
     queries = tuple(variables["prefill"][f"layer_{i}"]["attn"]["queries"][0] for i in range(model.config.num_layers))
-    return cache, queries
+    return cache, queries, logits[:, -1]
 
 
 def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=None, *, context_mask=None,
                           question_mask=None, window: int = 8, with_attention: bool = False,
-                          chunk: int = 256) -> PrefillState:
+                          chunk: int = 256, return_logits: bool = False):
     """Prefills the context into a KV cache and captures what selectors need.
 
     context_ids [B, S] (left-pad ragged rows, context_mask 1 = real). With question_ids [B, W] the
     question is run on top of the full context cache and its queries form the observation window
     (query-aware selection); without, the last `window` context tokens do. with_attention also
-    accumulates each layer's observed attention over the context prefill (for H2O).
+    accumulates each layer's observed attention over the context prefill (for H2O). return_logits also
+    returns the last position's logits [B, vocab] (of the context, or of the question over the full
+    context), as (state, logits).
     """
     cfg = model.config
     context_ids = jnp.asarray(context_ids, jnp.int32)
@@ -131,14 +133,14 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
     q_len = 0 if question_ids is None else question_ids.shape[1]
     positions = default_positions(context_ids, context_mask)
     cache = KVCache.create(cfg, batch, ctx_len + q_len, jnp.float32)
-    cache, ctx_queries = _prefill(model, params, context_ids, positions, cache)
+    cache, ctx_queries, last_logits = _prefill(model, params, context_ids, positions, cache)
     keys = tuple(k[:, :ctx_len] for k in cache.keys)
     values = tuple(v[:, :ctx_len] for v in cache.values)
     if question_ids is not None:
         q_mask = jnp.ones((batch, q_len), jnp.int32) if question_mask is None else jnp.asarray(question_mask, jnp.int32)
         last = jnp.max(positions, axis=1, keepdims=True)
         q_positions = jnp.where(q_mask > 0, last + jnp.cumsum(q_mask, axis=1), -1).astype(jnp.int32)
-        _, queries = _prefill(model, params, jnp.asarray(question_ids, jnp.int32), q_positions, cache)
+        _, queries, last_logits = _prefill(model, params, jnp.asarray(question_ids, jnp.int32), q_positions, cache)
     else:
         if not 1 <= window <= ctx_len:
             raise InputError(f"observation window {window} must be in [1, context length {ctx_len}]")
@@ -151,9 +153,10 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
                           for i in range(cfg.num_layers))
     inv_freq = jnp.asarray(rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta,
                                                     dict(cfg.rope_scaling) if cfg.rope_scaling else None))
-    return PrefillState(keys=keys, values=values, queries=queries, positions=positions, query_positions=q_positions,
-                        inv_freq=inv_freq, attention=attention, value_groups=cfg.value_groups,
-                        window_in_context=question_ids is None)
+    state = PrefillState(keys=keys, values=values, queries=queries, positions=positions, query_positions=q_positions,
+                         inv_freq=inv_freq, attention=attention, value_groups=cfg.value_groups,
+                         window_in_context=question_ids is None)
+    return (state, last_logits) if return_logits else state
 
 
 # ----------------------------------------------------------------------------- top-k token selection

@@ -39,6 +39,7 @@ it stays small next to the prefill, which costs O(S * (E^2 + S * Hq * D)) per la
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
@@ -313,6 +314,43 @@ def associative_recall_prompts(vocab_size: int, batch_size: int, context_length:
                "answer": answer.astype(np.int32)}
 
 
+def task_prompts(tokenizer, tasks, lengths, batch_size: int, *, seed: int = 0, pad_id: int = 0,
+                 pad_multiple: int = 16) -> Iterator[Dict[str, np.ndarray]]:
+    """Endless batches of the text retrieval tasks of subtoken_jax.data (needle, variable tracking, ...), as
+    token ids of a model's tokenizer, in the layout predictor_example takes.
+
+    Batch k holds examples of one length, lengths[k % len(lengths)] tokens (context + question + answer),
+    tasks drawn uniformly. Contexts (to that length) and questions are left-padded, answers right-padded,
+    each to a multiple of `pad_multiple` (few shapes to compile); masks mark the real tokens.
+    """
+    from subtoken_jax import data as data_lib
+
+    unknown = [t for t in tasks if t not in data_lib.TASKS]
+    if unknown or not tasks or not lengths:
+        raise ConfigError(f"data.tasks={list(tasks)} must be a non-empty list of {', '.join(data_lib.TASKS)} and "
+                          f"data.lengths={list(lengths)} non-empty")
+    rng = np.random.default_rng([seed, 17])
+
+    def pad(rows, left, at_least=0):
+        width = -(-max([len(r) for r in rows] + [at_least]) // pad_multiple) * pad_multiple
+        ids = np.full((len(rows), width), pad_id, np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, row in enumerate(rows):
+            where = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, where], mask[i, where] = row, 1
+        return ids, mask
+
+    for k in itertools.count():
+        length = int(lengths[k % len(lengths)])
+        examples = [data_lib.TASKS[tasks[int(rng.integers(len(tasks)))]](rng, length, tokenizer)
+                    for _ in range(batch_size)]
+        context, context_mask = pad([tokenizer.encode(e["context"]) for e in examples], True, length)
+        question, question_mask = pad([tokenizer.encode(e["question"]) for e in examples], True)
+        answer, answer_mask = pad([tokenizer.encode(e["answer"]) for e in examples], False)
+        yield {"context": context, "question": question, "answer": answer, "context_mask": context_mask,
+               "question_mask": question_mask, "answer_mask": answer_mask}
+
+
 def predictor_example(model: DecoderLM, params, batch) -> Tuple[PrefillState, Tuple[jax.Array, ...]]:
     """(question-window PrefillState, per-layer targets [B, S, Hkv, G]) of a batch of prompts.
 
@@ -372,30 +410,53 @@ def listwise_loss(scores, targets, positions, scope: str = "head") -> jax.Array:
     return jnp.sum(jnp.where(has_mass, kl, 0.0)) / jnp.maximum(jnp.sum(has_mass), 1)
 
 
-@functools.partial(jax.jit, static_argnames=("predictor", "scope"))
+def question_summaries(predictor: ValueGroupPredictor, state: PrefillState) -> Tuple[Tuple[jax.Array, jax.Array], ...]:
+    """question_summary of every layer, each computed by its own jitted call.
+
+    They do not depend on the predictor's parameters, so training computes them once per batch, outside
+    the differentiated step. This also keeps the eigendecomposition out of the step's program: on the
+    CPU backend (jax 0.10.2), a 32 x 32 `eigh` inside the jitted value_and_grad step was seen to hang
+    (idle, never returning) while the same `eigh` in its own jit returns at once.
+    """
+    return tuple(question_summary(state, layer, predictor.spread_rank) for layer in range(state.num_layers))
+
+
 def predictor_loss(predictor: ValueGroupPredictor, predictor_params, state: PrefillState, targets,
-                   scope: str = "head") -> jax.Array:
-    """The listwise ranking loss (KL, 0 = perfect ordering by mass) of the predictor on one example."""
-    scores = [predictor.apply({"params": predictor_params}, *_layer_inputs(predictor, state, layer), layer,
-                              state.value_groups) for layer in range(state.num_layers)]
+                   scope: str = "head", summaries=None) -> jax.Array:
+    """The listwise ranking loss (KL, 0 = perfect ordering by mass) of the predictor on one example.
+
+    summaries: question_summaries(predictor, state), when already computed."""
+    summaries = question_summaries(predictor, state) if summaries is None else summaries
+    return _predictor_loss(predictor, predictor_params, state, targets, summaries, scope)
+
+
+@functools.partial(jax.jit, static_argnames=("predictor", "scope"))
+def _predictor_loss(predictor, predictor_params, state, targets, summaries, scope):
+    scores = [predictor.apply({"params": predictor_params}, *summaries[layer], state.keys[layer], state.values[layer],
+                              state.positions, state.query_positions, layer, state.value_groups)
+              for layer in range(state.num_layers)]
     return listwise_loss(scores, targets, state.positions, scope)
 
 
 def make_predictor_train_step(optimizer: optax.GradientTransformation, *, scope: str = "head"):
-    """A jitted, pure step (predictor, params, opt_state, state, targets) -> (params, opt_state, metrics).
+    """A pure step (predictor, params, opt_state, state, targets) -> (params, opt_state, metrics).
 
-    `predictor` is static (a hashable linen module); metrics hold the loss and gradient norm.
+    `predictor` is static (a hashable linen module); metrics hold the loss and gradient norm. The question
+    summaries are computed first (question_summaries), then the jitted update runs on them.
     """
     if scope not in SCOPES:
         raise InputError(f"unknown scope {scope!r}; choose one of {SCOPES}")
 
     @functools.partial(jax.jit, static_argnums=0)
-    def step(predictor, predictor_params, opt_state, state, targets):
-        loss, grads = jax.value_and_grad(lambda p: predictor_loss(predictor, p, state, targets, scope))(
-            predictor_params)
+    def update(predictor, predictor_params, opt_state, state, targets, summaries):
+        loss, grads = jax.value_and_grad(
+            lambda p: _predictor_loss(predictor, p, state, targets, summaries, scope))(predictor_params)
         updates, opt_state = optimizer.update(grads, opt_state, predictor_params)
         predictor_params = optax.apply_updates(predictor_params, updates)
         return predictor_params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    def step(predictor, predictor_params, opt_state, state, targets):
+        return update(predictor, predictor_params, opt_state, state, targets, question_summaries(predictor, state))
 
     return step
 
@@ -481,33 +542,84 @@ def evaluate_predictor(model: DecoderLM, params, predictor: ValueGroupPredictor,
 
 
 def base_model(config):
-    """(DecoderLM, params) of config.model: a local HF folder (model.checkpoint) or a fresh random decoder."""
+    """(DecoderLM, params, tokenizer or None) of config.model: a train.py workdir (model.workdir: its base,
+    with its tokenizer), a local HF folder (model.checkpoint) or a fresh random decoder."""
     from subtoken_jax.model import init_params
 
     fields = dict(config.model.to_dict())
     checkpoint = fields.pop("checkpoint", "")
+    workdir = fields.pop("workdir", "")
+    if workdir:
+        from subtoken_jax import trainer
+
+        model, params, tokenizer, _, _ = trainer.load_workdir_base(workdir)
+        return model, params, tokenizer
     if checkpoint:
         from subtoken_jax.hf_import import load_pretrained
 
-        model, params, _ = load_pretrained(checkpoint, fields.get("dtype", "float32"),
-                                           value_groups=fields.get("value_groups", 1), with_tokenizer=False)
-        return model, params
+        model, params, tokenizer = load_pretrained(checkpoint, fields.get("dtype", "float32"),
+                                                   value_groups=fields.get("value_groups", 1),
+                                                   with_tokenizer=config.data.get("source", "random_ids") == "tasks")
+        return model, params, tokenizer
     model_config = ModelConfig.from_dict(fields)
-    return DecoderLM(model_config), jax.jit(lambda rng: init_params(model_config, rng)[1])(jax.random.key(config.seed))
+    return (DecoderLM(model_config), jax.jit(lambda rng: init_params(model_config, rng)[1])(jax.random.key(config.seed)),
+            None)
+
+
+def prompt_batches(config, model: DecoderLM, tokenizer, seed: int) -> Iterator[Dict[str, np.ndarray]]:
+    """Training / held-out prompts of config.data: random-id associative recall, or the text tasks."""
+    source = config.data.get("source", "random_ids")
+    if source == "random_ids":
+        return associative_recall_prompts(model.config.vocab_size, config.train.batch_size, config.data.context_length,
+                                          num_queries=config.data.num_queries, seed=seed)
+    if source == "tasks":
+        if tokenizer is None:
+            raise ConfigError("data.source='tasks' needs a tokenizer: set model.workdir or model.checkpoint")
+        pad_id = getattr(tokenizer, "pad_id", None)
+        return task_prompts(tokenizer, tuple(config.data.tasks), tuple(config.data.lengths), config.train.batch_size,
+                            seed=seed, pad_id=0 if pad_id is None else pad_id)
+    raise ConfigError(f"data.source={source!r} is unknown; choose random_ids or tasks")
+
+
+def load_predictor(folder: str, model_config: ModelConfig):
+    """(ValueGroupPredictor, params) written by run() to `folder` (config.json + predictor_params.msgpack)."""
+    import json
+    import os
+
+    from flax import serialization
+    from ml_collections import ConfigDict
+
+    paths = [os.path.join(folder, name) for name in ("config.json", "predictor_params.msgpack")]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise InputError(f"{folder} is not a trained predictor (missing {', '.join(map(os.path.basename, missing))}); "
+                         "train one with train.py --config configs/predictor.py")
+    with open(paths[0]) as fh:
+        config = ConfigDict(json.load(fh))
+    trained_layers = config.get("base_num_layers", model_config.num_layers)
+    if trained_layers != model_config.num_layers or config.get("base_value_groups",
+                                                               model_config.value_groups) != model_config.value_groups:
+        raise InputError(f"the predictor in {folder} was trained for a base of {trained_layers} layers and "
+                         f"G={config.get('base_value_groups')}; this model has {model_config.num_layers} layers and "
+                         f"G={model_config.value_groups}")
+    predictor = make_predictor(config, model_config)
+    with open(paths[1], "rb") as fh:
+        raw = serialization.msgpack_restore(fh.read())
+    return predictor, jax.tree.map(jnp.asarray, raw)
 
 
 def run(config, workdir: Optional[str] = None) -> Dict[str, float]:
-    """Trains a predictor on associative recall for config's base model, then evaluates it on held-out prompts.
+    """Trains a predictor for config's base model on config.data's prompts, then evaluates it on held-out
+    prompts (seed + 10000).
 
-    With a workdir, writes predictor_params.msgpack and predictor_eval.json there.
+    With a workdir, writes predictor_params.msgpack, config.json (this config, plus the base's layer count
+    and G, which load_predictor checks) and predictor_eval.json there.
     """
-    model, params = base_model(config)
-    vocab = model.config.vocab_size
-    prompts = lambda seed: associative_recall_prompts(  # noqa: E731
-        vocab, config.train.batch_size, config.data.context_length, num_queries=config.data.num_queries, seed=seed)
-    predictor_params = train_predictor(model, params, prompts(config.seed), config)
+    model, params, tokenizer = base_model(config)
+    predictor_params = train_predictor(model, params, prompt_batches(config, model, tokenizer, config.seed), config)
     predictor = make_predictor(config, model.config)
-    result = evaluate_predictor(model, params, predictor, predictor_params, prompts(config.seed + 10_000),
+    result = evaluate_predictor(model, params, predictor, predictor_params,
+                                prompt_batches(config, model, tokenizer, config.seed + 10_000),
                                 batches=config.eval.batches, budget=config.eval.value_budget, scope=config.eval.scope,
                                 seed=config.seed)
     if workdir:
@@ -519,6 +631,9 @@ def run(config, workdir: Optional[str] = None) -> Dict[str, float]:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "predictor_params.msgpack"), "wb") as fh:
             fh.write(serialization.to_bytes(predictor_params))
+        with open(os.path.join(workdir, "config.json"), "w") as fh:
+            json.dump({**config.to_dict(), "base_num_layers": model.config.num_layers,
+                       "base_value_groups": model.config.value_groups}, fh, indent=2, default=list)
         with open(os.path.join(workdir, "predictor_eval.json"), "w") as fh:
             json.dump({k: float(v) for k, v in result.items()}, fh, indent=2)
     return result

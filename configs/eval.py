@@ -1,0 +1,113 @@
+"""Evaluation of KV-cache compression: tasks x methods x budgets (see subtoken_jax/evaluation/).
+
+    python eval.py --config configs/eval.py --workdir runs/default          # the model train.py trained there
+    python eval.py --config configs/eval.py --workdir runs/qwen_eval \
+        --config.model.checkpoint=/path/to/Qwen2.5-0.5B --config.tasks='("needle","mmlu")' \
+        --config.mmlu.files='("/data/mmlu/test/*.csv",)'
+
+Every prompt is context + question. The context is prefilled and captured (capture_prefill_state), the
+method builds token-keep / value-group masks over it, and the question and a greedy answer then run
+over the context packed under those masks, so only kept keys and value groups are read (question and
+answer tokens uncompressed; generation="masked": a dense cache under the masks instead).
+
+A budget b is the fraction of the context's KV bytes kept: keys + values (half each) + index metadata.
+  full                      no compression (reported at b = 1)
+  snapkv h2o streaming key_norm random expected_attention
+                            the token selector alone, keeping b of the tokens (+ int32 indices)
+  subtoken                  every key, and rho = 2b - 1 of the value groups chosen by subtoken.scorer
+                            (only b > 1/2 fits); scorer "predictor" = the trained ValueGroupPredictor in
+                            predictor.workdir (train.py --config configs/predictor.py)
+  combined                  combined.selector keeps tau of the tokens, then rho of their value groups, with
+                            tau (1 + rho) / 2 = b: rho = combined.value_fraction and tau = 2b / (1 + rho)
+                            (tau capped at 1, then rho = 2b - 1); or, with combined.token_fractions, the
+                            largest listed tau with rho = 2b/tau - 1 in (0, 1]
+  routed                    the adapted model of WORKDIR/adapt, its router at value budget rho = 2b - 1
+                            (fixed_k: rounded down to k/G)
+Counts are rounded down, so the realised bytes stay within b plus the index metadata.
+
+Scoring: perplexity = exp(mean NLL) of each chunk's continuation after its compressed first
+prefix_fraction (query-aware selectors observe the prefix's last `window` tokens); needle = the needle's
+number is contained in the first generated line; variable_tracking = every expected variable name is a
+word of the first generated line; mmlu = the letter whose " A".." D" continuation is most likely.
+
+Results go to WORKDIR/eval/: results.json / .csv (records: task, method, budget, kv_budget,
+key_fraction, value_fraction, index_fraction, tau, rho, metric, value, num_examples), results.md,
+examples.jsonl (every answer), quality_<task>.png, needle_grid.png, value_groups.png.
+"""
+
+from ml_collections import ConfigDict, config_dict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+
+    # The model: empty checkpoint = the workdir's training run (pretrain stage base, adapt stage = routed).
+    c.model = ConfigDict()
+    c.model.checkpoint = ""  # a local Hugging Face folder to evaluate instead
+    c.model.dtype = "float32"  # for model.checkpoint only (a workdir's model keeps its training dtypes)
+    c.model.param_dtype = "float32"
+    c.model.value_groups = 8  # G for model.checkpoint; must divide its head_dim
+    c.add_bos = config_dict.placeholder(bool)  # None: BOS when a Hugging Face base's tokenizer.json adds one
+
+    c.tasks = ("perplexity", "needle", "variable_tracking")  # and "mmlu" (needs mmlu.files)
+    c.methods = ("full", "snapkv", "h2o", "streaming", "key_norm", "random", "expected_attention", "subtoken",
+                 "combined", "routed")
+    c.budgets = (1.0, 0.75, 0.5, 0.25)  # fractions of the context's KV bytes kept, in (0, 1]
+    c.batch_size = 4  # prompts per batch
+    c.pad_multiple = 32  # contexts are left-padded to a multiple of this (fewer shapes to compile)
+    c.extra_new_tokens = 4  # tokens generated beyond the reference answer's length
+    c.allocation_scope = "global"  # value-group budget shared over: head | layer | global
+    # needle / variable tracking answers: "packed" = generated from the packed cache (only kept keys and value
+    # groups stored; subtoken_jax.generate_from_state); "masked" = a dense cache under the masks (reference)
+    c.generation = "packed"
+
+    c.selectors = ConfigDict()  # token selector settings
+    c.selectors.snapkv_kernel_size = 5
+    c.selectors.h2o_recent = 0
+    c.selectors.streaming_sinks = 4
+    c.selectors.expected_attention_sinks = 0
+    c.selectors.n_future = 16  # expected attention (selector and value-group scorer): positions averaged
+
+    c.subtoken = ConfigDict()
+    c.subtoken.scorer = "expected"  # expected | attention (realised attention of the question's queries) | predictor
+
+    c.combined = ConfigDict()
+    c.combined.selector = "snapkv"  # token selector keeping tau of the tokens
+    c.combined.scorer = "attention"  # value-group scorer among the survivors (as subtoken.scorer)
+    c.combined.value_fraction = 0.5  # rho; tau = 2b / (1 + rho), capped at 1 (then rho = 2b - 1)
+    c.combined.token_fractions = ()  # if given: tau = the largest of these with rho = 2b/tau - 1 in (0, 1]
+
+    c.predictor = ConfigDict()  # the learned value-group scorer (scorer = "predictor"; not for perplexity)
+    c.predictor.workdir = ""  # folder written by train.py --config configs/predictor.py (config.json + params)
+
+    c.perplexity = ConfigDict()
+    c.perplexity.paths = ()  # text files or globs; empty: the embedded corpus validation split
+    c.perplexity.max_bytes = 400_000  # of the embedded validation split read
+    c.perplexity.seq_len = 128
+    c.perplexity.num_sequences = 16
+    c.perplexity.prefix_fraction = 0.5  # the compressed context; the rest is scored
+    c.perplexity.window = 16  # in-context observation window of the query-aware selectors
+
+    c.needle = ConfigDict()
+    c.needle.lengths = (256, 512)  # tokens of context + question + answer (~90 is the bare needle + question)
+    c.needle.depths = (0.0, 0.25, 0.5, 0.75, 1.0)
+    c.needle.samples = 2  # per (length, depth) cell
+
+    c.variable_tracking = ConfigDict()
+    c.variable_tracking.lengths = (256, 512)
+    c.variable_tracking.samples = 8  # per length
+    c.variable_tracking.num_chains = 2
+    c.variable_tracking.chain_length = 3
+
+    c.mmlu = ConfigDict()
+    c.mmlu.files = ()  # MMLU-format CSV files or globs: question, A, B, C, D, answer letter
+    c.mmlu.num_shots = 0  # the first rows of each file become few-shot examples (not scored)
+    c.mmlu.max_examples = 0  # per file; 0 = all
+
+    c.diagnostic = ConfigDict()  # value_groups.png: where kept value groups fall, across and within tokens
+    c.diagnostic.enabled = True
+    c.diagnostic.value_budget = 0.5  # rho of the subtoken (and routed) masks shown
+    c.diagnostic.layer = -1
+    c.diagnostic.head = 0
+    return c

@@ -1,0 +1,54 @@
+"""Evaluate KV-cache compression methods over tasks and KV-bytes budgets.
+
+    python eval.py --config configs/eval.py --workdir runs/default [--config.budgets='(1.0,0.5)' ...]
+    python eval.py --config configs/eval.py --workdir OUT --config.model.checkpoint=/path/to/hf_folder
+    python eval.py --config configs/eval.py --workdir OUT --checkpoint PATH   # PATH: a training workdir or HF folder
+
+Writes WORKDIR/eval/: results.json, results.csv, results.md, examples.jsonl and PNG plots.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from subtoken_jax.errors import CheckpointError, ConfigError, InputError
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py", "Evaluation configuration file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate (results go to WORKDIR/eval).",
+                               required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Evaluate this instead of --workdir's model: a training "
+                                  "workdir (train.py's) or a Hugging Face folder; results still go to WORKDIR/eval.")
+
+
+def resolve_checkpoint(config, path: str):
+    """--checkpoint PATH -> the training workdir to read the model from (None: an HF folder, set in config)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise InputError(f"--checkpoint {path!r}: no config.json there; give a train.py workdir or a Hugging Face folder")
+    with open(config_path) as fh:
+        meta = json.load(fh)
+    if "model_type" in meta:  # a Hugging Face folder
+        config.model.checkpoint = path
+        return None
+    return path
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+    from subtoken_jax.evaluation import runner  # after flag parsing: keeps --help fast
+
+    try:
+        source_dir = resolve_checkpoint(_CONFIG.value, _CHECKPOINT.value) if _CHECKPOINT.value else None
+        summary = runner.run(_CONFIG.value, _WORKDIR.value, source_dir)
+    except (ConfigError, CheckpointError, InputError) as error:
+        sys.exit(f"error: {error}")
+    print(summary["markdown"])
+    print(f"results: {summary['paths']['results.json']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

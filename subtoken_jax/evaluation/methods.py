@@ -1,0 +1,311 @@
+"""KV-compression methods at a KV-bytes budget: how each splits the budget, builds its masks, and the decode.
+
+The budget b is the fraction of the context's KV bytes kept. Keys and values are half the bytes each,
+so a method keeping a fraction tau of the tokens and, among them, a fraction rho of the value groups
+holds tau * (1 + rho) / 2 of the bytes, plus index metadata (kv_bytes_fraction: an int32 index per
+kept (token, head) when tokens are evicted, a 1-bit flag per value group when groups are dropped).
+
+  full                no compression (budget 1)
+  snapkv, h2o, streaming, key_norm, random, expected_attention
+                      token selectors alone: tau = b, rho = 1
+  subtoken            all keys kept, query-aware value groups: rho = 2b - 1 (feasible for b > 1/2),
+                      allocated by value_group_scorer(subtoken.scorer) over the allocation scope, or by a
+                      trained ValueGroupPredictor (subtoken.scorer = "predictor", predictor.workdir)
+  combined            combined.selector keeps tau of the tokens, then rho of the survivors' value groups
+                      with tau * (1 + rho) / 2 = b (see combined_split)
+  routed              the adapted model's query-independent router at value_budget rho = 2b - 1
+
+Kept counts are rounded down (floor(fraction * n), at least one token), so the kept bytes never exceed
+b plus the index metadata; with b = 1 every method builds exactly the masks of `full`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from subtoken_jax.errors import ConfigError
+from subtoken_jax.kv_cache import KVCache
+from subtoken_jax.model import DecoderLM
+from subtoken_jax.model_config import ModelConfig
+from subtoken_jax.selectors import (SCOPES, TOKEN_SELECTORS, PrefillState, allocate_value_groups, kv_bytes_fraction,
+                                    pad_to_capacity, value_group_scorer)
+
+TOKEN_METHODS = tuple(TOKEN_SELECTORS)
+METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "routed")
+SCORERS = ("attention", "expected", "predictor")  # predictor: a trained ValueGroupPredictor (predictor.workdir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a method spends a requested budget: keep tau of the tokens and rho of their value groups."""
+
+    method: str
+    budget: float  # requested fraction of KV bytes
+    token_fraction: float  # tau
+    value_fraction: float  # rho, among the kept tokens
+
+
+def combined_split(budget: float, value_fraction: float, token_fractions: Sequence[float] = ()) -> Tuple[float, float]:
+    """(tau, rho) with tau * (1 + rho) / 2 = budget for the combined method.
+
+    With `token_fractions` (candidates for tau): the largest candidate tau <= 1 whose rho = 2b/tau - 1 is
+    in (0, 1], i.e. b <= tau < 2b. Otherwise rho is fixed at `value_fraction` and tau = 2b / (1 + rho);
+    when that tau exceeds 1, tau = 1 and rho = 2b - 1 (all tokens survive; only values are dropped).
+    """
+    if token_fractions:
+        fits = [t for t in sorted(token_fractions, reverse=True) if 0 < t <= 1 and 0 < 2 * budget / t - 1 <= 1 + 1e-12]
+        if not fits:
+            raise ConfigError(f"combined.token_fractions={tuple(token_fractions)} has no tau in [b, 2b) for budget "
+                              f"b={budget}: add one, or leave it empty to derive tau from combined.value_fraction")
+        tau = fits[0]
+        return tau, min(2 * budget / tau - 1, 1.0)
+    tau = 2 * budget / (1 + value_fraction)
+    if tau >= 1:
+        return 1.0, min(2 * budget - 1, 1.0)
+    return tau, value_fraction
+
+
+def plan_method(method: str, budget: float, config, model_cfg: Optional[ModelConfig] = None,
+                routed_cfg: Optional[ModelConfig] = None) -> Tuple[Optional[Plan], str]:
+    """(plan, "") or (None, why the method cannot meet this budget)."""
+    if method == "full":
+        return (Plan(method, 1.0, 1.0, 1.0), "") if budget == 1.0 else (None, "full is evaluated at budget 1 only")
+    if method in TOKEN_METHODS:
+        return Plan(method, budget, budget, 1.0), ""
+    if method == "combined":
+        tau, rho = combined_split(budget, config.combined.value_fraction, tuple(config.combined.token_fractions))
+        return Plan(method, budget, tau, rho), ""
+    rho = 2 * budget - 1  # keys are all kept: (1 + rho) / 2 = budget
+    if method == "routed" and routed_cfg is not None and routed_cfg.routing.mode == "fixed_k":
+        groups = routed_cfg.value_groups
+        kept = math.floor(rho * groups + 1e-9)  # fixed-K keeps round(rho * G) >= 1 groups: stay at or under
+        if kept < 1:
+            return None, (f"routed (fixed_k) keeps every key and at least 1 of G={groups} value groups per token: "
+                          f"it cannot fit budgets below {(1 + 1 / groups) / 2:g}")
+        rho = kept / groups
+    if rho <= 0:
+        return None, f"{method} keeps every key, i.e. half the KV bytes: it cannot fit budgets <= 0.5"
+    return Plan(method, budget, 1.0, rho), ""
+
+
+def committed(tree):
+    """Places every array of `tree` on the default device as a committed array.
+
+    jit keys its compilation cache on whether inputs are committed, and outputs of earlier jitted calls
+    are while fresh jnp arrays are not; committing everything once keeps one compilation per shape.
+    """
+    return jax.device_put(tree, jax.devices()[0])
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def make_selectors(config) -> Dict[str, object]:
+    s = config.selectors
+    kwargs = {"snapkv": dict(kernel_size=s.snapkv_kernel_size), "h2o": dict(recent=s.h2o_recent),
+              "streaming": dict(n_sink=s.streaming_sinks), "key_norm": {}, "random": dict(seed=config.seed),
+              "expected_attention": dict(n_future=s.n_future, n_sink=s.expected_attention_sinks)}
+    return {name: cls(**kwargs.get(name, {})) for name, cls in TOKEN_SELECTORS.items()}
+
+
+def floor_fraction(fraction: float, counts, minimum: int = 0) -> np.ndarray:
+    """Per row: the fraction f' with round(f' * n) = max(floor(fraction * n), minimum) (n = counts, > 0)."""
+    counts = np.asarray(counts, np.float64)
+    kept = np.maximum(np.floor(fraction * counts + 1e-9), minimum)
+    return np.where(counts > 0, np.minimum(kept, counts) / np.maximum(counts, 1.0), 1.0).astype(np.float32)
+
+
+def real_masks(state: PrefillState) -> Tuple[Tuple[jax.Array, ...], Tuple[jax.Array, ...]]:
+    """The masks of no compression: every real token and all its value groups (padding 0)."""
+    real = (state.positions >= 0).astype(jnp.float32)
+    tokens = tuple(jnp.broadcast_to(real[..., None], k.shape[:3]) for k in state.keys)
+    groups = tuple(jnp.broadcast_to(real[..., None, None], k.shape[:3] + (state.value_groups,)) for k in state.keys)
+    return committed(tokens), committed(groups)
+
+
+def uses_predictor(config) -> bool:
+    """Whether a configured method scores value groups with the trained predictor."""
+    return (("subtoken" in config.methods and config.subtoken.scorer == "predictor")
+            or ("combined" in config.methods and config.combined.scorer == "predictor"))
+
+
+def build_masks(state: PrefillState, plan: Plan, config, selectors: Dict[str, object],
+                scorers: Optional[Dict[str, Callable]] = None):
+    """Per-layer context masks (token keep [B, S, Hkv], value groups [B, S, Hkv, G]) of a query-aware method.
+
+    scorers: value-group scorers by name ((state, layer) -> [B, S, Hkv, G]) that value_group_scorer does not
+    build, e.g. {"predictor": predictor_scorer(...)}.
+    """
+    tokens, groups = real_masks(state)
+    if plan.method == "full":
+        return tokens, groups
+    real_count = np.asarray(jnp.sum(state.positions >= 0, axis=1))
+    if plan.method in TOKEN_METHODS or plan.method == "combined":
+        name = plan.method if plan.method in TOKEN_METHODS else config.combined.selector
+        tau = floor_fraction(plan.token_fraction, real_count, minimum=1)
+        tokens = committed(selectors[name].masks(state, committed(jnp.asarray(tau))))
+        if plan.method in TOKEN_METHODS:
+            return tokens, groups
+    scorer_cfg = config.combined if plan.method == "combined" else config.subtoken
+    scope = config.allocation_scope
+    # valid pairs per allocation unit; every layer and KV head keeps the same number of tokens per row
+    kept_tokens = np.asarray(jnp.sum(tokens[0][:, :, 0], axis=1))
+    per_token = {"head": 1, "layer": state.num_kv_heads, "global": state.num_kv_heads * state.num_layers}[scope]
+    rho = floor_fraction(plan.value_fraction, kept_tokens * per_token * state.value_groups)
+    rho = committed(jnp.asarray(rho)[:, None] if scope == "head" else jnp.asarray(rho))
+    if scorers and scorer_cfg.scorer in scorers:
+        scorer = scorers[scorer_cfg.scorer]
+    else:
+        scorer = value_group_scorer(scorer_cfg.scorer, n_future=config.selectors.n_future)
+    scores = [scorer(state, layer) for layer in range(state.num_layers)]
+    groups = allocate_value_groups(committed(scores), rho, scope=scope, positions=state.positions,
+                                   token_keep_masks=tokens if plan.method == "combined" else None)
+    return tokens, committed(groups)
+
+
+def kv_accounting(token_masks, group_masks, positions, model_cfg: ModelConfig,
+                  rows: Optional[int] = None) -> Dict[str, float]:
+    """kv_bytes_fraction of context masks (of the first `rows` rows); a mask that keeps everything is not
+    stored (no metadata)."""
+    positions = np.asarray(positions)[:rows]
+    real = positions >= 0
+    tokens = [np.asarray(t, bool)[:rows] for t in token_masks]
+    groups = [np.asarray(g, bool)[:rows] for g in group_masks]
+    keep = [t & real[..., None] for t in tokens]
+    all_tokens = all(np.array_equal(k, np.broadcast_to(real[..., None], k.shape)) for k in keep)
+    all_groups = all(np.array_equal(g & k[..., None], np.broadcast_to(k[..., None], g.shape))
+                     for g, k in zip(groups, keep))
+    if all_tokens and all_groups:
+        return {"total": 1.0, "keys": 1.0, "values": 1.0, "index": 0.0}
+    return kv_bytes_fraction(None if all_tokens else tokens, None if all_groups else groups,
+                             model_cfg.value_groups, head_dim=model_cfg.resolved_head_dim,
+                             dtype_bytes=float(jnp.dtype(model_cfg.compute_dtype).itemsize), positions=positions)
+
+
+# ----------------------------------------------------------------------------- caches and decoding
+
+
+def cache_from_state(state: PrefillState, model_cfg: ModelConfig, capacity: int) -> KVCache:
+    """A decode cache holding the captured context (its KV exactly as prefilled), room for `capacity` slots."""
+    pad = capacity - state.positions.shape[1]
+    widen = lambda x: jnp.pad(x.astype(model_cfg.compute_dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))  # noqa: E731
+    return committed(KVCache(keys=tuple(widen(k) for k in state.keys), values=tuple(widen(v) for v in state.values),
+                             positions=jnp.pad(state.positions, ((0, 0), (0, pad)), constant_values=-1),
+                             index=jnp.asarray(state.positions.shape[1], jnp.int32)))
+
+
+def question_positions(context_positions, question_mask) -> jax.Array:
+    """Positions of (left-padded) question tokens right after each row's last context token; -1 = padding."""
+    q_mask = jnp.asarray(question_mask, jnp.int32)
+    last = jnp.max(context_positions, axis=1, keepdims=True)
+    return jnp.where(q_mask > 0, last + jnp.cumsum(q_mask, axis=1), -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "capacity"))
+def routed_prefill(model: DecoderLM, params, context, context_mask, value_budget, capacity: int):
+    """Prefills a routed model (its router decides each context token's groups at value_budget).
+
+    Returns (cache, per-layer context value-group masks [B, S, Hkv, G]).
+    """
+    cache = KVCache.create(model.config, context.shape[0], capacity)
+    _, cache = model.apply({"params": params}, context, attention_mask=context_mask, cache=cache,
+                           value_budget=value_budget)
+    return cache, tuple(g[:, :context.shape[1]] for g in cache.group_masks)
+
+
+def _apply(model, params, ids, positions, cache, token_masks, group_masks):
+    return model.apply({"params": params}, ids, positions=positions, cache=cache, token_keep_mask=token_masks,
+                       value_group_mask=group_masks)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new"))
+def greedy_answer(model: DecoderLM, params, cache, question, q_positions, token_masks, group_masks, max_new: int):
+    """Runs the question over the (masked) cache, then generates max_new tokens greedily: [B, max_new].
+
+    Masks cover the cache's capacity (context masks padded with ones): the question and answer tokens
+    are cached uncompressed.
+    """
+    logits, cache = _apply(model, params, question, q_positions, cache, token_masks, group_masks)
+
+    def step(carry, _):
+        token, cache = carry
+        positions = jnp.max(cache.positions, axis=1, keepdims=True) + 1
+        logits, cache = _apply(model, params, token[:, None], positions, cache, token_masks, group_masks)
+        return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache), token
+
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    _, tokens = jax.lax.scan(step, (first, cache), None, length=max_new)
+    return jnp.transpose(tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def continuation_nll(model: DecoderLM, params, cache, inputs, positions, targets, token_masks, group_masks):
+    """Summed next-token NLL of `targets` when `inputs` run over the (masked) cache: ([B], tokens per row)."""
+    logits, _ = _apply(model, params, inputs, positions, cache, token_masks, group_masks)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll, axis=1), jnp.full((inputs.shape[0],), inputs.shape[1], jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "lengths", "shared_prefix"))
+def choice_loglik(model: DecoderLM, params, cache, question, q_positions, token_masks, group_masks, options,
+                  lengths: Tuple[int, ...], shared_prefix: bool = False):
+    """Log-likelihood [B, K] of each option's tokens (options [K, n], right-padded) after the question.
+
+    shared_prefix: all options have n tokens and share the first n - 1 (" A" as [" ", "A"] in a byte
+    tokenizer, or one token each): those run once and the options differ in their last token only.
+    """
+    logits, cache = _apply(model, params, question, q_positions, cache, token_masks, group_masks)
+    first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # [B, V]
+    start = jnp.max(cache.positions, axis=1, keepdims=True) + 1
+    if shared_prefix:
+        n = lengths[0]
+        if n == 1:
+            return first[:, options[:, 0]]
+        ids = jnp.broadcast_to(options[0, :n - 1], (question.shape[0], n - 1))
+        more, _ = _apply(model, params, ids, start + jnp.arange(n - 1), cache, token_masks, group_masks)
+        log_probs = jax.nn.log_softmax(more.astype(jnp.float32), axis=-1)
+        common = first[:, options[0, 0]] + jnp.sum(log_probs[:, jnp.arange(n - 2), options[0, 1:n - 1]], axis=1)
+        return common[:, None] + log_probs[:, -1][:, options[:, n - 1]]
+    scores = []
+    for k, length in enumerate(lengths):
+        total = first[:, options[k, 0]]
+        if length > 1:
+            ids = jnp.broadcast_to(options[k, :length - 1], (question.shape[0], length - 1))
+            more, _ = _apply(model, params, ids, start + jnp.arange(length - 1), cache, token_masks, group_masks)
+            log_probs = jax.nn.log_softmax(more.astype(jnp.float32), axis=-1)
+            total = total + jnp.sum(log_probs[:, jnp.arange(length - 1), options[k, 1:length]], axis=1)
+        scores.append(total)
+    return jnp.stack(scores, axis=1)
+
+
+def widen_masks(token_masks, group_masks, capacity: int):
+    """Context masks padded with ones to the cache capacity, as DecoderLM takes them."""
+    return committed((pad_to_capacity(token_masks, capacity), pad_to_capacity(group_masks, capacity)))
+
+
+def check_method_config(config) -> None:
+    """One-line ConfigErrors for the method options (run before any compute)."""
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown or not config.methods:
+        raise ConfigError(f"unknown method(s) {unknown or '(none given)'}; choose from: {', '.join(METHODS)}")
+    if config.allocation_scope not in SCOPES:
+        raise ConfigError(f"allocation_scope={config.allocation_scope!r} is unknown; choose one of {SCOPES}")
+    for section in ("subtoken", "combined"):
+        if config[section].scorer not in SCORERS:
+            raise ConfigError(f"{section}.scorer={config[section].scorer!r} is unknown; choose one of {SCORERS}")
+    if uses_predictor(config) and not config.get("predictor", {}).get("workdir"):
+        raise ConfigError("scorer 'predictor' needs predictor.workdir: a folder written by train.py --config "
+                          "configs/predictor.py")
+    if config.combined.selector not in TOKEN_SELECTORS:
+        raise ConfigError(f"combined.selector={config.combined.selector!r} is unknown; choose one of "
+                          f"{', '.join(TOKEN_SELECTORS)}")
+    if not 0 < config.combined.value_fraction <= 1:
+        raise ConfigError(f"combined.value_fraction={config.combined.value_fraction} must be in (0, 1]")

@@ -1,0 +1,529 @@
+"""The evaluation behind eval.py: resolve the model, build every task's inputs, check them, then evaluate.
+
+Order of work (every bad input fails with one line before any model compute):
+  1. validate the config (tasks, methods, budgets, task options, files);
+  2. resolve the model: a training workdir (DIR/config.json; base = the pretrain stage's final params in
+     DIR/pretrain/checkpoints, or the Hugging Face base it adapted) or a Hugging Face folder
+     (model.checkpoint); the routed model = DIR/adapt/checkpoints when present;
+  3. build prompts / text chunks and check their lengths against max_position_embeddings;
+  4. load weights, then for each task and batch: capture_prefill_state(context, question) once, and for
+     each (method, budget): masks, then the answer generated from the context packed under them
+     (generate_from_state: only the kept keys and value groups are stored; question and answer tokens
+     uncompressed), or with generation="masked" through a dense KVCache holding the context under the
+     masks (the reference path; the routed model always uses it, its masks come from its own routers);
+  5. write DIR/eval/: results.json / .csv / .md, examples.jsonl, PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from subtoken_jax import checkpoint as ckpt_lib
+from subtoken_jax import packed_cache
+from subtoken_jax.compressed_generate import generate_from_state
+from subtoken_jax.errors import CheckpointError, ConfigError, InputError
+from subtoken_jax.evaluation import methods as methods_lib
+from subtoken_jax.evaluation import plots as plots_lib
+from subtoken_jax.evaluation import report as report_lib
+from subtoken_jax.evaluation import tasks as tasks_lib
+from subtoken_jax.model import DecoderLM
+from subtoken_jax.model_config import ModelConfig, check_budget
+from subtoken_jax.selectors import capture_prefill_state
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def validate(config: ConfigDict) -> None:
+    """One-line ConfigError / InputError for anything unusable in the eval config."""
+    unknown = [t for t in config.tasks if t not in tasks_lib.TASKS]
+    if unknown or not config.tasks:
+        raise ConfigError(f"unknown task(s) {unknown or '(none given)'}; choose from: {', '.join(tasks_lib.TASKS)}")
+    methods_lib.check_method_config(config)
+    if not config.budgets:
+        raise ConfigError("budgets is empty; give fractions of KV bytes kept, in (0, 1]")
+    for budget in config.budgets:
+        check_budget(budget, "budget")
+    if "combined" in config.methods:
+        for budget in config.budgets:
+            methods_lib.combined_split(float(budget), config.combined.value_fraction,
+                                       tuple(config.combined.token_fractions))
+    for name in ("batch_size", "pad_multiple"):
+        if config[name] < 1:
+            raise ConfigError(f"{name} must be >= 1, got {config[name]}")
+    if config.generation not in ("packed", "masked"):
+        raise ConfigError(f"generation must be 'packed' or 'masked', got {config.generation!r}")
+    if config.extra_new_tokens < 0:
+        raise ConfigError(f"extra_new_tokens must be >= 0, got {config.extra_new_tokens}")
+    if "perplexity" in config.tasks:
+        p = config.perplexity
+        if p.seq_len < 2 or p.num_sequences < 1:
+            raise ConfigError(f"perplexity.seq_len must be >= 2 and num_sequences >= 1, got {p.seq_len}, "
+                              f"{p.num_sequences}")
+        if not 0 < p.prefix_fraction < 1:
+            raise ConfigError(f"perplexity.prefix_fraction={p.prefix_fraction} must be in (0, 1)")
+        if p.window < 1:
+            raise ConfigError(f"perplexity.window must be >= 1, got {p.window}")
+    for task in ("needle", "variable_tracking"):
+        if task in config.tasks:
+            section = config[task]
+            if not section.lengths or any(int(n) < 1 for n in section.lengths) or section.samples < 1:
+                raise ConfigError(f"{task}.lengths must be positive token counts and {task}.samples >= 1")
+    if "needle" in config.tasks and any(not 0.0 <= float(d) <= 1.0 for d in config.needle.depths):
+        raise ConfigError(f"needle.depths={tuple(config.needle.depths)} must lie in [0, 1]")
+    if "needle" in config.tasks and not config.needle.depths:
+        raise ConfigError("needle.depths is empty")
+    if methods_lib.uses_predictor(config):
+        if "perplexity" in config.tasks:
+            raise ConfigError("scorer 'predictor' scores against a question, and the perplexity task has none: drop "
+                              "perplexity from tasks, or use scorer expected / attention there")
+        folder = config.predictor.workdir
+        missing = [n for n in ("config.json", "predictor_params.msgpack") if not os.path.exists(os.path.join(folder, n))]
+        if missing:
+            raise InputError(f"predictor.workdir={folder!r} holds no trained predictor (missing {', '.join(missing)}); "
+                             "train one with train.py --config configs/predictor.py")
+    if "mmlu" in config.tasks:
+        if config.mmlu.num_shots < 0 or config.mmlu.max_examples < 0:
+            raise ConfigError("mmlu.num_shots and mmlu.max_examples must be >= 0")
+        tasks_lib.mmlu_files(config.mmlu.files)  # every pattern must match a file
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclasses.dataclass
+class Source:
+    """Where the model comes from, known before any weight is read."""
+
+    base_cfg: ModelConfig
+    tokenizer: Any
+    bos: bool
+    hf_folder: str  # the base's Hugging Face folder ("" = the pretrain stage of the workdir)
+    pretrain_dir: str  # DIR/pretrain/checkpoints when the base was trained here
+    train_cfg: Optional[ConfigDict]  # DIR/config.json
+    routed_cfg: Optional[ModelConfig]  # the adapted model, when DIR/adapt holds a checkpoint
+    adapt_dir: str
+    notes: List[str]
+
+
+def resolve_source(config: ConfigDict, workdir: str) -> Source:
+    from subtoken_jax import trainer  # the training config -> model config helpers
+    from subtoken_jax.hf_import import config_from_hf, read_hf_config
+    from subtoken_jax.tokenization import HFTokenizer
+
+    notes: List[str] = []
+    train_cfg = None
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as fh:
+            train_cfg = ConfigDict(json.load(fh))
+    pretrain_dir = ""
+    if config.model.checkpoint:
+        hf_folder = config.model.checkpoint
+        base_cfg = config_from_hf(read_hf_config(hf_folder), dtype=config.model.dtype,
+                                  param_dtype=config.model.param_dtype, value_groups=config.model.value_groups)
+        tokenizer = HFTokenizer.from_folder(hf_folder)
+    else:
+        if not os.path.isdir(workdir):
+            raise CheckpointError(f"workdir {workdir!r} does not exist; train a model there with train.py, or set "
+                                  "model.checkpoint to a Hugging Face folder")
+        if train_cfg is None:
+            raise CheckpointError(f"{workdir} has no config.json (train.py writes it); is it a training workdir? "
+                                  "Or set model.checkpoint to a Hugging Face folder")
+        base_cfg = trainer.base_model_config(train_cfg)
+        tokenizer = trainer.make_tokenizer(train_cfg)
+        hf_folder = train_cfg.model.checkpoint
+        if hf_folder:
+            read_hf_config(hf_folder)  # the base the workdir adapted must still be there
+        else:
+            pretrain_dir = os.path.join(workdir, "pretrain", "checkpoints")
+            if not trainer.has_checkpoint_steps(pretrain_dir):
+                raise CheckpointError(f"{pretrain_dir} holds no checkpoint: run the pretrain stage of train.py first")
+    routed_cfg, adapt_dir = None, os.path.join(workdir, "adapt", "checkpoints")
+    if "routed" in config.methods:
+        if train_cfg is None or not trainer.has_checkpoint_steps(adapt_dir):
+            notes.append(f"routed: skipped, {adapt_dir} holds no adapted model")
+        else:
+            routed_cfg = trainer.adapted_model_config(train_cfg, base_cfg)
+            if not routed_cfg.routing.enabled:
+                notes.append("routed: skipped, the adapted model has routing.mode='none'")
+                routed_cfg = None
+    bos = config.add_bos
+    if bos is None:  # models trained here saw no BOS; a Hugging Face base gets one if its tokenizer adds it
+        bos = bool(hf_folder) and _tokenizer_adds_bos(tokenizer)
+    return Source(base_cfg, tokenizer, bool(bos), hf_folder, pretrain_dir, train_cfg, routed_cfg, adapt_dir, notes)
+
+
+def _tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether a tokenizer.json's own post-processor prepends BOS (Llama's does, Qwen2's does not)."""
+    inner, bos = getattr(tokenizer, "_tok", None), getattr(tokenizer, "bos_id", None)
+    if inner is None or bos is None:
+        return False
+    ids = inner.encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == bos
+
+
+def load_models(config: ConfigDict, source: Source):
+    """(base model, base params, routed model or None, routed params or None)."""
+    from subtoken_jax import trainer
+    from subtoken_jax.hf_import import add_fresh_lora, load_pretrained
+    from subtoken_jax.lora import combine_params, is_adapter_path, split_params
+
+    base_model = DecoderLM(source.base_cfg)
+    if source.hf_folder:
+        cfg = source.base_cfg
+        _, base_params, _ = load_pretrained(source.hf_folder, cfg.dtype, param_dtype=cfg.param_dtype,
+                                            value_groups=cfg.value_groups, with_tokenizer=False)
+    else:
+        base_params, step = trainer.restore_base_params(base_model, source.pretrain_dir)
+        planned = source.train_cfg.get("pretrain", {}).get("steps")
+        if planned and step < planned:
+            source.notes.append(f"the pretrain stage is unfinished: evaluated its step {step} of {planned}")
+    routed_model = routed_params = None
+    if source.routed_cfg is not None:
+        seed = source.train_cfg.get("seed", 0)
+        params = add_fresh_lora(source.routed_cfg, base_params, seed)
+        trainable, frozen = split_params(params, is_adapter_path)
+        fingerprint = ckpt_lib.fingerprint(frozen, source=source.train_cfg.model.checkpoint or "pretrain stage")
+        manager = ckpt_lib.Checkpointer(source.adapt_dir, create=False)
+        try:
+            restored = manager.restore(trainable=trainable, base_fingerprint=fingerprint)
+        finally:
+            manager.close()
+        routed_model, routed_params = DecoderLM(source.routed_cfg), combine_params(restored.trainable, frozen)
+    return base_model, base_params, routed_model, routed_params
+
+
+# ----------------------------------------------------------------------------- batching helpers
+
+
+def _bucket(n: int, limit: int) -> int:
+    """n rounded up to a power of two, at most limit."""
+    return min(limit, 1 << max(0, int(n) - 1).bit_length())
+
+
+def packed_sizes(token_masks, group_masks, state) -> Tuple[int, int]:
+    """(capacity, key_capacity) of a packed cache holding every layer under these masks, one for all layers
+    and rounded up to powers of two: every distinct size is a new compilation of the packed decode, and
+    with sizes per layer and batch an eval grid compiles hundreds of programs (on CPU it ran the process
+    out of mappable memory)."""
+    width, heads, groups = state.keys[0].shape[1], state.num_kv_heads, state.value_groups
+    positions = np.asarray(state.positions)
+    tokens = [np.asarray(t) for t in token_masks] if token_masks is not None else [None] * len(group_masks)
+    capacity = max(packed_cache.global_capacity_of(np.asarray(g), positions, t) for g, t in zip(group_masks, tokens))
+    keys = max(packed_cache.key_capacity_of(t, positions, heads) for t in tokens)
+    return _bucket(capacity, width * groups), _bucket(keys, width)
+
+
+def left_pad(rows: List[List[int]], pad_id: int, multiple: int = 8) -> Tuple[np.ndarray, np.ndarray]:
+    """Ragged id lists -> (ids [B, T], mask [B, T]) left-padded to a multiple of `multiple` (fewer recompiles)."""
+    length = max(len(r) for r in rows)
+    length = int(math.ceil(length / multiple) * multiple)
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, length - len(row):] = row
+            mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+def _decode_text(tokenizer, ids) -> str:
+    ids = [int(i) for i in ids]
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is not None and eos in ids:
+        ids = ids[:ids.index(eos)]
+    return tokenizer.decode(ids)
+
+
+class _Accumulator:
+    """Per (method, budget): scores and byte fractions, weighted by real context tokens."""
+
+    def __init__(self):
+        self.values: List[float] = []
+        self.weight = 0.0
+        self.bytes = {"total": 0.0, "keys": 0.0, "values": 0.0, "index": 0.0}
+
+    def add_bytes(self, accounting: Dict[str, float], real_tokens: float) -> None:
+        for key in self.bytes:
+            self.bytes[key] += accounting[key] * real_tokens
+        self.weight += real_tokens
+
+    def accounting(self) -> Dict[str, float]:
+        return {k: v / max(self.weight, 1e-9) for k, v in self.bytes.items()}
+
+
+@dataclasses.dataclass
+class Evaluator:
+    config: ConfigDict
+    source: Source
+    base_model: DecoderLM
+    base_params: Any
+    routed_model: Optional[DecoderLM]
+    routed_params: Any
+    plans: List[methods_lib.Plan]
+    diagnostic: Any = None  # (masks by name, layer, head, title) for plots.value_group_diagnostic
+
+    def __post_init__(self):
+        self.selectors = methods_lib.make_selectors(self.config)
+        self.scorers = {}
+        if methods_lib.uses_predictor(self.config):
+            from subtoken_jax.selectors.predictor import load_predictor, predictor_scorer
+
+            self.scorers["predictor"] = predictor_scorer(*load_predictor(self.config.predictor.workdir,
+                                                                         self.base_model.config))
+        names = {p.method for p in self.plans}
+        self.with_attention = "h2o" in names or ("combined" in names and self.config.combined.selector == "h2o")
+        self.pad_id = self.source.tokenizer.pad_id if getattr(self.source.tokenizer, "pad_id", None) is not None else 0
+
+    # ----------------------------------------------------------- per plan: masks and the cache they apply to
+
+    def _masks_and_cache(self, plan, state, context, context_mask, capacity, need_cache: bool = True):
+        """(model, params, cache, context token masks, context group masks) of one plan (cache None unless
+        need_cache: packed generation builds its own)."""
+        if plan.method == "routed":
+            cache, groups = methods_lib.routed_prefill(self.routed_model, self.routed_params, context, context_mask,
+                                                       methods_lib.committed(jnp.float32(plan.value_fraction)),
+                                                       capacity)
+            tokens, _ = methods_lib.real_masks(state)
+            return self.routed_model, self.routed_params, cache, tokens, groups
+        tokens, groups = methods_lib.build_masks(state, plan, self.config, self.selectors, self.scorers)
+        cache = methods_lib.cache_from_state(state, self.base_model.config, capacity) if need_cache else None
+        return self.base_model, self.base_params, cache, tokens, groups
+
+    def _maybe_diagnose(self, state, context, context_mask, rows: int, capacity: int):
+        """Keeps the value-group masks of the first batch for plots.value_group_diagnostic."""
+        if self.diagnostic is not None or not self.config.diagnostic.enabled:
+            return
+        rho = float(self.config.diagnostic.value_budget)
+        masks = {}
+        plan = methods_lib.Plan("subtoken", (1 + rho) / 2, 1.0, rho)
+        _, groups = methods_lib.build_masks(state, plan, self.config, self.selectors, self.scorers)
+        positions = np.asarray(state.positions)[:rows]
+        masks[f"subtoken ({self.config.subtoken.scorer}, query-aware)"] = ([np.asarray(g)[:rows] for g in groups],
+                                                                          positions)
+        if self.routed_model is not None:
+            _, routed = methods_lib.routed_prefill(self.routed_model, self.routed_params, context, context_mask,
+                                                   methods_lib.committed(jnp.float32(rho)), capacity)
+            masks["routed (query-independent)"] = ([np.asarray(g)[:rows] for g in routed], positions)
+        layer = self.config.diagnostic.layer % state.num_layers
+        head = min(self.config.diagnostic.head, state.num_kv_heads - 1)
+        title = (f"value groups kept at rho={rho:g} ({self.config.allocation_scope} allocation) over "
+                 f"{int((positions >= 0).sum())} context tokens of {len(positions)} sequence(s); "
+                 "maps: the first sequence")
+        self.diagnostic = (masks, layer, head, title)
+
+    # ----------------------------------------------------------- tasks
+
+    def evaluate_prompts(self, task: str, prompts: List[tasks_lib.Prompt]):
+        """needle / variable_tracking (greedy generation, exact match) and mmlu (letter log-likelihood)."""
+        tok = self.source.tokenizer
+        size = min(self.config.batch_size, len(prompts))
+        batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+        acc = {(p.method, p.budget): _Accumulator() for p in self.plans}
+        examples = []
+        options = tasks_lib.choice_tokens(tok) if task == "mmlu" else None
+        if options is not None:
+            lengths = tuple(len(o) for o in options)
+            padded = np.zeros((len(options), max(lengths)), np.int32)
+            for k, o in enumerate(options):
+                padded[k, :len(o)] = o
+            options_ids = methods_lib.committed(jnp.asarray(padded))
+            shared = len(set(lengths)) == 1 and len({tuple(o[:-1]) for o in options}) == 1
+        # one generation length per task (not per batch): fewer compilations
+        extra = max(lengths) if options is not None else max(p.answer_tokens for p in prompts) + \
+            self.config.extra_new_tokens
+        bar = tqdm(total=len(batches) * len(self.plans), desc=task, dynamic_ncols=True)
+        for batch in batches:
+            rows = len(batch)  # a short last batch repeats its last prompt: one compilation for all batches
+            padded_batch = batch + [batch[-1]] * (size - rows)
+            context, context_mask = left_pad([p.context for p in padded_batch], self.pad_id, self.config.pad_multiple)
+            question, question_mask = left_pad([p.question for p in padded_batch], self.pad_id, 8)
+            context, context_mask, question, question_mask = methods_lib.committed(
+                (jnp.asarray(context), jnp.asarray(context_mask), jnp.asarray(question), jnp.asarray(question_mask)))
+            state = methods_lib.committed(capture_prefill_state(
+                self.base_model, self.base_params, context, question, context_mask=context_mask,
+                question_mask=question_mask, with_attention=self.with_attention))
+            real_tokens = float((context_mask[:rows] > 0).sum())
+            capacity = context.shape[1] + question.shape[1] + extra
+            self._maybe_diagnose(state, context, context_mask, rows, capacity)
+            for plan in self.plans:
+                packed = options is None and plan.method != "routed" and self.config.generation == "packed"
+                model, params, cache, tokens, groups = self._masks_and_cache(plan, state, context, context_mask,
+                                                                             capacity, need_cache=not packed)
+                acc[plan.method, plan.budget].add_bytes(
+                    methods_lib.kv_accounting(tokens, groups, state.positions, model.config, rows), real_tokens)
+                t_masks, g_masks = methods_lib.widen_masks(tokens, groups, capacity)
+                if options is not None:
+                    loglik = np.asarray(methods_lib.choice_loglik(model, params, cache, question,
+                                                                  state.query_positions, t_masks, g_masks,
+                                                                  options_ids, lengths, shared))
+                    for prompt, row in zip(batch, loglik):
+                        predicted = tasks_lib.LETTERS[int(np.argmax(row))]
+                        correct = predicted == prompt.answer
+                        acc[plan.method, plan.budget].values.append(float(correct))
+                        examples.append({"task": task, "method": plan.method, "budget": plan.budget,
+                                         "prediction": predicted, "answer": prompt.answer, "correct": bool(correct),
+                                         "loglik": [round(float(v), 5) for v in row], **prompt.info})
+                else:
+                    if packed:
+                        capacity_, key_capacity_ = packed_sizes(tokens, groups, state)
+                        out, _ = generate_from_state(model, params, state, (tokens, groups), max_new_tokens=extra,
+                                                     question_ids=question, question_mask=question_mask,
+                                                     capacity=capacity_, key_capacity=key_capacity_)
+                    else:
+                        out = methods_lib.greedy_answer(model, params, cache, question, state.query_positions,
+                                                        t_masks, g_masks, extra)
+                    out = np.asarray(out)
+                    for prompt, row in zip(batch, out):
+                        text = _decode_text(tok, row)
+                        correct = tasks_lib.SCORERS[task](text, prompt.answer)
+                        acc[plan.method, plan.budget].values.append(float(correct))
+                        examples.append({"task": task, "method": plan.method, "budget": plan.budget,
+                                         "prediction": text, "answer": prompt.answer, "correct": bool(correct),
+                                         **prompt.info})
+                bar.update()
+        bar.close()
+        metric = tasks_lib.METRICS[task]
+        records = [report_lib.record(task, p.method, p.budget, acc[p.method, p.budget].accounting(), p.token_fraction,
+                                     p.value_fraction, metric, float(np.mean(acc[p.method, p.budget].values)),
+                                     len(prompts)) for p in self.plans]
+        return records, examples
+
+    def evaluate_perplexity(self, sequences: np.ndarray):
+        """Perplexity of each chunk's continuation after its compressed prefix.
+
+        A chunk of L + 1 tokens gives inputs x[0:L] and targets x[1:L+1]. The first P = prefix_fraction * L
+        inputs are the context: prefilled, captured and compressed (query-aware selectors observe the last
+        perplexity.window context tokens, as there is no question); the remaining L - P inputs then run over
+        the compressed cache (their own KV uncompressed), and the reported perplexity is exp(mean NLL) of
+        their targets x[P+1:L+1]. The routed model routes the prefix at the budget's value fraction the same
+        way; `full` keeps the prefix whole, so all methods score the same tokens.
+        """
+        cfg = self.config.perplexity
+        length = sequences.shape[1] - 1
+        prefix = tasks_lib.prefix_length(length, cfg.prefix_fraction)
+        acc = {(p.method, p.budget): _Accumulator() for p in self.plans}
+        nll = {(p.method, p.budget): [0.0, 0.0] for p in self.plans}
+        size = min(self.config.batch_size, len(sequences))
+        batches = [sequences[i:i + size] for i in range(0, len(sequences), size)]
+        bar = tqdm(total=len(batches) * len(self.plans), desc="perplexity", dynamic_ncols=True)
+        for batch in batches:
+            rows = len(batch)  # a short last batch repeats its last sequence: one compilation for all batches
+            batch = np.concatenate([batch, np.repeat(batch[-1:], size - rows, axis=0)])
+            inputs, targets = batch[:, :length], batch[:, 1:]
+            context, context_mask = inputs[:, :prefix], np.ones((len(batch), prefix), np.int32)
+            context, context_mask = methods_lib.committed((jnp.asarray(context), jnp.asarray(context_mask)))
+            inputs, targets = methods_lib.committed((jnp.asarray(inputs), jnp.asarray(targets)))
+            state = methods_lib.committed(capture_prefill_state(
+                self.base_model, self.base_params, context, None, window=min(cfg.window, prefix),
+                with_attention=self.with_attention))
+            self._maybe_diagnose(state, context, context_mask, rows, length)
+            positions = methods_lib.committed(
+                jnp.broadcast_to(jnp.arange(prefix, length, dtype=jnp.int32), (len(batch), length - prefix)))
+            for plan in self.plans:
+                model, params, cache, tokens, groups = self._masks_and_cache(plan, state, context, context_mask,
+                                                                             length)
+                acc[plan.method, plan.budget].add_bytes(
+                    methods_lib.kv_accounting(tokens, groups, state.positions, model.config, rows),
+                    float(rows * prefix))
+                t_masks, g_masks = methods_lib.widen_masks(tokens, groups, length)
+                total, count = methods_lib.continuation_nll(model, params, cache, inputs[:, prefix:], positions,
+                                                            targets[:, prefix:], t_masks, g_masks)
+                nll[plan.method, plan.budget][0] += float(jnp.sum(total[:rows]))
+                nll[plan.method, plan.budget][1] += float(jnp.sum(count[:rows]))
+                bar.update()
+        bar.close()
+        records = []
+        for p in self.plans:
+            total, count = nll[p.method, p.budget]
+            ppl = math.exp(min(total / max(count, 1.0), 50.0))
+            records.append(report_lib.record("perplexity", p.method, p.budget, acc[p.method, p.budget].accounting(),
+                                             p.token_fraction, p.value_fraction, "perplexity", ppl, len(sequences)))
+        return records, []
+
+
+# ----------------------------------------------------------------------------- the whole evaluation
+
+
+def make_plans(config: ConfigDict, source: Source) -> Tuple[List[methods_lib.Plan], List[str]]:
+    plans, notes = [], []
+    budgets = sorted({float(b) for b in config.budgets}, reverse=True)
+    for method in dict.fromkeys(config.methods):
+        if method == "routed" and source.routed_cfg is None:
+            continue
+        if method == "full":
+            plans.append(methods_lib.Plan("full", 1.0, 1.0, 1.0))
+            continue
+        for budget in budgets:
+            plan, why = methods_lib.plan_method(method, budget, config, source.base_cfg, source.routed_cfg)
+            if plan is None:
+                notes.append(why)
+            else:
+                plans.append(plan)
+    return plans, notes
+
+
+def check_lengths(task: str, inputs, source: Source, config: ConfigDict) -> None:
+    limit = source.base_cfg.max_position_embeddings
+    if task == "perplexity":
+        if config.perplexity.seq_len > limit:
+            raise InputError(f"perplexity.seq_len={config.perplexity.seq_len} exceeds the model's "
+                             f"max_position_embeddings={limit}")
+        return
+    extra = max(len(o) for o in tasks_lib.choice_tokens(source.tokenizer)) if task == "mmlu" else None
+    for prompt in inputs:
+        answer = extra if extra is not None else prompt.answer_tokens + config.extra_new_tokens
+        if prompt.prompt_tokens + answer > limit:
+            raise InputError(f"{task}: a prompt of {prompt.prompt_tokens} tokens plus {answer} answer tokens exceeds "
+                             f"the model's max_position_embeddings={limit}; use shorter {task} inputs")
+
+
+def run(config: ConfigDict, workdir: str, source_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Evaluates the configured grid; returns {"records", "notes", "paths", "markdown"}.
+
+    The model comes from source_dir (a training workdir; default: workdir itself) or model.checkpoint;
+    results go to workdir/eval.
+    """
+    validate(config)
+    source = resolve_source(config, source_dir or workdir)
+    inputs = {}
+    for task in config.tasks:
+        if task == "perplexity":
+            inputs[task] = tasks_lib.perplexity_sequences(config.perplexity, source.tokenizer)
+        else:
+            inputs[task] = tasks_lib.build_prompts(task, config, source.tokenizer, source.bos)
+        check_lengths(task, inputs[task], source, config)
+    plans, notes = make_plans(config, source)
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+
+    base_model, base_params, routed_model, routed_params = load_models(config, source)
+    notes = source.notes + list(dict.fromkeys(notes))
+    logging.info("evaluating %d (method, budget) plans on %s", len(plans), list(config.tasks))
+    evaluator = Evaluator(config, source, base_model, base_params, routed_model, routed_params, plans)
+    records, examples = [], []
+    for task in config.tasks:
+        if task == "perplexity":
+            rows, more = evaluator.evaluate_perplexity(inputs[task])
+        else:
+            rows, more = evaluator.evaluate_prompts(task, inputs[task])
+        records += rows
+        examples += more
+        jax.clear_caches()  # a task's compiled programs are not reused by the next (different shapes)
+    method_order = list(dict.fromkeys(config.methods))
+    text = report_lib.markdown(records, list(config.tasks), method_order, [float(b) for b in config.budgets], notes)
+    paths = report_lib.write_all(out_dir, records, examples, text)
+    pngs = plots_lib.write_plots(out_dir, records, examples, [float(b) for b in config.budgets], evaluator.diagnostic)
+    return {"records": records, "notes": notes, "paths": {**paths, **{os.path.basename(p): p for p in pngs}},
+            "markdown": text}

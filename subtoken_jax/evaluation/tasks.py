@@ -1,0 +1,232 @@
+"""Evaluation tasks: what is fed to the model and how its output is scored.
+
+Every prompt is a context followed by a question; KV compression applies to the context only.
+
+  perplexity         packed text chunks of perplexity.seq_len + 1 tokens; the first prefix_fraction
+                     of each chunk is the (compressible) context, the rest is the continuation whose
+                     next-token perplexity is reported (see runner.evaluate_perplexity)
+  needle             needle in a haystack over needle.lengths x needle.depths (data.make_needle_example);
+                     exact match = the needle's number is contained in the first generated line
+  variable_tracking  RULER-style chains (data.make_variable_tracking_example); exact match = every
+                     expected variable name appears as a word in the first generated line
+  mmlu               MMLU-format CSV rows (question, A, B, C, D, answer letter); the context is the
+                     subject header, optional few-shot rows and the question with its options, the
+                     question part is "Answer:"; the prediction is the letter whose continuation
+                     (" A" .. " D") has the highest log-likelihood; metric accuracy
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import os
+import re
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from subtoken_jax import data as data_lib
+from subtoken_jax.errors import ConfigError, InputError
+
+TASKS = ("perplexity", "needle", "variable_tracking", "mmlu")
+METRICS = {"perplexity": "perplexity", "needle": "exact_match", "variable_tracking": "exact_match",
+           "mmlu": "accuracy"}
+HIGHER_IS_BETTER = {"perplexity": False, "exact_match": True, "accuracy": True}
+LETTERS = ("A", "B", "C", "D")
+
+
+@dataclasses.dataclass
+class Prompt:
+    """One question over one context, as token ids (the context includes BOS when the model uses one)."""
+
+    context: List[int]
+    question: List[int]
+    answer: str  # the reference answer (generation tasks) or the correct letter (mmlu)
+    info: dict  # task-specific details kept in examples.jsonl (depth, length, subject, ...)
+    answer_tokens: int = 0  # tokens of the reference answer (generation tasks)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.context) + len(self.question)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def first_line(text: str) -> str:
+    """The generated answer proper: leading whitespace dropped, cut at the first newline."""
+    return text.lstrip().split("\n", 1)[0]
+
+
+def needle_correct(generated: str, answer: str) -> bool:
+    """Exact match by containment: the needle's value appears in the first generated line."""
+    return answer.strip() in first_line(generated)
+
+
+def variable_tracking_correct(generated: str, answer: str) -> bool:
+    """Exact match: every expected variable name is a word of the first generated line (order free)."""
+    words = set(re.findall(r"\w+", first_line(generated)))
+    return set(answer.split()) <= words
+
+
+SCORERS = {"needle": needle_correct, "variable_tracking": variable_tracking_correct}
+
+
+# ----------------------------------------------------------------------------- prompt builders
+
+
+def _encode(tokenizer, text: str, bos: bool) -> List[int]:
+    ids = list(tokenizer.encode(text))
+    return ([tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []) + ids
+
+
+def _qa_prompt(example: dict, tokenizer, bos: bool, info: dict) -> Prompt:
+    return Prompt(context=_encode(tokenizer, example["context"], bos), question=_encode(tokenizer, example["question"],
+                                                                                         False),
+                  answer=example["answer"], info=info, answer_tokens=len(tokenizer.encode(example["answer"])))
+
+
+def needle_prompts(cfg, tokenizer, seed: int, bos: bool) -> List[Prompt]:
+    """needle.samples prompts per (length, depth) cell; cell (i, j), sample s is seeded by (seed, i, j, s)."""
+    prompts = []
+    for i, length in enumerate(cfg.lengths):
+        for j, depth in enumerate(cfg.depths):
+            for s in range(cfg.samples):
+                rng = np.random.default_rng([seed, 11, i, j, s])
+                example = data_lib.make_needle_example(rng, int(length), tokenizer, depth=float(depth))
+                prompts.append(_qa_prompt(example, tokenizer, bos, {"length": int(length), "depth": float(depth)}))
+    return prompts
+
+
+def variable_tracking_prompts(cfg, tokenizer, seed: int, bos: bool) -> List[Prompt]:
+    prompts = []
+    for i, length in enumerate(cfg.lengths):
+        for s in range(cfg.samples):
+            rng = np.random.default_rng([seed, 13, i, s])
+            example = data_lib.make_variable_tracking_example(rng, int(length), tokenizer, num_chains=cfg.num_chains,
+                                                              chain_length=cfg.chain_length)
+            prompts.append(_qa_prompt(example, tokenizer, bos, {"length": int(length)}))
+    return prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class MCQuestion:
+    question: str
+    choices: Tuple[str, str, str, str]
+    answer: str  # one of LETTERS
+    subject: str
+    where: str  # file:line
+
+
+def mmlu_files(patterns: Sequence[str]) -> List[str]:
+    """The CSV files named by mmlu.files (paths or globs), each pattern matching at least one file."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns:
+        raise ConfigError("task mmlu needs mmlu.files: MMLU-format CSV files (question, A, B, C, D, answer)")
+    files: List[str] = []
+    for pattern in patterns:
+        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise InputError(f"mmlu.files: no CSV file matches {pattern!r}")
+        files.extend(m for m in matches if m not in files)
+    return files
+
+
+def subject_of(path: str) -> str:
+    """'high_school_physics_test.csv' -> 'high school physics'."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = re.sub(r"_(test|dev|val|validation|train)$", "", stem)
+    return stem.replace("_", " ")
+
+
+def read_mmlu_csv(path: str) -> List[MCQuestion]:
+    """Rows of an MMLU-format CSV (no header, or a header row whose answer column is not a letter)."""
+    rows: List[MCQuestion] = []
+    subject = subject_of(path)
+    with open(path, newline="", encoding="utf-8") as fh:
+        for line, row in enumerate(csv.reader(fh), 1):
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if len(row) != 6:
+                raise InputError(f"{path}:{line}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
+            answer = row[5].strip().upper()
+            if answer not in LETTERS:
+                if line == 1 and not rows:
+                    continue  # a header row
+                raise InputError(f"{path}:{line}: the answer must be one of A, B, C, D, got {row[5]!r}")
+            rows.append(MCQuestion(row[0].strip(), tuple(c.strip() for c in row[1:5]), answer, subject,
+                                   f"{path}:{line}"))
+    if not rows:
+        raise InputError(f"{path} holds no MMLU question")
+    return rows
+
+
+def _format_question(q: MCQuestion) -> str:
+    return q.question + "\n" + "".join(f"{letter}. {choice}\n" for letter, choice in zip(LETTERS, q.choices))
+
+
+def mmlu_prompts(cfg, tokenizer, bos: bool) -> List[Prompt]:
+    """The first mmlu.num_shots rows of each file are its few-shot examples (not scored); then up to
+    mmlu.max_examples (0 = all) questions per file."""
+    prompts = []
+    for path in mmlu_files(cfg.files):
+        rows = read_mmlu_csv(path)
+        shots, questions = rows[:cfg.num_shots], rows[cfg.num_shots:]
+        if not questions:
+            raise InputError(f"{path}: all {len(rows)} rows are used as few-shot examples (mmlu.num_shots="
+                             f"{cfg.num_shots}); none is left to score")
+        if cfg.max_examples:
+            questions = questions[:cfg.max_examples]
+        header = f"The following are multiple choice questions (with answers) about {questions[0].subject}.\n\n"
+        few_shot = "".join(_format_question(s) + f"Answer: {s.answer}\n\n" for s in shots)
+        for q in questions:
+            context = _encode(tokenizer, header + few_shot + _format_question(q), bos)
+            prompts.append(Prompt(context=context, question=_encode(tokenizer, "Answer:", False), answer=q.answer,
+                                  info={"subject": q.subject, "where": q.where}))
+    return prompts
+
+
+def choice_tokens(tokenizer) -> List[List[int]]:
+    """Token ids of the continuations " A" .. " D" whose log-likelihoods are compared."""
+    return [list(tokenizer.encode(" " + letter)) for letter in LETTERS]
+
+
+# ----------------------------------------------------------------------------- perplexity text
+
+
+def perplexity_sequences(cfg, tokenizer) -> np.ndarray:
+    """[N, seq_len + 1] token chunks: perplexity.paths (files / globs) or the embedded corpus validation split.
+
+    Chunks are evenly spaced over the packed text, so a few sequences still cover many documents.
+    """
+    if cfg.paths:
+        paths = [cfg.paths] if isinstance(cfg.paths, str) else list(cfg.paths)
+        documents = data_lib.text_files(paths)
+        what = "perplexity.paths"
+    else:
+        documents = data_lib.embedded_default_corpus("validation", cfg.max_bytes)
+        what = "the embedded corpus validation split"
+    tokens = data_lib.pack_documents(documents, tokenizer)
+    chunks = data_lib.PackedSequences(tokens, cfg.seq_len)
+    if len(chunks) == 0:
+        raise InputError(f"{what} has {len(tokens)} tokens, fewer than one sequence of perplexity.seq_len+1="
+                         f"{cfg.seq_len + 1}; give more text or lower perplexity.seq_len")
+    picks = np.unique(np.linspace(0, len(chunks) - 1, min(cfg.num_sequences, len(chunks))).round().astype(int))
+    return np.stack([np.concatenate([chunks[i]["inputs"], chunks[i]["targets"][-1:]]) for i in picks]).astype(np.int32)
+
+
+def prefix_length(seq_len: int, fraction: float) -> int:
+    """Tokens of a perplexity chunk that form the compressed context (at least 1, leaving at least 1 to score)."""
+    return int(min(max(round(seq_len * fraction), 1), seq_len - 1))
+
+
+def build_prompts(task: str, config, tokenizer, bos: bool) -> Optional[List[Prompt]]:
+    """The prompts of a generation / choice task (None for perplexity, which has sequences instead)."""
+    if task == "needle":
+        return needle_prompts(config.needle, tokenizer, config.seed, bos)
+    if task == "variable_tracking":
+        return variable_tracking_prompts(config.variable_tracking, tokenizer, config.seed, bos)
+    if task == "mmlu":
+        return mmlu_prompts(config.mmlu, tokenizer, bos)
+    return None

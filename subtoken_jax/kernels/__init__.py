@@ -1,0 +1,1 @@
+"""Pallas kernels (GPU/TPU; interpret mode on CPU)."""

@@ -1,0 +1,560 @@
+"""A KV cache that stores only what compression keeps, with static shapes so it jits.
+
+Compression (token selection and value-group allocation, see selectors/) yields 0/1 masks; this
+module turns one layer's dense keys/values plus masks into compact arrays, and attends over them
+without ever rebuilding the dense [B, S, Hkv, D] value tensor.
+
+Two value layouts (G groups of gd = D / G channels per KV head):
+
+* fixed-K (`FixedKValues`): every (token, KV head) keeps K of G groups. values [B, T, Hkv, K, gd]
+  and the kept group of each slot, groups [B, T, Hkv, K] (uint8 for G <= 256). Slots beyond a row's
+  kept count hold zeros. This is the layout of `routing.mode = "fixed_k"`; keys stay token-major,
+  and a token selection shared by the KV heads drops the evicted tokens' rows altogether.
+* global budget (`GlobalValues`): a fixed-capacity list of kept (token, group) entries per (batch,
+  KV head): values [B, Hkv, C, gd], the entry's token slot tokens [B, Hkv, C] (an index into the
+  key axis, smallest unsigned type that holds it: uint8 / uint16 / int32), its group groups
+  [B, Hkv, C] (uint8), and count [B, Hkv] (entries >= count are empty). C is static, chosen at pack
+  time (by default the largest kept count of any head, rounded up to a whole read-out block). Any
+  mask pattern fits, including per-head budgets that differ from token to token. Entries are
+  ordered by group, then token, so the attention reads whole blocks of one group with plain matmuls.
+
+Keys (`PackedKeys`): without token selection they stay as cached, [B, T, Hkv, D] with positions
+[B, T]; with token selection (`pack_global(token_keep_mask=...)`) each KV head's kept keys are
+compacted to [B, Hkv, Tk, D] with their positions [B, Hkv, Tk] (-1 = empty slot).
+
+Decoding appends new tokens uncompressed to a small dense tail (`PackedCache.tail_*`); attention
+takes one softmax over prefix and tail keys together (`packed_attention`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from subtoken_jax.attention import attention_allowed
+from subtoken_jax.errors import InputError
+from subtoken_jax.value_groups import per_layer
+
+
+def index_dtype(n: int):
+    """Smallest dtype holding indices 0..n-1: uint8 (n <= 256), uint16 (n <= 65536), else int32."""
+    if n <= 1 << 8:
+        return jnp.uint8
+    if n <= 1 << 16:
+        return jnp.uint16
+    return jnp.int32
+
+
+# ----------------------------------------------------------------------------- pytrees
+
+
+@flax.struct.dataclass
+class PackedKeys:
+    """Keys of one layer: dense [B, T, Hkv, D] + positions [B, T], or compact [B, Hkv, Tk, D] + [B, Hkv, Tk]."""
+
+    keys: jax.Array
+    positions: jax.Array  # int32, -1 = empty / padding
+    compact: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @property
+    def num_slots(self) -> int:
+        return self.keys.shape[2] if self.compact else self.keys.shape[1]
+
+
+@flax.struct.dataclass
+class FixedKValues:
+    """K kept value groups per (token, KV head): values [B, T, Hkv, K, gd], groups [B, T, Hkv, K]."""
+
+    values: jax.Array
+    groups: jax.Array
+    num_groups: int = flax.struct.field(pytree_node=False, default=1)
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[3]
+
+
+@flax.struct.dataclass
+class GlobalValues:
+    """C kept (token, group) entries per (batch, KV head).
+
+    values [B, Hkv, C, gd]; tokens [B, Hkv, C] (slot on the layer's key axis); groups [B, Hkv, C];
+    count [B, Hkv] int32: entries 0..count-1 are real, the rest are zero padding. The real entries are
+    sorted by group (then token), as `pack_global` writes them; `packed_attention` relies on it.
+    """
+
+    values: jax.Array
+    tokens: jax.Array
+    groups: jax.Array
+    count: jax.Array
+    num_groups: int = flax.struct.field(pytree_node=False, default=1)
+
+    @property
+    def capacity(self) -> int:
+        return self.values.shape[2]
+
+
+@flax.struct.dataclass
+class PackedLayer:
+    """One layer's compressed prefix: keys and kept value groups."""
+
+    keys: PackedKeys
+    values: Union[FixedKValues, GlobalValues]
+
+    @property
+    def layout(self) -> str:
+        return "fixed_k" if isinstance(self.values, FixedKValues) else "global"
+
+
+@flax.struct.dataclass
+class PackedCache:
+    """A compressed prefix per layer plus a dense tail of fixed capacity for tokens decoded after it."""
+
+    layers: Tuple[PackedLayer, ...]
+    tail_keys: Tuple[jax.Array, ...]  # per layer [B, L, Hkv, D]
+    tail_values: Tuple[jax.Array, ...]  # per layer [B, L, Hkv, D]
+    tail_positions: jax.Array  # [B, L] int32, -1 = empty
+    tail_index: jax.Array  # scalar int32: next tail slot to write
+
+    @property
+    def tail_capacity(self) -> int:
+        return self.tail_positions.shape[1]
+
+    @classmethod
+    def with_empty_tail(cls, layers: Sequence[PackedLayer], tail_capacity: int, dtype=None) -> "PackedCache":
+        layers = tuple(layers)
+        first = layers[0].keys
+        batch = first.keys.shape[0]
+        kv_heads = first.keys.shape[1] if first.compact else first.keys.shape[2]
+        dim = first.keys.shape[-1]
+        dtype = dtype or first.keys.dtype
+        shape = (batch, tail_capacity, kv_heads, dim)
+        return cls(layers=layers, tail_keys=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   tail_values=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   tail_positions=jnp.full((batch, tail_capacity), -1, jnp.int32),
+                   tail_index=jnp.zeros((), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- host-side sizing
+
+
+def _token_keep(positions, token_keep_mask, kv_heads: int) -> np.ndarray:
+    keep = np.broadcast_to((np.asarray(positions) >= 0)[:, :, None],
+                           np.shape(positions) + (kv_heads,)).copy()
+    if token_keep_mask is not None:
+        t = np.asarray(token_keep_mask) != 0
+        keep &= t[:, :, None] if t.ndim == 2 else t
+    return keep
+
+
+def key_capacity_of(token_keep_mask, positions, kv_heads: int) -> int:
+    """Largest number of kept real tokens of any (batch, KV head): the compact key capacity Tk (host-side)."""
+    return max(int(_token_keep(positions, token_keep_mask, kv_heads).sum(axis=1).max(initial=0)), 1)
+
+
+def global_capacity_of(group_mask, positions=None, token_keep_mask=None) -> int:
+    """Largest number of kept (token, group) pairs of any (batch, KV head): the capacity C (host-side)."""
+    g = np.asarray(group_mask) != 0
+    if positions is None:
+        positions = np.zeros(g.shape[:2], np.int32)
+    g &= _token_keep(positions, token_keep_mask, g.shape[2])[..., None]
+    return max(int(g.sum(axis=(1, 3)).max(initial=0)), 1)
+
+
+def fixed_k_of(group_mask) -> int:
+    """Largest number of kept groups of any (token, KV head): the K of a fixed-K layout (host-side)."""
+    return max(int((np.asarray(group_mask) != 0).sum(axis=-1).max(initial=0)), 1)
+
+
+def _concrete(what: str, fn, *args):
+    if any(isinstance(a, jax.core.Tracer) for a in args):
+        raise InputError(f"{what} must be given explicitly when packing inside jit (the masks are traced)")
+    return fn(*args)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _first_true(flags: jax.Array, n: int) -> Tuple[jax.Array, jax.Array]:
+    """Indices of the first n True entries along the last axis (then the False ones), and whether each is True.
+
+    Pads with index 0 / False when n exceeds the axis.
+    """
+    size = flags.shape[-1]
+    order = jnp.argsort(jnp.logical_not(flags).astype(jnp.int8), axis=-1, stable=True)[..., :n]
+    ok = jnp.take_along_axis(flags, order, axis=-1)
+    if n > size:
+        pad = [(0, 0)] * (flags.ndim - 1) + [(0, n - size)]
+        order, ok = jnp.pad(order, pad), jnp.pad(ok, pad)
+    return order.astype(jnp.int32), ok
+
+
+def _check_groups(values, group_mask):
+    if group_mask.ndim != 4 or group_mask.shape[:3] != values.shape[:3]:
+        raise InputError(f"group mask {tuple(group_mask.shape)} does not match values {tuple(values.shape[:3])} + (G,)")
+    groups = group_mask.shape[-1]
+    if values.shape[-1] % groups:
+        raise InputError(f"G={groups} value groups do not divide head_dim={values.shape[-1]}")
+    if groups > 256:
+        raise InputError(f"at most 256 value groups fit a uint8 group index, got G={groups}")
+    return groups, values.shape[-1] // groups
+
+
+def pack_fixed_k(values: jax.Array, group_mask: jax.Array, k: int) -> FixedKValues:
+    """values [B, T, Hkv, D], group_mask [B, T, Hkv, G] -> the K kept groups of every (token, KV head).
+
+    A row with fewer than K kept groups pads with zero values; a row with more keeps its first K
+    (lowest group indices), so give K >= the largest kept count (`fixed_k_of`) for an exact packing.
+    """
+    groups, gd = _check_groups(values, group_mask)
+    k = int(k)
+    if not 1 <= k <= groups:
+        raise InputError(f"K={k} kept groups must be in [1, G={groups}]")
+    batch, length, heads, _ = values.shape
+    order, ok = _first_true(group_mask != 0, k)  # [B, T, Hkv, K]
+    grouped = values.reshape(batch, length, heads, groups, gd)
+    kept = jnp.take_along_axis(grouped, order[..., None], axis=3) * ok[..., None].astype(values.dtype)
+    return FixedKValues(values=kept, groups=order.astype(index_dtype(groups)), num_groups=groups)
+
+
+def pack_fixed_k_layer(keys: jax.Array, values: jax.Array, positions: jax.Array, group_mask: jax.Array,
+                       k: Optional[int] = None, token_keep_mask: Optional[jax.Array] = None, *,
+                       key_capacity: Optional[int] = None) -> PackedLayer:
+    """A fixed-K layer: keys [B, Tk, Hkv, D] with positions [B, Tk], values packed by `pack_fixed_k`.
+
+    Without token_keep_mask every token stays (Tk = T). token_keep_mask may only be [B, T] (shared by
+    all KV heads; use `pack_global` for per-head token selection): the kept tokens of each row move,
+    in order, to the first of key_capacity slots (default: the most kept by any row; needs a concrete
+    mask), and the slots left over get position -1 and zeros. K defaults to the largest kept count
+    (needs concrete masks).
+    """
+    positions = positions.astype(jnp.int32)
+    if token_keep_mask is not None:
+        if token_keep_mask.ndim != 2:
+            raise InputError("the fixed-K layout shares its token axis across KV heads: token_keep_mask must be "
+                             "[B, T]; use pack_global for per-head token selection")
+        keep = (token_keep_mask != 0) & (positions >= 0)
+        if key_capacity is None:
+            key_capacity = _concrete("key_capacity", key_capacity_of, token_keep_mask, positions, 1)
+        slots, ok = _first_true(keep, int(key_capacity))  # [B, Tk]
+        take = lambda x: jnp.take_along_axis(x, slots.reshape(slots.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+        fill = lambda x: x * ok.reshape(ok.shape + (1,) * (x.ndim - 2)).astype(x.dtype)  # noqa: E731
+        keys, values, group_mask = fill(take(keys)), fill(take(values)), fill(take(group_mask))
+        positions = jnp.where(ok, take(positions), -1)
+    if k is None:
+        k = _concrete("K", fixed_k_of, group_mask)
+    return PackedLayer(keys=PackedKeys(keys, positions), values=pack_fixed_k(values, group_mask, k))
+
+
+def pack_global(keys: jax.Array, values: jax.Array, positions: jax.Array, token_keep_mask: Optional[jax.Array],
+                group_mask: Optional[jax.Array], capacity: Optional[int] = None, *,
+                key_capacity: Optional[int] = None) -> PackedLayer:
+    """The global-budget layout of one layer.
+
+    keys, values [B, T, Hkv, D] (keys RoPE-rotated, as cached); positions [B, T] (-1 = padding);
+    token_keep_mask None, [B, T] or [B, T, Hkv]; group_mask [B, T, Hkv, G] (None = all groups).
+    With a token_keep_mask, each KV head's kept keys are compacted to key_capacity slots (default: the
+    most kept by any head); without one, keys stay dense. capacity C (default: the most kept pairs of
+    any head, rounded up to a multiple of the read-out block, see `_round_capacity`) bounds the entries
+    per (batch, KV head); surplus pairs (later tokens first) are dropped. Entries are stored by group,
+    then token (the order `packed_attention` relies on); empty entries carry group G - 1. Defaults
+    need concrete masks; inside jit pass both sizes.
+    """
+    batch, length, heads, dim = values.shape
+    if group_mask is None:
+        group_mask = jnp.ones((batch, length, heads, 1), jnp.float32)
+    groups, gd = _check_groups(values, group_mask)
+    positions = positions.astype(jnp.int32)
+    valid = jnp.broadcast_to((positions >= 0)[:, :, None], (batch, length, heads))
+    if token_keep_mask is not None:
+        t = token_keep_mask != 0
+        if t.ndim == 2:
+            t = t[:, :, None]
+        elif t.ndim != 3:
+            raise InputError(f"token keep mask must be [B, T] or [B, T, Hkv], got {tuple(token_keep_mask.shape)}")
+        keep = valid & t
+        if key_capacity is None:
+            key_capacity = _concrete("key_capacity", key_capacity_of, token_keep_mask, positions, heads)
+        keep_h = jnp.transpose(keep, (0, 2, 1))  # [B, Hkv, T]
+        slots, ok = _first_true(keep_h, int(key_capacity))  # [B, Hkv, Tk]
+        keys_h = jnp.transpose(keys, (0, 2, 1, 3))
+        kept_keys = jnp.take_along_axis(keys_h, slots[..., None], axis=2) * ok[..., None].astype(keys.dtype)
+        kept_pos = jnp.where(ok, jnp.take_along_axis(jnp.broadcast_to(positions[:, None], keep_h.shape), slots,
+                                                     axis=2), -1)
+        packed_keys = PackedKeys(kept_keys, kept_pos.astype(jnp.int32), compact=True)
+        slot_of = jnp.cumsum(keep_h.astype(jnp.int32), axis=-1) - 1  # [B, Hkv, T]: token -> compact slot
+    else:
+        keep = valid
+        packed_keys = PackedKeys(keys, positions)
+        slot_of = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, heads, length))
+    if capacity is None:
+        capacity = _round_capacity(_concrete("capacity", global_capacity_of, group_mask, positions, token_keep_mask))
+    capacity = int(capacity)
+    pairs = (group_mask != 0) & keep[..., None]  # [B, T, Hkv, G]
+    pairs_h = jnp.transpose(pairs, (0, 2, 1, 3)).reshape(batch, heads, length * groups)  # token-major
+    # surplus pairs beyond C are dropped later tokens first; the survivors are stored group-major
+    kept_pairs = pairs_h & (jnp.cumsum(pairs_h.astype(jnp.int32), axis=-1) <= capacity)
+    by_group = jnp.transpose(kept_pairs.reshape(batch, heads, length, groups), (0, 1, 3, 2))  # [B, Hkv, G, T]
+    order, ok = _first_true(by_group.reshape(batch, heads, groups * length), capacity)  # [B, Hkv, C]
+    group, token = order // length, order % length
+    grouped = jnp.transpose(values.reshape(batch, length, heads, groups, gd), (0, 2, 3, 1, 4))  # [B, Hkv, G, T, gd]
+    kept = jnp.take_along_axis(grouped.reshape(batch, heads, groups * length, gd), order[..., None], axis=2)
+    kept = kept * ok[..., None].astype(values.dtype)
+    token_slot = jnp.where(ok, jnp.take_along_axis(slot_of, token, axis=2), 0)
+    count = jnp.sum(ok, axis=-1).astype(jnp.int32)
+    entries = GlobalValues(values=kept, tokens=token_slot.astype(index_dtype(packed_keys.num_slots)),
+                           groups=jnp.where(ok, group, groups - 1).astype(index_dtype(groups)), count=count,
+                           num_groups=groups)
+    return PackedLayer(keys=packed_keys, values=entries)
+
+
+def unpack_dense(packed: Union[FixedKValues, PackedLayer], positions: Optional[jax.Array] = None) -> jax.Array:
+    """Rebuilds the masked dense values [B, T, Hkv, D] (zeros where dropped). For tests only: it is the
+    tensor the packed attention never builds.
+
+    A global layer with compacted keys needs the original positions [B, T] to place its tokens.
+    """
+    if isinstance(packed, FixedKValues):
+        batch, length, heads, _, gd = packed.values.shape
+        onehot = jax.nn.one_hot(packed.groups.astype(jnp.int32), packed.num_groups, dtype=packed.values.dtype)
+        dense = jnp.einsum("bthkg,bthke->bthge", onehot, packed.values)
+        return dense.reshape(batch, length, heads, packed.num_groups * gd)
+    if isinstance(packed.values, FixedKValues):
+        return unpack_dense(packed.values)
+    entries, keys = packed.values, packed.keys
+    batch, heads, capacity, gd = entries.values.shape
+    groups = entries.num_groups
+    real = jnp.arange(capacity) < entries.count[..., None]  # [B, Hkv, C]
+    token = entries.tokens.astype(jnp.int32)
+    if keys.compact:
+        if positions is None:
+            raise InputError("unpack_dense of compacted keys needs the original positions [B, T]")
+        slot_pos = jnp.take_along_axis(keys.positions, token, axis=2)  # [B, Hkv, C]
+        token = jnp.argmax(positions[:, None, None, :] == slot_pos[..., None], axis=-1)
+        length = positions.shape[1]
+    else:
+        length = keys.keys.shape[1]
+    flat = token * groups + entries.groups.astype(jnp.int32)
+    dense = jnp.zeros((batch, heads, length * groups, gd), entries.values.dtype)
+    b, h = jnp.meshgrid(jnp.arange(batch), jnp.arange(heads), indexing="ij")
+    dense = dense.at[b[..., None], h[..., None], flat].add(entries.values * real[..., None].astype(dense.dtype))
+    dense = dense.reshape(batch, heads, length, groups * gd)
+    return jnp.transpose(dense, (0, 2, 1, 3))
+
+
+# ----------------------------------------------------------------------------- byte accounting
+
+_KINDS = {"keys": "keys", "tail_keys": "keys", "values": "values", "tail_values": "values", "tokens": "indices",
+          "groups": "indices", "positions": "positions", "tail_positions": "positions", "count": "counts",
+          "tail_index": "counts"}
+
+
+def cache_nbytes(packed, by_kind: bool = False) -> Union[int, Dict[str, int]]:
+    """Bytes held by every array of a packed cache / layer / piece (values, keys, indices, positions, counts).
+
+    by_kind=True returns {"keys", "values", "indices", "positions", "counts", "total"} (the tail's
+    keys and values count as keys and values).
+    """
+    totals = {kind: 0 for kind in ("keys", "values", "indices", "positions", "counts")}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(packed)[0]:
+        name = next((p.name for p in reversed(path) if isinstance(p, jax.tree_util.GetAttrKey)), None)
+        if name not in _KINDS:
+            raise InputError(f"cache_nbytes does not know the array {jax.tree_util.keystr(path)}")
+        shape, dtype = np.shape(leaf), np.dtype(leaf.dtype)
+        totals[_KINDS[name]] += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    totals["total"] = sum(totals.values())
+    return totals if by_kind else totals["total"]
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _prefix_scores(q5: jax.Array, keys: PackedKeys, q_positions, sliding_window):
+    """Scores [B, Hkv, R, Tq, S] of grouped queries [B, Tq, Hkv, R, D] on the prefix keys (float32, scaled)
+    and which are allowed, [B, Hkv or 1, 1, Tq, S]."""
+    scale = q5.shape[-1] ** -0.5
+    if keys.compact:
+        scores = jnp.einsum("btkrd,bksd->bkrts", q5, keys.keys.astype(q5.dtype))
+        kv = keys.positions[:, :, None, None, :]  # [B, Hkv, 1, 1, Tk]
+        q = q_positions[:, None, None, :, None]  # [B, 1, 1, Tq, 1]
+        allowed = (kv >= 0) & (kv <= q)
+        if sliding_window is not None:
+            allowed &= (q - kv) < sliding_window
+    else:
+        scores = jnp.einsum("btkrd,bskd->bkrts", q5, keys.keys.astype(q5.dtype))
+        allowed = attention_allowed(q_positions, keys.positions, sliding_window=sliding_window)
+    return scores.astype(jnp.float32) * scale, allowed
+
+
+def _read_fixed_k(weights: jax.Array, entries: FixedKValues) -> jax.Array:
+    """weights [B, Hkv, R, Tq, T] -> [B, Tq, Hkv, R, G, gd]: each slot's weighted values added into its group.
+
+    The one-hot of slot groups is [.., K, G]; the dense [.., G, gd] values are never built.
+    """
+    dtype = entries.values.dtype
+    onehot = jax.nn.one_hot(entries.groups.astype(jnp.int32), entries.num_groups, dtype=dtype)  # [B, T, Hkv, K, G]
+    routed = weights.astype(dtype)[..., None, None] * jnp.transpose(onehot, (0, 2, 1, 3, 4))[:, :, None, None]
+    return jnp.einsum("bhrtskg,bshke->bthrge", routed, entries.values)
+
+
+_MAX_BLOCK = 512  # most entries per read-out block of the global layout
+
+
+def _block_limit(capacity: int) -> int:
+    """The largest power of two <= min(512, sqrt(C)): the read-out block a capacity C may get."""
+    return 1 << (max(1, min(_MAX_BLOCK, math.isqrt(capacity))).bit_length() - 1)
+
+
+def _block_size(capacity: int) -> int:
+    """Entries per read-out block: the largest power of two <= _block_limit(C) that divides C (1 if C is odd)."""
+    return min(_block_limit(capacity), capacity & -capacity) if capacity else 1
+
+
+def _round_capacity(capacity: int) -> int:
+    """C rounded up to a multiple of the read-out block it will get (<= sqrt(C) extra, at most 512)."""
+    block = _block_limit(capacity)
+    return -(-capacity // block) * block
+
+
+def _read_global(weights: jax.Array, entries: GlobalValues) -> jax.Array:
+    """weights [B, Hkv, R, Tq, S] -> [B, Tq, Hkv, R, G, gd]: entry values times their token's weight, per group.
+
+    Entries are stored by group, so the list splits into blocks of L entries of which all but at most
+    G - 1 hold a single group ("pure"). A pure block is read out with one matmul (weights [R * Tq, L]
+    x values [L, gd]) and added to its group; only the mixed blocks route every entry through a
+    one-hot of its group. That keeps the work near R * Tq * gd per entry instead of R * Tq * G * gd.
+    (The pure-block matmul pairs entries two by two so its output has 2 * gd columns: XLA's CPU dot is
+    several times faster at 32 columns than at 16, and on accelerators the extra products are free.)
+    """
+    batch, heads, reps, q_len, _ = weights.shape
+    dtype = entries.values.dtype
+    capacity, groups, gd = entries.capacity, entries.num_groups, entries.values.shape[-1]
+    block = _block_size(capacity)
+    blocks, pair = capacity // block, 2 if block % 2 == 0 else 1
+    token = jnp.broadcast_to(entries.tokens.astype(jnp.int32)[:, :, None, None, :], (batch, heads, reps, q_len,
+                                                                                      capacity))
+    w = jnp.take_along_axis(weights, token, axis=-1).astype(dtype)  # empty entries: zero values, any weight
+    w = w.reshape(batch, heads, reps, q_len, blocks, block // pair, pair)
+    # pure blocks: [R * Tq * pair, L / pair] x [L / pair, pair * gd], keeping the matching pairs (the diagonal)
+    v = entries.values.reshape(batch, heads, blocks, block // pair, pair * gd)
+    sums = jnp.einsum("bhrtnap,bhnaf->bhnrtpf", w, v).reshape(batch, heads, blocks, reps, q_len, pair, pair, gd)
+    sums = jnp.einsum("bhnrtppe->bhnrte", sums) if pair > 1 else sums[..., 0, 0, :]  # [B, Hkv, N, R, Tq, gd]
+    group = entries.groups.astype(jnp.int32).reshape(batch, heads, blocks, block)
+    start = jnp.arange(blocks) * block
+    first = jnp.where(start < entries.count[..., None], group[..., 0], groups - 1)  # empty entries count as G - 1
+    last = jnp.where(start + block - 1 < entries.count[..., None], group[..., -1], groups - 1)
+    # the real entries are sorted by group, so a block is pure iff its ends agree
+    pure = jax.nn.one_hot(first, groups, dtype=dtype) * (first == last)[..., None].astype(dtype)  # [B, Hkv, N, G]
+    out = jnp.einsum("bhng,bhnrte->bthrge", pure, sums)
+    # mixed blocks (at most G - 1): every entry through a one-hot of its group (empty ones hold zeros)
+    mixed, ok = _first_true(first != last, min(groups - 1, blocks))  # [B, Hkv, M]
+    w_m = jnp.take_along_axis(w.reshape(batch, heads, reps, q_len, blocks, block),
+                              mixed[:, :, None, None, :, None], axis=4)  # [B, Hkv, R, Tq, M, L]
+    w_m = w_m * ok[:, :, None, None, :, None].astype(dtype)
+    v_m = jnp.take_along_axis(entries.values.reshape(batch, heads, blocks, block, gd), mixed[..., None, None], axis=2)
+    onehot = jax.nn.one_hot(jnp.take_along_axis(group, mixed[..., None], axis=2), groups, dtype=dtype)  # [.., M, L, G]
+    routed = w_m[..., None] * onehot[:, :, None, None]  # [B, Hkv, R, Tq, M, L, G]
+    return out + jnp.einsum("bhrtmlg,bhmle->bthrge", routed, v_m)
+
+
+def packed_attention(query: jax.Array, q_positions: jax.Array, layer: PackedLayer, *,
+                     tail_keys: Optional[jax.Array] = None, tail_values: Optional[jax.Array] = None,
+                     tail_positions: Optional[jax.Array] = None, sliding_window: Optional[int] = None) -> jax.Array:
+    """Attention of query [B, Tq, Hq, D] (positions [B, Tq]) over a packed prefix and an optional dense tail.
+
+    Equals `attend` on the masked dense cache (prefix values with dropped groups zeroed, evicted tokens
+    not allowed; tail uncompressed): one float32 softmax over prefix and tail keys together, rows with
+    no allowed key give zeros. The value read-out works on the packed arrays directly.
+    """
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_heads = layer.keys.keys.shape[1] if layer.keys.compact else layer.keys.keys.shape[2]
+    if num_heads % kv_heads:
+        raise InputError(f"{num_heads} query heads are not a multiple of {kv_heads} KV heads")
+    reps = num_heads // kv_heads
+    q5 = query.reshape(batch, q_len, kv_heads, reps, head_dim)
+    scores, allowed = _prefix_scores(q5, layer.keys, q_positions, sliding_window)
+    allowed = jnp.broadcast_to(allowed, (batch, kv_heads, 1, q_len, scores.shape[-1]))
+    prefix_len = scores.shape[-1]
+    if tail_keys is not None:
+        tail_scores = jnp.einsum("btkrd,bskd->bkrts", q5, tail_keys.astype(query.dtype)).astype(jnp.float32)
+        tail_allowed = attention_allowed(q_positions, tail_positions, sliding_window=sliding_window)
+        tail_allowed = jnp.broadcast_to(tail_allowed, (batch, kv_heads, 1, q_len, tail_keys.shape[1]))
+        scores = jnp.concatenate([scores, tail_scores * head_dim ** -0.5], axis=-1)
+        allowed = jnp.concatenate([allowed, tail_allowed], axis=-1)
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    weights = jnp.where(allowed, weights, 0.0)
+    prefix_w = weights[..., :prefix_len]
+    if isinstance(layer.values, FixedKValues):
+        if layer.keys.compact:
+            raise InputError("a fixed-K layout needs dense keys (its values are indexed by token)")
+        out = _read_fixed_k(prefix_w, layer.values)
+    else:
+        out = _read_global(prefix_w, layer.values)
+    out = out.reshape(batch, q_len, kv_heads, reps, head_dim).astype(query.dtype)
+    if tail_keys is not None:
+        tail_w = weights[..., prefix_len:].astype(tail_values.dtype)
+        out = out + jnp.einsum("bkrts,bskd->btkrd", tail_w, tail_values).astype(query.dtype)
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+# ----------------------------------------------------------------------------- whole-model packing
+
+
+def pack_cache(keys: Sequence[jax.Array], values: Sequence[jax.Array], positions: jax.Array, token_keep_masks,
+               group_masks, *, layout: str = "global", tail_capacity: int = 1, capacity=None, key_capacity=None,
+               k=None) -> PackedCache:
+    """Packs every layer of a prefilled cache (keys/values per layer [B, T, Hkv, D], positions [B, T]).
+
+    token_keep_masks / group_masks: None, one array for all layers, or one per layer. layout "global"
+    (any masks) or "fixed_k" (token masks, if any, must be [B, T]). capacity / key_capacity / k: None
+    (sized from the masks, per layer), an int, or one per layer. Returns a PackedCache with an empty
+    dense tail of tail_capacity slots for decoding.
+    """
+    num_layers = len(keys)
+    token_keep_masks = per_layer(token_keep_masks, num_layers, "token_keep_masks")
+    group_masks = per_layer(group_masks, num_layers, "group_masks")
+
+    def sizes(size, what):
+        return per_layer(size, num_layers, what) if isinstance(size, (list, tuple)) else (size,) * num_layers
+
+    capacity, key_capacity, k = sizes(capacity, "capacity"), sizes(key_capacity, "key_capacity"), sizes(k, "k")
+    layers = []
+    for i in range(num_layers):
+        if layout == "global":
+            layers.append(pack_global(keys[i], values[i], positions, token_keep_masks[i], group_masks[i],
+                                      capacity[i], key_capacity=key_capacity[i]))
+        elif layout == "fixed_k":
+            mask = group_masks[i]
+            if mask is None:
+                mask = jnp.ones(values[i].shape[:3] + (1,), jnp.float32)
+            layers.append(pack_fixed_k_layer(keys[i], values[i], positions, mask, k[i], token_keep_masks[i],
+                                             key_capacity=key_capacity[i]))
+        else:
+            raise InputError(f"unknown packed layout {layout!r}; use 'global' or 'fixed_k'")
+    return PackedCache.with_empty_tail(layers, max(int(tail_capacity), 1), dtype=values[0].dtype)
+
+
+def append_tail(cache: PackedCache, layer: int, keys: jax.Array, values: jax.Array) -> PackedCache:
+    """Writes one chunk's keys/values [B, Tn, Hkv, D] of `layer` at the tail index (positions: `advance_tail`)."""
+    def write(old, new):
+        return jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), cache.tail_index, axis=1)
+
+    tail_keys = cache.tail_keys[:layer] + (write(cache.tail_keys[layer], keys),) + cache.tail_keys[layer + 1:]
+    tail_values = cache.tail_values[:layer] + (write(cache.tail_values[layer], values),) + cache.tail_values[layer + 1:]
+    return cache.replace(tail_keys=tail_keys, tail_values=tail_values)
+
+
+def write_tail_positions(cache: PackedCache, positions: jax.Array) -> PackedCache:
+    """Records positions [B, Tn] of the chunk about to be appended at the tail index."""
+    return cache.replace(tail_positions=jax.lax.dynamic_update_slice_in_dim(
+        cache.tail_positions, positions.astype(jnp.int32), cache.tail_index, 1))
+
+
+def advance_tail(cache: PackedCache, n: int) -> PackedCache:
+    return cache.replace(tail_index=cache.tail_index + n)

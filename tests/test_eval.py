@@ -1,0 +1,323 @@
+"""eval.py end to end on a tiny model: output files and record fields, budget 1.0 = no compression for every
+method, reported KV bytes within the requested budget (+ index metadata), and one-line errors on bad inputs."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = {"task", "method", "budget", "kv_budget", "key_fraction", "value_fraction", "index_fraction", "tau", "rho",
+          "metric", "value", "num_examples"}
+TASKS = ("perplexity", "needle", "variable_tracking", "mmlu")
+# small shapes: one batch per task, a few seconds of compilation each on 2 cores
+SMALL = {"batch_size": 2, "pad_multiple": 32, "perplexity.seq_len": 48, "perplexity.num_sequences": 2,
+         "perplexity.max_bytes": 20000, "perplexity.window": 4, "needle.lengths": (80,), "needle.depths": (0.0, 1.0),
+         "needle.samples": 1, "variable_tracking.lengths": (80,), "variable_tracking.samples": 2,
+         "mmlu.num_shots": 1}
+
+MMLU_ROWS = [
+    ("question", "A", "B", "C", "D", "answer"),  # a header row is skipped
+    ("What is 2 + 2?", "3", "4", "5", "6", "B"),
+    ("Which color is a clear sky?", "green", "red", "blue", "black", "C"),
+    ("The capital of France is", "Paris", "Rome", "Berlin", "Madrid", "A"),
+    ("Water freezes at, in degrees Celsius,", "10", "-5", "100", "0", "D"),
+]
+
+
+def _byte_tokenizer():
+    """A byte-level tokenizer.json (every byte a token, no merges) plus an EOS token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from subtoken_jax import HFTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["</s>"])
+    return HFTokenizer(tok, eos_id=tok.token_to_id("</s>"))
+
+
+def _tiny_config():
+    from configs.default import get_config
+
+    c = get_config()
+    c.model.update(dict(vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, value_groups=4, max_position_embeddings=256))
+    c.adapt.lora.update(dict(rank=4, num_subspaces=2, active_subspaces=1))
+    return c
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A training workdir as train.py leaves it: config.json, the pretrain stage's final params (the whole
+    model) and an adapt-stage checkpoint (fresh routed LoRA + routers on that base, LoRA B = 0)."""
+    from subtoken_jax import trainer
+    from subtoken_jax.checkpoint import Checkpointer, fingerprint
+    from subtoken_jax.hf_import import add_fresh_lora
+    from subtoken_jax.lora import is_adapter_path, split_params
+
+    folder = tmp_path_factory.mktemp("workdir")
+    config = _tiny_config()
+    base_cfg = trainer.base_model_config(config)
+    _, params = trainer.fresh_params(base_cfg, 0, 8)
+    with Checkpointer(folder / "pretrain" / "checkpoints") as ckpt:
+        ckpt.save(config.pretrain.steps, trainable=params, metric=1.0)
+    adapted = trainer.adapted_model_config(config, base_cfg)
+    trainable, frozen = split_params(add_fresh_lora(adapted, params, config.seed), is_adapter_path)
+    with Checkpointer(folder / "adapt" / "checkpoints") as ckpt:
+        ckpt.save(config.adapt.steps, trainable=trainable, metric=1.0,
+                  base_fingerprint=fingerprint(frozen, source="pretrain stage"))
+    with open(folder / "config.json", "w") as fh:
+        json.dump(config.to_dict(), fh, default=list)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A fresh random model saved as a Hugging Face folder with a byte-level tokenizer.json."""
+    from subtoken_jax import ModelConfig, init_params, save_pretrained
+
+    folder = str(tmp_path_factory.mktemp("hf"))
+    tokenizer = _byte_tokenizer()
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2, value_groups=4, max_position_embeddings=256)
+    _, params = init_params(cfg, jax.random.key(1))
+    save_pretrained(folder, cfg, params, tokenizer=tokenizer)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mmlu_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mmlu") / "elementary_facts_test.csv"
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(MMLU_ROWS)
+    return str(path)
+
+
+def _flag(value):
+    return repr(tuple(value)) if isinstance(value, tuple) else str(value)
+
+
+def _eval_cli(workdir, **overrides):
+    args = [f"--config.{k}={_flag(v)}" for k, v in overrides.items()]
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--config", os.path.join(ROOT, "configs/eval.py"),
+           "--workdir", str(workdir), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _config(**overrides):
+    from configs.eval import get_config
+
+    c = get_config()
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        (c[section] if section else c)[name] = value
+    return c
+
+
+def test_eval_end_to_end(workdir, mmlu_csv):
+    proc = _eval_cli(workdir, **SMALL, tasks=TASKS, budgets=(1.0, 0.75, 0.5), **{"mmlu.files": (mmlu_csv,)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = workdir / "eval"
+    for name in ["results.json", "results.csv", "results.md", "examples.jsonl", "needle_grid.png", "value_groups.png",
+                 *(f"quality_{task}.png" for task in TASKS)]:
+        assert (out / name).stat().st_size > 0, name
+    records = json.load(open(out / "results.json"))
+    assert all(set(r) == FIELDS for r in records)
+    with open(out / "results.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == len(records)
+    markdown = open(out / "results.md").read()
+    assert all(f"## {task}" in markdown for task in TASKS)
+    from subtoken_jax.evaluation.methods import METHODS
+
+    for task in TASKS:
+        rows = {(r["method"], r["budget"]): r for r in records if r["task"] == task}
+        assert {m for m, _ in rows} == set(METHODS), task  # routed comes from workdir/adapt
+        full = rows["full", 1.0]
+        for (method, budget), r in rows.items():
+            # bytes: never above the budget by more than the index metadata (token indices, group flags)
+            assert r["kv_budget"] <= budget + r["index_fraction"] + 1e-6, r
+            assert r["key_fraction"] <= r["tau"] + 1e-6 and r["num_examples"] == full["num_examples"], r
+            if budget == 1.0:  # nothing to drop: the same as no compression
+                assert r["kv_budget"] == 1.0 and r["value"] == pytest.approx(full["value"], rel=1e-5), r
+        assert rows["subtoken", 0.75]["key_fraction"] == 1.0
+        assert rows["subtoken", 0.75]["value_fraction"] <= 0.5 + 1e-6
+        assert ("subtoken", 0.5) not in rows and ("routed", 0.5) not in rows  # keys alone are half the bytes
+        assert rows["snapkv", 0.5]["key_fraction"] <= 0.5
+        combined = rows["combined", 0.5]
+        assert combined["tau"] * (1 + combined["rho"]) / 2 == pytest.approx(0.5)
+    # the generated answers / chosen letters, not just the scores, are those of `full`
+    examples = [json.loads(line) for line in open(out / "examples.jsonl")]
+    for task in ("needle", "variable_tracking", "mmlu"):
+        reference = [e["prediction"] for e in examples if e["task"] == task and e["method"] == "full"]
+        assert len(reference) == full_count(records, task)
+        for method in METHODS:
+            got = [e["prediction"] for e in examples if e["task"] == task and e["method"] == method
+                   and e["budget"] == 1.0]
+            assert got == reference, (task, method)
+    assert "error" not in proc.stderr.lower()
+
+
+def test_packed_generation_equals_masked_dense(workdir, tmp_path):
+    """Answers generated from the packed cache (default) are those of the dense cache under the same masks."""
+    from subtoken_jax.evaluation import runner
+
+    answers = {}
+    for generation in ("packed", "masked"):
+        config = _config(**SMALL, tasks=("needle",), budgets=(0.75, 0.375),
+                         methods=("snapkv", "subtoken", "combined"), generation=generation)
+        config.diagnostic.enabled = False
+        out = tmp_path / generation
+        runner.run(config, str(out), str(workdir))
+        answers[generation] = [(e["task"], e["method"], e["budget"], e["prediction"])
+                               for e in map(json.loads, open(out / "eval" / "examples.jsonl"))]
+    # 2 prompts x 5 plans (snapkv and combined at both budgets; subtoken only fits b = 0.75)
+    assert len(answers["packed"]) == 10
+    assert answers["packed"] == answers["masked"]
+
+
+def full_count(records, task):
+    return next(r["num_examples"] for r in records if r["task"] == task and r["method"] == "full")
+
+
+def test_trained_predictor_as_value_group_scorer(workdir, tmp_path):
+    """subtoken / combined with scorer "predictor": a ValueGroupPredictor trained (2 steps) on the workdir's base
+    with text-task prompts, saved by predictor.run, loaded by eval; bad predictor settings fail in one line."""
+    from configs import predictor as predictor_config
+    from subtoken_jax.errors import ConfigError, InputError
+    from subtoken_jax.evaluation import runner
+    from subtoken_jax.selectors import predictor as predictor_lib
+
+    pc = predictor_config.get_config()
+    pc.model.workdir = str(workdir)
+    pc.data.update(dict(source="tasks", lengths=(80,)))
+    pc.train.update(dict(steps=2, batch_size=2, scope="global"))
+    pc.eval.update(dict(batches=1, scope="global"))
+    folder = tmp_path / "predictor"
+    result = predictor_lib.run(pc, str(folder))
+    assert np.isfinite(result["loss"]) and (folder / "config.json").exists()
+
+    overrides = {"tasks": ("needle",), "methods": ("full", "subtoken", "combined"), "budgets": (1.0, 0.75, 0.5),
+                 "subtoken.scorer": "predictor", "combined.scorer": "predictor", "predictor.workdir": str(folder),
+                 "needle.lengths": (80,), "needle.depths": (0.5,), "needle.samples": 2, "batch_size": 2}
+    records = runner.run(_config(**overrides), str(workdir))["records"]
+    rows = {(r["method"], r["budget"]): r for r in records}
+    assert set(rows) == {("full", 1.0), ("subtoken", 1.0), ("subtoken", 0.75), ("combined", 1.0), ("combined", 0.75),
+                         ("combined", 0.5)}
+    assert rows["subtoken", 0.75]["key_fraction"] == 1.0 and rows["subtoken", 0.75]["value_fraction"] <= 0.5 + 1e-6
+    for (method, budget), r in rows.items():
+        assert r["kv_budget"] <= budget + r["index_fraction"] + 1e-6, r
+        if budget == 1.0:
+            assert r["value"] == rows["full", 1.0]["value"] and r["kv_budget"] == 1.0, r
+
+    with pytest.raises(ConfigError, match="needs predictor.workdir"):
+        runner.run(_config(**{**overrides, "predictor.workdir": ""}), str(workdir))
+    with pytest.raises(InputError, match="holds no trained predictor"):
+        runner.run(_config(**{**overrides, "predictor.workdir": str(tmp_path / "none")}), str(workdir))
+    with pytest.raises(ConfigError, match="perplexity task has none"):
+        runner.run(_config(**{**overrides, "tasks": ("perplexity", "needle")}), str(workdir))
+    from subtoken_jax import trainer
+
+    with pytest.raises(InputError, match="trained for a base of 2 layers"):
+        predictor_lib.load_predictor(str(folder), trainer.base_model_config(_tiny_config()).replace(num_layers=3))
+
+
+def test_hugging_face_folder(hf_folder, mmlu_csv, tmp_path):
+    """model.checkpoint: weights and tokenizer from a Hugging Face folder; no adapter, so routed is skipped."""
+    from subtoken_jax.evaluation import runner
+
+    config = _config(**{"model.checkpoint": hf_folder, "model.value_groups": 4, "tasks": ("mmlu",),
+                        "methods": ("full", "key_norm", "subtoken", "routed"), "budgets": (1.0, 0.75),
+                        "mmlu.files": (mmlu_csv,), "diagnostic.enabled": False})
+    summary = runner.run(config, str(tmp_path))
+    methods = {(r["method"], r["budget"]) for r in summary["records"]}
+    assert methods == {("full", 1.0), ("key_norm", 1.0), ("key_norm", 0.75), ("subtoken", 1.0), ("subtoken", 0.75)}
+    assert any("routed: skipped" in note for note in summary["notes"])
+    assert os.path.exists(tmp_path / "eval" / "results.md")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"tasks": ("needle", "trivia")}, "unknown task(s) ['trivia']; choose from: perplexity, needle"),
+    ({"methods": ("full", "magic")}, "unknown method(s) ['magic']; choose from: full, snapkv, h2o"),
+    ({"budgets": (0.5, 1.5)}, "budget=1.5 is out of range"),
+    ({"budgets": (0.0,)}, "budget=0.0 is out of range"),
+    ({"tasks": ("needle",), "needle.lengths": (1000,)}, "exceeds the model's max_position_embeddings=256"),
+    ({"tasks": ("perplexity",), "perplexity.seq_len": 300}, "exceeds the model's max_position_embeddings=256"),
+    ({"tasks": ("mmlu",), "mmlu.files": ("/nonexistent/mmlu_test.csv",)}, "no CSV file matches"),
+    ({"tasks": ("mmlu",)}, "task mmlu needs mmlu.files"),
+    ({"combined.scorer": "oracle"}, "combined.scorer='oracle' is unknown"),
+    ({"generation": "dense"}, "generation must be 'packed' or 'masked'"),
+])
+def test_bad_inputs_fail_before_compute(workdir, overrides, message):
+    from subtoken_jax.errors import CheckpointError, ConfigError, InputError
+    from subtoken_jax.evaluation import runner
+
+    with pytest.raises((ConfigError, InputError, CheckpointError)) as error:
+        runner.run(_config(**overrides), str(workdir))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_workdir_or_checkpoint_fails(tmp_path, workdir):
+    from subtoken_jax.errors import CheckpointError
+    from subtoken_jax.evaluation import runner
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        runner.run(_config(), str(tmp_path / "no_such_run"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        runner.run(_config(), str(tmp_path / "empty"))
+    (tmp_path / "untrained").mkdir()
+    (tmp_path / "untrained" / "config.json").write_text((workdir / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="pretrain/checkpoints holds no checkpoint"):
+        runner.run(_config(), str(tmp_path / "untrained"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        runner.run(_config(**{"model.checkpoint": str(tmp_path / "no_model")}), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "eval").exists()
+
+
+def test_combined_split_and_exact_match():
+    from subtoken_jax.errors import ConfigError
+    from subtoken_jax.evaluation.methods import combined_split
+    from subtoken_jax.evaluation.tasks import needle_correct, variable_tracking_correct
+
+    for budget in (1.0, 0.75, 0.5, 0.3, 0.1):
+        tau, rho = combined_split(budget, 0.5)
+        assert 0 < tau <= 1 and 0 < rho <= 1 and tau * (1 + rho) / 2 == pytest.approx(budget)
+    assert combined_split(0.75, 0.5) == (1.0, 0.5) and combined_split(0.25, 0.5) == pytest.approx((1 / 3, 0.5))
+    assert combined_split(0.3, 0.5, (1.0, 0.5, 0.25)) == pytest.approx((0.5, 0.2))  # largest tau in [b, 2b)
+    with pytest.raises(ConfigError, match="no tau"):
+        combined_split(0.3, 0.5, (1.0, 0.75))
+    assert needle_correct(" 4967319 is it\nQ: x", " 4967319") and not needle_correct(" 42\n4967319", " 4967319")
+    assert variable_tracking_correct(" QWERT ASDFG, ZXCVB", " ZXCVB QWERT ASDFG")
+    assert not variable_tracking_correct(" QWERT ASDFGH ZXCVB", " QWERT ASDFG ZXCVB")
+
+
+def test_cli_prints_one_line_errors(workdir, tmp_path):
+    proc = _eval_cli(workdir, methods=("full", "magic"))
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and lines and "choose from: full, snapkv" in lines[-1], proc.stderr
+    proc = _eval_cli(tmp_path / "missing", **{"mmlu.files": ("/nonexistent/x.csv",), "tasks": ("mmlu",)})
+    assert proc.returncode != 0 and "error: mmlu.files: no CSV file matches" in proc.stderr, proc.stderr
+
+
+def test_checkpoint_flag_resolves_workdir_or_hf_folder(workdir, hf_folder, tmp_path):
+    """eval.py --checkpoint: a train.py workdir is read as the model source, an HF folder sets model.checkpoint."""
+    import importlib.util
+
+    from subtoken_jax.errors import InputError
+
+    spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(ROOT, "eval.py"))
+    eval_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_cli)
+    config = _config()
+    assert eval_cli.resolve_checkpoint(config, str(workdir)) == str(workdir) and config.model.checkpoint == ""
+    assert eval_cli.resolve_checkpoint(config, hf_folder) is None and config.model.checkpoint == hf_folder
+    with pytest.raises(InputError, match="no config.json there"):
+        eval_cli.resolve_checkpoint(config, str(tmp_path))
