@@ -50,21 +50,27 @@ class Tokenizer(Protocol):
 # ----------------------------------------------------------------------------- document sources
 
 
-def text_files(patterns: str | Sequence[str]) -> list[str]:
-    """Paragraphs (separated by blank lines) of the files matching `patterns`, in sorted file order.
+def matching_files(patterns: str | Sequence[str], what: str) -> list[str]:
+    """The files named by `patterns` (paths or globs, `**` recursing), sorted per pattern, without repeats.
 
-    Each pattern is a path or a glob (`**` recurses); a pattern that matches no file is an error
-    rather than an empty corpus, because a typo would otherwise train on nothing.
+    A pattern that matches no file is an error rather than an empty list, because a typo would
+    otherwise train or evaluate on nothing; `what` names the setting in that error.
     """
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns:
-        raise InputError("text_files needs at least one path or glob")
+        raise InputError(f"{what} needs at least one path or glob")
     files: list[str] = []
     for pattern in patterns:
         matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
         if not matches:
-            raise InputError(f"no text file matches {pattern!r}")
+            raise InputError(f"{what}: no file matches {pattern!r}")
         files.extend(m for m in matches if m not in files)
+    return files
+
+
+def text_files(patterns: str | Sequence[str]) -> list[str]:
+    """Paragraphs (separated by blank lines) of the files matching `patterns`, in sorted file order."""
+    files = matching_files(patterns, "text_files")
     documents: list[str] = []
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as fh:

@@ -250,7 +250,7 @@ def test_hugging_face_folder(hf_folder, mmlu_csv, tmp_path):
     ({"budgets": (0.0,)}, "budget=0.0 is out of range"),
     ({"tasks": ("needle",), "needle.lengths": (1000,)}, "exceeds the model's max_position_embeddings=256"),
     ({"tasks": ("perplexity",), "perplexity.seq_len": 300}, "exceeds the model's max_position_embeddings=256"),
-    ({"tasks": ("mmlu",), "mmlu.files": ("/nonexistent/mmlu_test.csv",)}, "no CSV file matches"),
+    ({"tasks": ("mmlu",), "mmlu.files": ("/nonexistent/mmlu_test.csv",)}, "no file matches"),
     ({"tasks": ("mmlu",)}, "task mmlu needs mmlu.files"),
     ({"combined.scorer": "oracle"}, "combined.scorer='oracle' is unknown"),
     ({"generation": "dense"}, "generation must be 'packed' or 'masked'"),
@@ -304,7 +304,7 @@ def test_cli_prints_one_line_errors(workdir, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and lines and "choose from: full, snapkv" in lines[-1], proc.stderr
     proc = _eval_cli(tmp_path / "missing", **{"mmlu.files": ("/nonexistent/x.csv",), "tasks": ("mmlu",)})
-    assert proc.returncode != 0 and "error: mmlu.files: no CSV file matches" in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and "error: mmlu.files: no file matches" in proc.stderr, proc.stderr
 
 
 def test_checkpoint_flag_resolves_workdir_or_hf_folder(workdir, hf_folder, tmp_path):

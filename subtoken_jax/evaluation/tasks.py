@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import os
 import re
 from typing import List, Optional, Sequence, Tuple
@@ -121,16 +120,9 @@ class MCQuestion:
 
 def mmlu_files(patterns: Sequence[str]) -> List[str]:
     """The CSV files named by mmlu.files (paths or globs), each pattern matching at least one file."""
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    if not patterns:
+    if not ([patterns] if isinstance(patterns, str) else list(patterns)):
         raise ConfigError("task mmlu needs mmlu.files: MMLU-format CSV files (question, A, B, C, D, answer)")
-    files: List[str] = []
-    for pattern in patterns:
-        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
-        if not matches:
-            raise InputError(f"mmlu.files: no CSV file matches {pattern!r}")
-        files.extend(m for m in matches if m not in files)
-    return files
+    return data_lib.matching_files(patterns, "mmlu.files")
 
 
 def subject_of(path: str) -> str:
