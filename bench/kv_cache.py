@@ -15,8 +15,9 @@ included), as a fraction of the dense keys + values. Times are one layer's decod
 prefix + tail: `packed_attention` (global; XLA) and `packed_decode_attention` (fixed-K; --impl xla or
 pallas, the kernel needs a GPU/TPU), against two dense baselines: the model's own path (`attend` on
 a KVCache-layout [B, T, Hkv, D] cache) and the same softmax on a head-major [B, Hkv, T, D] cache,
-which XLA reads without transposing it. Per context, each layout's budgets are timed interleaved
-with both dense baselines (one group per layout: the fixed-K XLA path allocates large temporaries
+which XLA reads without transposing it. A third dense row, the KVCache layout through plain einsums
+(what `attend` did before its block-diagonal decode form), shows what that form saves. Per context,
+each layout's budgets are timed interleaved with the dense baselines (one group per layout: the fixed-K XLA path allocates large temporaries
 that would otherwise slow whatever runs after it); ratios are against that group's dense times.
 
     python bench/kv_cache.py [--contexts 2048 8192 32768 --repeats 10 --dtype float32 --impl xla]
@@ -57,6 +58,18 @@ def dense_head_major(query, q_pos, keys_h, values_h, positions):
     return jnp.einsum("bhrs,bhsd->bhrd", weights.astype(values_h.dtype), values_h).reshape(batch, heads, dim)
 
 
+def dense_token_major_einsum(query, q_pos, keys, values, positions):
+    """The same softmax on the KVCache layout [B, S, Hkv, D] as one plain einsum per side: what `attend`
+    did before it learnt the block-diagonal decode form (XLA copies the cache head-major first)."""
+    batch, heads, dim = query.shape
+    kv_heads = keys.shape[2]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = jnp.einsum("bhrd,bshd->bhrs", q, keys).astype(jnp.float32) * dim ** -0.5
+    allowed = ((positions >= 0) & (positions <= q_pos[:, None]))[:, None, None, :]
+    weights = jnp.where(allowed, jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1), 0.0)
+    return jnp.einsum("bhrs,bshd->bhrd", weights.astype(values.dtype), values).reshape(batch, heads, dim)
+
+
 def pack_layer(layout, keys, values, positions, budget, groups):
     """(layer packed in `layout` at this budget's (tau, rho), token keep mask [B, T, Hkv], group mask)."""
     tau, rho = SPLITS[budget]
@@ -92,11 +105,14 @@ def bench_context(length, args, rng):
     all_kh, all_vh = jnp.transpose(all_k, (0, 2, 1, 3)), jnp.transpose(all_v, (0, 2, 1, 3))
     dense = jax.jit(lambda q, k, v: attend(q[:, None], k, v, attention_allowed(q_pos[:, None], all_pos))[:, 0])
     dense_hm = jax.jit(lambda q, k, v: dense_head_major(q, q_pos, k, v, all_pos))
+    dense_einsum = jax.jit(lambda q, k, v: dense_token_major_einsum(q, q_pos, k, v, all_pos))
     dense_fns = {"dense (KVCache layout)": lambda: dense(query, all_k, all_v),
-                 "dense (head-major)": lambda: dense_hm(query, all_kh, all_vh)}
+                 "dense (head-major)": lambda: dense_hm(query, all_kh, all_vh),
+                 "dense (KVCache layout, plain einsum)": lambda: dense_einsum(query, all_k, all_v)}
     if args.check:
-        np.testing.assert_allclose(np.asarray(dense_fns["dense (head-major)"]()),
-                                   np.asarray(dense_fns["dense (KVCache layout)"]()), atol=1e-4)
+        for name in ("dense (head-major)", "dense (KVCache layout, plain einsum)"):
+            np.testing.assert_allclose(np.asarray(dense_fns[name]()),
+                                       np.asarray(dense_fns["dense (KVCache layout)"]()), atol=1e-4)
     tail_kwargs = dict(tail_keys=tail_keys, tail_values=tail_values, tail_positions=tail_pos)
     attention = {
         "global": jax.jit(lambda q, layer: packed_attention(q[:, None], q_pos[:, None], layer, **tail_kwargs)[:, 0]),

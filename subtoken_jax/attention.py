@@ -83,15 +83,53 @@ def attend(query, key, value, allowed, *, value_group_mask: Optional[jax.Array] 
     return jnp.moveaxis(out, 0, 1).reshape(batch, chunks * query_chunk, num_heads, head_dim)[:, :q_len]
 
 
+# Decode on the CPU backend: a dot over a token-major [B, S, Hkv, D] cache with the KV head as batch
+# axis makes XLA copy the whole cache head-major first, which costs several times the dot itself.
+# For a few query rows it is cheaper to run one [S, Hkv * D] x [Hkv * D, rows] dot against block-
+# diagonal queries (Hkv times the multiply-adds, no copy) and keep the diagonal blocks: measured on
+# 2 CPU cores at 32k tokens, 8 KV heads, 32 query heads, a decode step takes 0.29x the time.
+BLOCK_DIAGONAL_MAX_ROWS = 64  # most Tq * Hq query rows per batch row for that form
+
+
+def _use_block_diagonal(rows: int, kv_heads: int) -> bool:
+    return jax.default_backend() == "cpu" and kv_heads > 1 and rows <= BLOCK_DIAGONAL_MAX_ROWS
+
+
+def grouped_scores(q5: jax.Array, key: jax.Array) -> jax.Array:
+    """q5 [B, Tq, Hkv, R, D] . key [B, S, Hkv, D] -> unscaled scores [B, Hkv, R, Tq, S]."""
+    batch, q_len, kv_heads, reps, dim = q5.shape
+    if not _use_block_diagonal(q_len * kv_heads * reps, kv_heads):
+        return jnp.einsum("btkrd,bskd->bkrts", q5, key)
+    eye = jnp.eye(kv_heads, dtype=q5.dtype)
+    q_blocks = jnp.einsum("hi,bthrd->bidhrt", eye, q5).reshape(batch, kv_heads * dim, kv_heads * reps * q_len)
+    # the cache stays the dot's left operand ([S, Hkv * D] as stored); only the small result is transposed
+    scores = jnp.einsum("bsx,bxy->bsy", key.reshape(batch, key.shape[1], kv_heads * dim), q_blocks)
+    return jnp.swapaxes(scores, 1, 2).reshape(batch, kv_heads, reps, q_len, key.shape[1])
+
+
+def grouped_readout(weights: jax.Array, value: jax.Array) -> jax.Array:
+    """weights [B, Hkv, R, Tq, S] . value [B, S, Hkv, D] -> [B, Tq, Hkv, R, D]."""
+    batch, kv_heads, reps, q_len, length = weights.shape
+    dim = value.shape[-1]
+    if not _use_block_diagonal(q_len * kv_heads * reps, kv_heads):
+        return jnp.einsum("bkrts,bskd->btkrd", weights, value)
+    every = jnp.einsum("bys,bsx->byx", weights.reshape(batch, kv_heads * reps * q_len, length),
+                       value.reshape(batch, length, kv_heads * dim))
+    every = every.reshape(batch, kv_heads, reps, q_len, kv_heads, dim)
+    heads = jnp.arange(kv_heads)
+    out = every[:, heads, :, :, heads]  # [Hkv, B, R, Tq, D]: the diagonal blocks (selected, not multiplied)
+    return jnp.transpose(out, (1, 3, 0, 2, 4))
+
+
 def _attend_block(query, key, value, allowed, return_weights: bool):
     batch, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     q = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = jnp.einsum("btkrd,bskd->bkrts", q, key).astype(jnp.float32) * (head_dim ** -0.5)
+    scores = grouped_scores(q, key).astype(jnp.float32) * (head_dim ** -0.5)
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
     weights = jnp.where(allowed, weights, 0.0)  # fully masked rows: zeros, not a uniform average
-    out = jnp.einsum("bkrts,bskd->btkrd", weights.astype(value.dtype), value)
+    out = grouped_readout(weights.astype(value.dtype), value)
     out = out.reshape(batch, q_len, num_heads, head_dim)
     return (out, weights) if return_weights else out
 

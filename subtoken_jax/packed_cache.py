@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subtoken_jax.attention import attention_allowed
+from subtoken_jax.attention import attention_allowed, grouped_readout, grouped_scores
 from subtoken_jax.errors import InputError
 from subtoken_jax.value_groups import per_layer
 
@@ -386,7 +386,7 @@ def _prefix_scores(q5: jax.Array, keys: PackedKeys, q_positions, sliding_window)
         if sliding_window is not None:
             allowed &= (q - kv) < sliding_window
     else:
-        scores = jnp.einsum("btkrd,bskd->bkrts", q5, keys.keys.astype(q5.dtype))
+        scores = grouped_scores(q5, keys.keys.astype(q5.dtype))
         allowed = attention_allowed(q_positions, keys.positions, sliding_window=sliding_window)
     return scores.astype(jnp.float32) * scale, allowed
 
@@ -481,7 +481,7 @@ def packed_attention(query: jax.Array, q_positions: jax.Array, layer: PackedLaye
     allowed = jnp.broadcast_to(allowed, (batch, kv_heads, 1, q_len, scores.shape[-1]))
     prefix_len = scores.shape[-1]
     if tail_keys is not None:
-        tail_scores = jnp.einsum("btkrd,bskd->bkrts", q5, tail_keys.astype(query.dtype)).astype(jnp.float32)
+        tail_scores = grouped_scores(q5, tail_keys.astype(query.dtype)).astype(jnp.float32)
         tail_allowed = attention_allowed(q_positions, tail_positions, sliding_window=sliding_window)
         tail_allowed = jnp.broadcast_to(tail_allowed, (batch, kv_heads, 1, q_len, tail_keys.shape[1]))
         scores = jnp.concatenate([scores, tail_scores * head_dim ** -0.5], axis=-1)
@@ -499,7 +499,7 @@ def packed_attention(query: jax.Array, q_positions: jax.Array, layer: PackedLaye
     out = out.reshape(batch, q_len, kv_heads, reps, head_dim).astype(query.dtype)
     if tail_keys is not None:
         tail_w = weights[..., prefix_len:].astype(tail_values.dtype)
-        out = out + jnp.einsum("bkrts,bskd->btkrd", tail_w, tail_values).astype(query.dtype)
+        out = out + grouped_readout(tail_w, tail_values).astype(query.dtype)
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 

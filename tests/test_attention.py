@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from subtoken_jax import InputError, KVCache, ModelConfig, init_params
+from subtoken_jax import attention as attention_lib
 from subtoken_jax.attention import attend, attention_allowed
 
 
@@ -54,6 +55,27 @@ def test_masked_attention_equals_brute_force(seed, groups, window, kv_heads, use
     ours = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), allowed,
                   value_group_mask=jnp.asarray(group_mask, jnp.float32), query_chunk=query_chunk)
     np.testing.assert_allclose(np.asarray(ours), brute_force_attention(q, k, v, group_mask, keep, window),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("max_rows", [0, 10_000])  # 0: the einsum path; 10_000: block-diagonal (CPU)
+@pytest.mark.parametrize("q_len,kv_heads", [(1, 4), (3, 2), (2, 1)])
+def test_grouped_scores_and_readout_equal_numpy(monkeypatch, max_rows, q_len, kv_heads):
+    monkeypatch.setattr(attention_lib, "BLOCK_DIAGONAL_MAX_ROWS", max_rows)
+    rng = np.random.default_rng(q_len * 10 + kv_heads)
+    batch, length, reps, dim = 2, 9, 3, 8
+    q5 = rng.normal(size=(batch, q_len, kv_heads, reps, dim)).astype(np.float32)
+    keys = rng.normal(size=(batch, length, kv_heads, dim)).astype(np.float32)
+    values = rng.normal(size=(batch, length, kv_heads, dim)).astype(np.float32)
+    weights = rng.random((batch, kv_heads, reps, q_len, length)).astype(np.float32)
+    expect_scores = np.zeros((batch, kv_heads, reps, q_len, length))
+    expect_out = np.zeros((batch, q_len, kv_heads, reps, dim))
+    for b, h, r, t in np.ndindex(batch, kv_heads, reps, q_len):
+        expect_scores[b, h, r, t] = keys[b, :, h] @ q5[b, t, h, r]
+        expect_out[b, t, h, r] = weights[b, h, r, t] @ values[b, :, h]
+    np.testing.assert_allclose(attention_lib.grouped_scores(jnp.asarray(q5), jnp.asarray(keys)), expect_scores,
+                               atol=1e-5)
+    np.testing.assert_allclose(attention_lib.grouped_readout(jnp.asarray(weights), jnp.asarray(values)), expect_out,
                                atol=1e-5)
 
 

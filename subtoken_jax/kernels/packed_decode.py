@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from subtoken_jax.attention import attention_allowed
+from subtoken_jax.attention import attention_allowed, grouped_scores
 from subtoken_jax.errors import InputError
 from subtoken_jax.packed_cache import FixedKValues, PackedLayer, packed_attention
 
@@ -144,7 +144,7 @@ def packed_decode_attention(query: jax.Array, q_positions: jax.Array, layer: Pac
     out, m, l = out[:, :, :reps], m[:, :, :reps], l[:, :, :reps]
     if tail_keys is not None:
         q5 = query.reshape(batch, 1, kv_heads, reps, dim)
-        scores = jnp.einsum("btkrd,bskd->bkrts", q5, tail_keys.astype(query.dtype))[:, :, :, 0]
+        scores = grouped_scores(q5, tail_keys.astype(query.dtype))[:, :, :, 0]
         scores = scores.astype(jnp.float32) * dim ** -0.5  # [B, Hkv, R, L]
         ok = attention_allowed(q_positions[:, None], tail_positions, sliding_window=sliding_window)[:, :, :, 0]
         scores = jnp.where(ok, scores, jnp.finfo(jnp.float32).min)
