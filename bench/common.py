@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Callable, Dict, List, Sequence
@@ -27,17 +28,24 @@ def machine_line(info: Dict[str, object]) -> str:
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, Dict]:
-    """Times each fn (which must return jax arrays) `repeats` times, variants interleaved round-robin.
+    """Times each fn (which must return jax arrays) `repeats` times, variants interleaved.
 
     Every fn is called `warmup` times first (compilation). Each call is timed to block_until_ready
-    of its result. Returns {name: {"median_s", "min_s", "max_s", "times_s"}}.
+    of its result. Each round runs the variants in a fresh (seeded) random order: a variant that
+    streams a large cache through memory slows whatever runs right after it, and a fixed order
+    would charge that to the same neighbour every round. Returns {name: {"median_s", "min_s",
+    "max_s", "times_s"}}.
     """
     for fn in fns.values():
         for _ in range(warmup):
             jax.block_until_ready(fn())
     times: Dict[str, List[float]] = {name: [] for name in fns}
+    order = random.Random(0)
+    names = list(fns)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        order.shuffle(names)
+        for name in names:
+            fn = fns[name]
             start = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
