@@ -47,27 +47,21 @@ from subtoken_jax.value_groups import fixed_k_mask, group_norm_scores  # noqa: E
 SPLITS = {1.0: (1.0, 1.0), 0.5: (2 / 3, 0.5), 0.375: (0.5, 0.5), 0.25: (1 / 3, 0.5)}  # budget: (tau, rho)
 
 
-def dense_head_major(query, q_pos, keys_h, values_h, positions):
-    """The dense softmax(q k) v on a head-major cache [B, Hkv, S, D] (positions [B, S], -1 = empty)."""
+def dense_einsum(query, q_pos, keys, values, positions, *, head_major: bool):
+    """The dense softmax(q k) v of one decode query [B, Hq, D] as one plain einsum per side.
+
+    head_major: the cache is [B, Hkv, S, D], which XLA reads as it is; otherwise it is the KVCache
+    layout [B, S, Hkv, D], which XLA copies head-major first (what `attend` did before it learnt the
+    block-diagonal decode form). positions [B, S], -1 = empty.
+    """
     batch, heads, dim = query.shape
-    kv_heads = keys_h.shape[1]
+    cache = "bhsd" if head_major else "bshd"
+    kv_heads = keys.shape[1 if head_major else 2]
     q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    scores = jnp.einsum("bhrd,bhsd->bhrs", q, keys_h).astype(jnp.float32) * dim ** -0.5
+    scores = jnp.einsum(f"bhrd,{cache}->bhrs", q, keys).astype(jnp.float32) * dim ** -0.5
     allowed = ((positions >= 0) & (positions <= q_pos[:, None]))[:, None, None, :]
     weights = jnp.where(allowed, jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1), 0.0)
-    return jnp.einsum("bhrs,bhsd->bhrd", weights.astype(values_h.dtype), values_h).reshape(batch, heads, dim)
-
-
-def dense_token_major_einsum(query, q_pos, keys, values, positions):
-    """The same softmax on the KVCache layout [B, S, Hkv, D] as one plain einsum per side: what `attend`
-    did before it learnt the block-diagonal decode form (XLA copies the cache head-major first)."""
-    batch, heads, dim = query.shape
-    kv_heads = keys.shape[2]
-    q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    scores = jnp.einsum("bhrd,bshd->bhrs", q, keys).astype(jnp.float32) * dim ** -0.5
-    allowed = ((positions >= 0) & (positions <= q_pos[:, None]))[:, None, None, :]
-    weights = jnp.where(allowed, jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1), 0.0)
-    return jnp.einsum("bhrs,bshd->bhrd", weights.astype(values.dtype), values).reshape(batch, heads, dim)
+    return jnp.einsum(f"bhrs,{cache}->bhrd", weights.astype(values.dtype), values).reshape(batch, heads, dim)
 
 
 def pack_layer(layout, keys, values, positions, budget, groups):
@@ -104,11 +98,11 @@ def bench_context(length, args, rng):
     all_pos = jnp.concatenate([positions, tail_pos], 1)
     all_kh, all_vh = jnp.transpose(all_k, (0, 2, 1, 3)), jnp.transpose(all_v, (0, 2, 1, 3))
     dense = jax.jit(lambda q, k, v: attend(q[:, None], k, v, attention_allowed(q_pos[:, None], all_pos))[:, 0])
-    dense_hm = jax.jit(lambda q, k, v: dense_head_major(q, q_pos, k, v, all_pos))
-    dense_einsum = jax.jit(lambda q, k, v: dense_token_major_einsum(q, q_pos, k, v, all_pos))
+    dense_hm = jax.jit(lambda q, k, v: dense_einsum(q, q_pos, k, v, all_pos, head_major=True))
+    dense_tm = jax.jit(lambda q, k, v: dense_einsum(q, q_pos, k, v, all_pos, head_major=False))
     dense_fns = {"dense (KVCache layout)": lambda: dense(query, all_k, all_v),
                  "dense (head-major)": lambda: dense_hm(query, all_kh, all_vh),
-                 "dense (KVCache layout, plain einsum)": lambda: dense_einsum(query, all_k, all_v)}
+                 "dense (KVCache layout, plain einsum)": lambda: dense_tm(query, all_k, all_v)}
     if args.check:
         for name in ("dense (head-major)", "dense (KVCache layout, plain einsum)"):
             np.testing.assert_allclose(np.asarray(dense_fns[name]()),
