@@ -26,7 +26,6 @@ that would otherwise slow whatever runs after it); ratios are against that group
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -75,9 +74,8 @@ def pack_layer(layout, keys, values, positions, budget, groups):
                                            token_keep_masks=per_head)[0]
         return pack_global(keys, values, positions, per_head, group_mask), per_head, group_mask
     shared = select_tokens(jnp.mean(key_norm, axis=-1), tau, positions)  # [B, T, 1]
-    k = max(1, round(rho * groups))
-    group_mask = fixed_k_mask(scores, k / groups)
-    layer = pack_fixed_k_layer(keys, values, positions, group_mask, k, shared[..., 0])
+    group_mask = fixed_k_mask(scores, rho)  # K = round(rho * G) groups of every token
+    layer = pack_fixed_k_layer(keys, values, positions, group_mask, token_keep_mask=shared[..., 0])
     return layer, jnp.broadcast_to(shared, keys.shape[:3]), group_mask
 
 

@@ -39,14 +39,14 @@ from subtoken_jax.selectors import value_group_scorer  # noqa: E402
 from subtoken_jax.selectors.predictor import init_predictor, make_predictor, predictor_scorer  # noqa: E402
 
 
-def model_configs(max_len: int):
+def model_configs():
     d = default_config().model
     small = dict(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
                  num_layers=d.num_layers, num_heads=d.num_heads, num_kv_heads=d.num_kv_heads,
                  value_groups=d.value_groups, tie_word_embeddings=True)
     big = dict(small, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4)
     return {f"default (d={small['hidden_size']}, {small['num_layers']} layers)": small,
-            f"bigger (d={big['hidden_size']}, {big['num_layers']} layers)": big}, max_len
+            f"bigger (d={big['hidden_size']}, {big['num_layers']} layers)": big}
 
 
 def selection_fns(predictor, pparams, rho: float, tau: float):
@@ -75,7 +75,7 @@ def main():
     parser.add_argument("--out", default="bench/results/selector_cost.json")
     args = parser.parse_args()
     started, rng = time.time(), np.random.default_rng(0)
-    models, max_len = model_configs(max(args.contexts) + args.question)
+    models, max_len = model_configs(), max(args.contexts) + args.question
     rows = []
     for model_name, fields in models.items():
         cfg = ModelConfig(**fields, max_position_embeddings=max_len, dtype=args.dtype)

@@ -29,7 +29,7 @@ from bench.common import machine_info, machine_line, markdown_table, time_interl
 from configs.default import get_config  # noqa: E402
 from subtoken_jax import trainer  # noqa: E402
 from subtoken_jax.hf_import import add_fresh_lora  # noqa: E402
-from subtoken_jax.lora import is_adapter_path, split_params  # noqa: E402
+from subtoken_jax.lora import count_params, is_adapter_path, split_params  # noqa: E402
 from subtoken_jax.model import DecoderLM  # noqa: E402
 from subtoken_jax.model_config import LoRAConfig, ModelConfig, RoutingConfig  # noqa: E402
 from subtoken_jax.objectives import LossWeights, train_step  # noqa: E402
@@ -63,7 +63,7 @@ def make_step(base_cfg, base_params, lora, routing, args, batch):
         state["i"] += 1
         return state["t"], metrics["loss"]
 
-    n_adapter = sum(x.size for x in jax.tree.leaves(trainable))
+    n_adapter = count_params(trainable)
     return run, n_adapter
 
 
