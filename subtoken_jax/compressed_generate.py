@@ -34,18 +34,15 @@ from tqdm.auto import tqdm
 
 from subtoken_jax.attention import Attention
 from subtoken_jax.errors import InputError
-from subtoken_jax.kernels.packed_decode import packed_decode_attention
+from subtoken_jax.kernels.packed_decode import IMPLS, packed_decode_attention
 from subtoken_jax.layers import MLP, RMSNorm, apply_rope
-from subtoken_jax.model import DecoderLM
+from subtoken_jax.model import DecoderLM, default_positions
 from subtoken_jax.model_config import check_budget
-from subtoken_jax.packed_cache import (FixedKValues, PackedCache, advance_tail, append_tail, pack_cache,
+from subtoken_jax.packed_cache import (LAYOUTS, FixedKValues, PackedCache, advance_tail, append_tail, pack_cache,
                                        packed_attention, write_tail_positions)
-from subtoken_jax.sampling import check_sampling, pick_token
+from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
 from subtoken_jax.selectors import (SCOPES, TOKEN_SELECTORS, PrefillState, TokenSelector, capture_prefill_state,
                                     combine, value_group_scorer)
-
-IMPLS = ("auto", "xla", "pallas")
-LAYOUTS = ("global", "fixed_k")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +131,7 @@ def packed_decode_step(model: DecoderLM, params, cache: PackedCache, token: jax.
         kwargs = dict(tail_keys=cache.tail_keys[i].astype(query.dtype),
                       tail_values=cache.tail_values[i].astype(query.dtype), tail_positions=cache.tail_positions,
                       sliding_window=cfg.sliding_window(i))
-        if isinstance(layer.values, FixedKValues) and impl != "xla":
+        if isinstance(layer.values, FixedKValues):  # the kernel on GPU/TPU; its impl="xla" is packed_attention
             out = packed_decode_attention(query[:, 0], positions[:, 0], layer, impl=impl, **kwargs)[:, None]
         else:
             out = packed_attention(query, positions, layer, **kwargs)
@@ -164,10 +161,7 @@ def _decode(model, params, cache, token, position, done, rng, steps: int, impl: 
         cache, token, position, done, rng = carry
         logits, cache = packed_decode_step(model, params, cache, token, position, impl=impl)
         rng, sub = jax.random.split(rng)
-        token = pick_token(logits, sub, temperature, top_k)
-        if eos_id is not None:
-            token = jnp.where(done, eos_id, token)
-            done = done | (token == eos_id)
+        token, done = hold_eos(pick_token(logits, sub, temperature, top_k), done, eos_id)
         return (cache, token, position + 1, done, rng), token
 
     carry, tokens = jax.lax.scan(step, (cache, token, position, done, rng), None, length=steps)
@@ -249,14 +243,12 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
         q_mask = jnp.ones((batch, question_len), jnp.int32) if question_mask is None else \
             jnp.asarray(question_mask, jnp.int32)
         # left padding: pad slots get position -1, so they are never attended and attend to nothing
-        offsets = jnp.cumsum(q_mask, axis=1) - 1
-        positions = jnp.where(q_mask > 0, next_position[:, None] + offsets, -1).astype(jnp.int32)
+        positions = default_positions(question_ids, q_mask, next_position[:, None])
         logits, packed = _feed(model, params, packed, jnp.asarray(question_ids, jnp.int32), positions, impl)
         next_position = next_position + jnp.sum(q_mask, axis=1).astype(jnp.int32)
     rng = jax.random.key(0) if rng is None else rng
     rng, first_rng = jax.random.split(rng)
-    token = pick_token(logits, first_rng, temperature, top_k)
-    done = jnp.zeros((batch,), bool) if eos_id is None else token == eos_id
+    token, done = hold_eos(pick_token(logits, first_rng, temperature, top_k), jnp.zeros((batch,), bool), eos_id)
     pieces = [token[:, None]]
     remaining = max_new_tokens - 1
     sizes = [min(chunk, remaining - i) for i in range(0, remaining, chunk)] if progress else [remaining] * bool(remaining)

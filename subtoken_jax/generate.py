@@ -13,7 +13,7 @@ from subtoken_jax.compressed_generate import compressed_generate
 from subtoken_jax.errors import InputError
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM
-from subtoken_jax.sampling import check_sampling, pick_token
+from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -65,10 +65,7 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     next_logits = logits[:, -1]
     for _ in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
         rng, step_rng = jax.random.split(rng)
-        token = pick_token(next_logits, step_rng, temperature, top_k)
-        if eos_id is not None:
-            token = jnp.where(done, eos_id, token)
-            done = done | (token == eos_id)
+        token, done = hold_eos(pick_token(next_logits, step_rng, temperature, top_k), done, eos_id)
         tokens.append(token)
         if len(tokens) == max_new_tokens:
             break

@@ -41,6 +41,9 @@ from subtoken_jax.errors import InputError
 from subtoken_jax.value_groups import per_layer
 
 
+LAYOUTS = ("global", "fixed_k")
+
+
 def index_dtype(n: int):
     """Smallest dtype holding indices 0..n-1: uint8 (n <= 256), uint16 (n <= 65536), else int32."""
     if n <= 1 << 8:
@@ -536,7 +539,7 @@ def pack_cache(keys: Sequence[jax.Array], values: Sequence[jax.Array], positions
             layers.append(pack_fixed_k_layer(keys[i], values[i], positions, mask, k[i], token_keep_masks[i],
                                              key_capacity=key_capacity[i]))
         else:
-            raise InputError(f"unknown packed layout {layout!r}; use 'global' or 'fixed_k'")
+            raise InputError(f"unknown packed layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     return PackedCache.with_empty_tail(layers, max(int(tail_capacity), 1), dtype=values[0].dtype)
 
 

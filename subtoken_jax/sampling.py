@@ -28,3 +28,11 @@ def pick_token(logits: jax.Array, rng: jax.Array, temperature: float, top_k: Opt
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     return jax.random.categorical(rng, logits).astype(jnp.int32)
+
+
+def hold_eos(token: jax.Array, done: jax.Array, eos_id: Optional[int]):
+    """After a row has emitted eos_id it keeps emitting it: returns (token, done) after this step."""
+    if eos_id is None:
+        return token, done
+    token = jnp.where(done, eos_id, token)
+    return token, done | (token == eos_id)

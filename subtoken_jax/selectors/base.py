@@ -138,8 +138,7 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
     values = tuple(v[:, :ctx_len] for v in cache.values)
     if question_ids is not None:
         q_mask = jnp.ones((batch, q_len), jnp.int32) if question_mask is None else jnp.asarray(question_mask, jnp.int32)
-        last = jnp.max(positions, axis=1, keepdims=True)
-        q_positions = jnp.where(q_mask > 0, last + jnp.cumsum(q_mask, axis=1), -1).astype(jnp.int32)
+        q_positions = default_positions(question_ids, q_mask, jnp.max(positions, axis=1, keepdims=True) + 1)
         _, queries, last_logits = _prefill(model, params, jnp.asarray(question_ids, jnp.int32), q_positions, cache)
     else:
         if not 1 <= window <= ctx_len:
