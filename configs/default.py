@@ -52,6 +52,7 @@ def get_config() -> ConfigDict:
     c.pretrain.learning_rate = 3e-3
     c.pretrain.warmup_steps = 100
     c.pretrain.weight_decay = 0.1
+    c.pretrain.init_from = ""  # a train.py workdir whose pretrained base starts this run (warm start)
 
     # Stage 2: the base is frozen; LoRA and routers train.
     c.adapt = ConfigDict()

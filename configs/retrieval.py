@@ -28,7 +28,6 @@ def get_config(variant: str = ""):
     "anneal" = phase 3 (the same mixture, more steps at half the learning rate)."""
     c = default_config()
     c.stages = ("pretrain",)
-    c.pretrain.init_from = ""  # a train.py workdir whose pretrained base starts this run (warm start)
 
     c.model.intermediate_size = 512
     c.model.max_position_embeddings = 1024

@@ -257,14 +257,14 @@ def run(config: ConfigDict, workdir: str) -> Dict[str, Any]:
                                                 param_dtype=config.model.param_dtype,
                                                 value_groups=config.model.value_groups, with_tokenizer=False)
             base_model = DecoderLM(base_cfg)
-        else:
+        elif config.pretrain.get("init_from", ""):  # warm start (a resumed stage overrides it)
+            init_from = config.pretrain.init_from
+            base_model, base_params, _, _, _ = load_workdir_base(init_from)
+            if base_model.config != base_cfg:
+                raise ConfigError(f"pretrain.init_from={init_from!r} holds a different model ({base_model.config}); "
+                                  f"this run's model is {base_cfg}")
+        else:  # validate_config: without model.checkpoint, the pretrain stage runs
             base_model, base_params = fresh_params(base_cfg, config.seed, config.seq_len)
-            init_from = config.pretrain.get("init_from", "")
-            if init_from and "pretrain" in config.stages:  # warm start (a resumed stage overrides it)
-                other, base_params, _, _, _ = load_workdir_base(init_from)
-                if other.config != base_cfg:
-                    raise ConfigError(f"pretrain.init_from={init_from!r} holds a different model ({other.config}); "
-                                      f"this run's model is {base_cfg}")
         if "pretrain" in config.stages:
             base_params = run_stage("pretrain", config, workdir, base_model, base_params, {}, mesh, train_iter,
                                     eval_fn, budgets=(1.0,))

@@ -109,6 +109,28 @@ def test_bad_config_fails_before_compute(tmp_path, override, message):
     assert not os.path.exists(tmp_path / "pretrain" / "metrics.jsonl")
 
 
+def test_warm_start_from_another_workdir(tmp_path):
+    first = _train(tmp_path / "first", "--config.stages=('pretrain',)", "--config.pretrain.steps=30")
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out
+    first_losses = _metrics(tmp_path / "first" / "pretrain" / "metrics.jsonl")
+
+    warm = _train(tmp_path / "warm", "--config.stages=('pretrain',)", "--config.pretrain.steps=2",
+                  f"--config.pretrain.init_from={tmp_path / 'first'}")
+    out, _ = warm.communicate(timeout=600)
+    assert warm.returncode == 0, out
+    warm_losses = _metrics(tmp_path / "warm" / "pretrain" / "metrics.jsonl")
+    # the warm start begins where the first run ended, far below a fresh model's first loss
+    assert warm_losses[1] < first_losses[1] - 0.5, (first_losses, warm_losses)
+
+    other = _train(tmp_path / "other", "--config.stages=('pretrain',)", "--config.model.hidden_size=64",
+                   f"--config.pretrain.init_from={tmp_path / 'first'}")
+    out, _ = other.communicate(timeout=600)
+    assert other.returncode != 0
+    error_lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert error_lines and "holds a different model" in error_lines[-1], out
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # warmup from 0 keeps step 1 finite (and checkpointed); the huge learning rate then diverges
     proc = _train(tmp_path, "--config.stages=('pretrain',)", "--config.pretrain.steps=12", "--config.checkpoint_every=1",

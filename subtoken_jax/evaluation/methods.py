@@ -201,13 +201,6 @@ def cache_from_state(state: PrefillState, model_cfg: ModelConfig, capacity: int)
                              index=jnp.asarray(state.positions.shape[1], jnp.int32)))
 
 
-def question_positions(context_positions, question_mask) -> jax.Array:
-    """Positions of (left-padded) question tokens right after each row's last context token; -1 = padding."""
-    q_mask = jnp.asarray(question_mask, jnp.int32)
-    last = jnp.max(context_positions, axis=1, keepdims=True)
-    return jnp.where(q_mask > 0, last + jnp.cumsum(q_mask, axis=1), -1).astype(jnp.int32)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "capacity"))
 def routed_prefill(model: DecoderLM, params, context, context_mask, value_budget, capacity: int):
     """Prefills a routed model (its router decides each context token's groups at value_budget).

@@ -462,10 +462,7 @@ def make_plans(config: ConfigDict, source: Source) -> Tuple[List[methods_lib.Pla
     for method in dict.fromkeys(config.methods):
         if method == "routed" and source.routed_cfg is None:
             continue
-        if method == "full":
-            plans.append(methods_lib.Plan("full", 1.0, 1.0, 1.0))
-            continue
-        for budget in budgets:
+        for budget in ([1.0] if method == "full" else budgets):  # the full cache is one point, at b = 1
             plan, why = methods_lib.plan_method(method, budget, config, source.base_cfg, source.routed_cfg)
             if plan is None:
                 notes.append(why)

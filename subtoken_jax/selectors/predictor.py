@@ -241,9 +241,9 @@ def make_predictor(config, model_config: ModelConfig) -> ValueGroupPredictor:
 # ----------------------------------------------------------------------------- scoring a prefill
 
 
-def _layer_inputs(predictor: ValueGroupPredictor, state: PrefillState, layer: int):
-    return (*question_summary(state, layer, predictor.spread_rank), state.keys[layer], state.values[layer],
-            state.positions, state.query_positions)
+def _layer_inputs(predictor: ValueGroupPredictor, state: PrefillState, layer: int, summary=None):
+    summary = question_summary(state, layer, predictor.spread_rank) if summary is None else summary
+    return (*summary, state.keys[layer], state.values[layer], state.positions, state.query_positions)
 
 
 @functools.partial(jax.jit, static_argnames=("predictor", "groups"))
@@ -252,17 +252,24 @@ def _apply_layer(predictor, predictor_params, inputs, layer, groups):
 
 
 def predictor_layer_scores(predictor: ValueGroupPredictor, predictor_params, state: PrefillState,
-                           layer: int) -> jax.Array:
-    """[B, S, Hkv, G] predicted relevance of layer `layer`'s value groups (state: question window)."""
+                           layer: int, summary=None) -> jax.Array:
+    """[B, S, Hkv, G] predicted relevance of layer `layer`'s value groups (state: question window).
+
+    summary: that layer's question_summary, when already computed."""
     if state.window_in_context:
         raise InputError("the predictor scores against a question: capture the state with question_ids")
-    inputs = _layer_inputs(predictor, state, layer)
+    inputs = _layer_inputs(predictor, state, layer, summary)
     return _apply_layer(predictor, predictor_params, inputs, jnp.asarray(layer, jnp.int32), state.value_groups)
 
 
-def predictor_scores(predictor: ValueGroupPredictor, predictor_params, state: PrefillState) -> Tuple[jax.Array, ...]:
-    """Per-layer predicted scores [B, S, Hkv, G], ready for `allocate_value_groups`."""
-    return tuple(predictor_layer_scores(predictor, predictor_params, state, layer) for layer in range(state.num_layers))
+def predictor_scores(predictor: ValueGroupPredictor, predictor_params, state: PrefillState,
+                     summaries=None) -> Tuple[jax.Array, ...]:
+    """Per-layer predicted scores [B, S, Hkv, G], ready for `allocate_value_groups`.
+
+    summaries: question_summaries(predictor, state), when already computed."""
+    return tuple(predictor_layer_scores(predictor, predictor_params, state, layer,
+                                        None if summaries is None else summaries[layer])
+                 for layer in range(state.num_layers))
 
 
 def predictor_scorer(predictor: ValueGroupPredictor, predictor_params) -> Callable[[PrefillState, int], jax.Array]:
@@ -530,8 +537,9 @@ def evaluate_predictor(model: DecoderLM, params, predictor: ValueGroupPredictor,
     totals: Dict[str, float] = {}
     for _ in range(batches):
         state, targets = predictor_example(model, params, next(prompts_iter))
-        results = {"loss": float(predictor_loss(predictor, predictor_params, state, targets, scope))}
-        scores = predictor_scores(predictor, predictor_params, state)
+        summaries = question_summaries(predictor, state)  # shared by the loss and the scores
+        results = {"loss": float(predictor_loss(predictor, predictor_params, state, targets, scope, summaries))}
+        scores = predictor_scores(predictor, predictor_params, state, summaries)
         results.update(selection_quality(scores, targets, budget, state.positions, scope))
         noise = [jnp.asarray(rng.random(t.shape, np.float32)) for t in targets]
         results.update({f"random_{k}": v for k, v in
