@@ -40,6 +40,7 @@ from subtoken_jax.evaluation import tasks as tasks_lib
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import ModelConfig, check_budget
 from subtoken_jax.selectors import capture_prefill_state
+from subtoken_jax.selectors import predictor as predictor_lib
 
 # ----------------------------------------------------------------------------- config checks
 
@@ -88,10 +89,7 @@ def validate(config: ConfigDict) -> None:
             raise ConfigError("scorer 'predictor' scores against a question, and the perplexity task has none: drop "
                               "perplexity from tasks, or use scorer expected / attention there")
         folder = config.predictor.workdir
-        missing = [n for n in ("config.json", "predictor_params.msgpack") if not os.path.exists(os.path.join(folder, n))]
-        if missing:
-            raise InputError(f"predictor.workdir={folder!r} holds no trained predictor (missing {', '.join(missing)}); "
-                             "train one with train.py --config configs/predictor.py")
+        predictor_lib.check_predictor_folder(folder, f"predictor.workdir={folder!r}")
     if "mmlu" in config.tasks:
         if config.mmlu.num_shots < 0 or config.mmlu.max_examples < 0:
             raise ConfigError("mmlu.num_shots and mmlu.max_examples must be >= 0")
@@ -278,10 +276,8 @@ class Evaluator:
         self.selectors = methods_lib.make_selectors(self.config)
         self.scorers = {}
         if methods_lib.uses_predictor(self.config):
-            from subtoken_jax.selectors.predictor import load_predictor, predictor_scorer
-
-            self.scorers["predictor"] = predictor_scorer(*load_predictor(self.config.predictor.workdir,
-                                                                         self.base_model.config))
+            self.scorers["predictor"] = predictor_lib.predictor_scorer(
+                *predictor_lib.load_predictor(self.config.predictor.workdir, self.base_model.config))
         names = {p.method for p in self.plans}
         self.with_attention = "h2o" in names or ("combined" in names and self.config.combined.selector == "h2o")
         self.pad_id = self.source.tokenizer.pad_id if getattr(self.source.tokenizer, "pad_id", None) is not None else 0

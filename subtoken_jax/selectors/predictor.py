@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import math
+import os
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import flax.linen as nn
@@ -589,19 +591,24 @@ def prompt_batches(config, model: DecoderLM, tokenizer, seed: int) -> Iterator[D
     raise ConfigError(f"data.source={source!r} is unknown; choose random_ids or tasks")
 
 
+def check_predictor_folder(folder: str, label: Optional[str] = None) -> Tuple[str, str]:
+    """The (config.json, predictor_params.msgpack) paths run() wrote to `folder`; an InputError if either is missing.
+
+    label names the folder in that error (default: the folder itself)."""
+    paths = tuple(os.path.join(folder, name) for name in ("config.json", "predictor_params.msgpack"))
+    missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
+    if missing:
+        raise InputError(f"{label or folder} holds no trained predictor (missing {', '.join(missing)}); "
+                         "train one with train.py --config configs/predictor.py")
+    return paths
+
+
 def load_predictor(folder: str, model_config: ModelConfig):
     """(ValueGroupPredictor, params) written by run() to `folder` (config.json + predictor_params.msgpack)."""
-    import json
-    import os
-
     from flax import serialization
     from ml_collections import ConfigDict
 
-    paths = [os.path.join(folder, name) for name in ("config.json", "predictor_params.msgpack")]
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-        raise InputError(f"{folder} is not a trained predictor (missing {', '.join(map(os.path.basename, missing))}); "
-                         "train one with train.py --config configs/predictor.py")
+    paths = check_predictor_folder(folder)
     with open(paths[0]) as fh:
         config = ConfigDict(json.load(fh))
     trained_layers = config.get("base_num_layers", model_config.num_layers)
@@ -631,9 +638,6 @@ def run(config, workdir: Optional[str] = None) -> Dict[str, float]:
                                 batches=config.eval.batches, budget=config.eval.value_budget, scope=config.eval.scope,
                                 seed=config.seed)
     if workdir:
-        import json
-        import os
-
         from flax import serialization
 
         os.makedirs(workdir, exist_ok=True)
