@@ -23,16 +23,16 @@ def attention_allowed(q_positions, kv_positions, *, sliding_window: Optional[int
                       token_keep_mask: Optional[jax.Array] = None) -> jax.Array:
     """Which keys each query may attend to: [batch, kv_heads|1, 1, q_len, kv_len] booleans.
 
-    A kv slot with a negative position is empty (padding or unused cache). Causal by positions;
-    a sliding window of w lets query i see keys i-w+1..i (Hugging Face's convention).
-    token_keep_mask ([batch, kv_len] or [batch, kv_len, kv_heads]) evicts whole tokens.
+    kv_positions [batch, kv_len], or [batch, kv_heads, kv_len] when each KV head holds its own slots
+    (the packed cache's compacted keys). A kv slot with a negative position is empty (padding or
+    unused cache). Causal by positions; a sliding window of w lets query i see keys i-w+1..i (Hugging
+    Face's convention). token_keep_mask ([batch, kv_len] or [batch, kv_len, kv_heads]) evicts whole tokens.
     """
-    q = q_positions[:, :, None]
-    kv = kv_positions[:, None, :]
-    allowed = (kv >= 0) & (kv <= q)
+    q = q_positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
+    kv = kv_positions[:, None, None, None, :] if kv_positions.ndim == 2 else kv_positions[:, :, None, None, :]
+    allowed = (kv >= 0) & (kv <= q)  # [B, 1 or Hkv, 1, T, S]
     if sliding_window is not None:
         allowed &= (q - kv) < sliding_window
-    allowed = allowed[:, None, None, :, :]  # [B, 1, 1, T, S]
     if token_keep_mask is not None:
         keep = token_keep_mask.astype(bool)
         if keep.ndim == 2:

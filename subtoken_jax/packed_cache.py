@@ -377,21 +377,15 @@ def cache_nbytes(packed, by_kind: bool = False) -> Union[int, Dict[str, int]]:
 # ----------------------------------------------------------------------------- attention
 
 
-def _prefix_scores(q5: jax.Array, keys: PackedKeys, q_positions, sliding_window):
-    """Scores [B, Hkv, R, Tq, S] of grouped queries [B, Tq, Hkv, R, D] on the prefix keys (float32, scaled)
-    and which are allowed, [B, Hkv or 1, 1, Tq, S]."""
-    scale = q5.shape[-1] ** -0.5
+def key_scores(q5: jax.Array, keys: PackedKeys, q_positions, sliding_window):
+    """Scores [B, Hkv, R, Tq, S] of grouped queries [B, Tq, Hkv, R, D] on packed (or dense tail) keys, float32
+    and scaled, and which are allowed, [B, Hkv or 1, 1, Tq, S]."""
     if keys.compact:
-        scores = jnp.einsum("btkrd,bksd->bkrts", q5, keys.keys.astype(q5.dtype))
-        kv = keys.positions[:, :, None, None, :]  # [B, Hkv, 1, 1, Tk]
-        q = q_positions[:, None, None, :, None]  # [B, 1, 1, Tq, 1]
-        allowed = (kv >= 0) & (kv <= q)
-        if sliding_window is not None:
-            allowed &= (q - kv) < sliding_window
+        scores = jnp.einsum("btkrd,bksd->bkrts", q5, keys.keys.astype(q5.dtype))  # already head-major
     else:
         scores = grouped_scores(q5, keys.keys.astype(q5.dtype))
-        allowed = attention_allowed(q_positions, keys.positions, sliding_window=sliding_window)
-    return scores.astype(jnp.float32) * scale, allowed
+    allowed = attention_allowed(q_positions, keys.positions, sliding_window=sliding_window)
+    return scores.astype(jnp.float32) * q5.shape[-1] ** -0.5, allowed
 
 
 def _read_fixed_k(weights: jax.Array, entries: FixedKValues) -> jax.Array:
@@ -480,14 +474,13 @@ def packed_attention(query: jax.Array, q_positions: jax.Array, layer: PackedLaye
         raise InputError(f"{num_heads} query heads are not a multiple of {kv_heads} KV heads")
     reps = num_heads // kv_heads
     q5 = query.reshape(batch, q_len, kv_heads, reps, head_dim)
-    scores, allowed = _prefix_scores(q5, layer.keys, q_positions, sliding_window)
+    scores, allowed = key_scores(q5, layer.keys, q_positions, sliding_window)
     allowed = jnp.broadcast_to(allowed, (batch, kv_heads, 1, q_len, scores.shape[-1]))
     prefix_len = scores.shape[-1]
     if tail_keys is not None:
-        tail_scores = grouped_scores(q5, tail_keys.astype(query.dtype)).astype(jnp.float32)
-        tail_allowed = attention_allowed(q_positions, tail_positions, sliding_window=sliding_window)
+        tail_scores, tail_allowed = key_scores(q5, PackedKeys(tail_keys, tail_positions), q_positions, sliding_window)
         tail_allowed = jnp.broadcast_to(tail_allowed, (batch, kv_heads, 1, q_len, tail_keys.shape[1]))
-        scores = jnp.concatenate([scores, tail_scores * head_dim ** -0.5], axis=-1)
+        scores = jnp.concatenate([scores, tail_scores], axis=-1)
         allowed = jnp.concatenate([allowed, tail_allowed], axis=-1)
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from subtoken_jax.attention import attention_allowed, grouped_scores
+from subtoken_jax.attention import attention_allowed, grouped_readout
 from subtoken_jax.errors import InputError
-from subtoken_jax.packed_cache import FixedKValues, PackedLayer, packed_attention
+from subtoken_jax.packed_cache import FixedKValues, PackedKeys, PackedLayer, key_scores, packed_attention
 
 IMPLS = ("auto", "xla", "pallas")
 
@@ -144,14 +144,14 @@ def packed_decode_attention(query: jax.Array, q_positions: jax.Array, layer: Pac
     out, m, l = out[:, :, :reps], m[:, :, :reps], l[:, :, :reps]
     if tail_keys is not None:
         q5 = query.reshape(batch, 1, kv_heads, reps, dim)
-        scores = grouped_scores(q5, tail_keys.astype(query.dtype))[:, :, :, 0]
-        scores = scores.astype(jnp.float32) * dim ** -0.5  # [B, Hkv, R, L]
-        ok = attention_allowed(q_positions[:, None], tail_positions, sliding_window=sliding_window)[:, :, :, 0]
+        scores, ok = key_scores(q5, PackedKeys(tail_keys, tail_positions), q_positions[:, None], sliding_window)
+        scores, ok = scores[:, :, :, 0], ok[:, :, :, 0]  # [B, Hkv, R, L], [B, 1, 1, L]
         scores = jnp.where(ok, scores, jnp.finfo(jnp.float32).min)
         m_tail = jnp.max(scores, axis=-1, keepdims=True)
         p_tail = jnp.exp(scores - m_tail) * ok.astype(jnp.float32)
         l_tail = jnp.sum(p_tail, axis=-1, keepdims=True)
-        tail_out = jnp.einsum("bkrs,bskd->bkrd", p_tail.astype(tail_values.dtype), tail_values).astype(jnp.float32)
+        tail_out = grouped_readout(p_tail[:, :, :, None].astype(tail_values.dtype), tail_values)  # [B, 1, Hkv, R, D]
+        tail_out = tail_out[:, 0].astype(jnp.float32)
         top = jnp.maximum(m, m_tail)
         prefix_scale = l * jnp.exp(m - top)  # prefix out is normalised: undo with its l
         tail_scale = jnp.exp(m_tail - top)  # tail_out is unnormalised
