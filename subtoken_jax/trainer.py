@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from subtoken_jax import checkpoint as ckpt_lib
 from subtoken_jax import data as data_lib
 from subtoken_jax import sharding as sharding_lib
-from subtoken_jax.errors import ConfigError
+from subtoken_jax.errors import CheckpointError, ConfigError
 from subtoken_jax.hf_import import add_fresh_lora, load_pretrained
 from subtoken_jax.lora import combine_params, is_adapter_path, split_params
 from subtoken_jax.model import DecoderLM
@@ -328,13 +328,9 @@ def load_workdir_base(workdir: str):
     The base is the pretrain stage's latest checkpoint (DIR/pretrain/checkpoints), or the Hugging Face
     folder the workdir adapted (its model.checkpoint; step None).
     """
-    from subtoken_jax.errors import CheckpointError
-
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
+    config = read_workdir_config(workdir)
+    if config is None:
         raise CheckpointError(f"{workdir} has no config.json (train.py writes it); is it a training workdir?")
-    with open(config_path) as fh:
-        config = ConfigDict(json.load(fh))
     tokenizer = make_tokenizer(config)
     if config.model.checkpoint:
         model, params, _ = load_pretrained(config.model.checkpoint, config.model.dtype,
@@ -342,11 +338,25 @@ def load_workdir_base(workdir: str):
                                            value_groups=config.model.value_groups, with_tokenizer=False)
         return model, params, tokenizer, config, None
     model = DecoderLM(base_model_config(config))
+    params, step = restore_base_params(model, pretrain_checkpoints(workdir))
+    return model, params, tokenizer, config, step
+
+
+def read_workdir_config(workdir: str) -> Optional[ConfigDict]:
+    """The training config a train.py workdir recorded (DIR/config.json), or None when it has none."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return ConfigDict(json.load(fh))
+
+
+def pretrain_checkpoints(workdir: str) -> str:
+    """DIR/pretrain/checkpoints of a train.py workdir; a CheckpointError when it holds no checkpoint."""
     folder = os.path.join(workdir, "pretrain", "checkpoints")
     if not has_checkpoint_steps(folder):
         raise CheckpointError(f"{folder} holds no checkpoint: run the pretrain stage of train.py first")
-    params, step = restore_base_params(model, folder)
-    return model, params, tokenizer, config, step
+    return folder
 
 
 def format_summary(summary: Dict[str, Any]) -> str:

@@ -17,7 +17,6 @@ Order of work (every bad input fails with one line before any model compute):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
@@ -120,11 +119,7 @@ def resolve_source(config: ConfigDict, workdir: str) -> Source:
     from subtoken_jax.tokenization import HFTokenizer
 
     notes: List[str] = []
-    train_cfg = None
-    config_path = os.path.join(workdir, "config.json")
-    if os.path.exists(config_path):
-        with open(config_path) as fh:
-            train_cfg = ConfigDict(json.load(fh))
+    train_cfg = trainer.read_workdir_config(workdir)
     pretrain_dir = ""
     if config.model.checkpoint:
         hf_folder = config.model.checkpoint
@@ -144,9 +139,7 @@ def resolve_source(config: ConfigDict, workdir: str) -> Source:
         if hf_folder:
             read_hf_config(hf_folder)  # the base the workdir adapted must still be there
         else:
-            pretrain_dir = os.path.join(workdir, "pretrain", "checkpoints")
-            if not trainer.has_checkpoint_steps(pretrain_dir):
-                raise CheckpointError(f"{pretrain_dir} holds no checkpoint: run the pretrain stage of train.py first")
+            pretrain_dir = trainer.pretrain_checkpoints(workdir)
     routed_cfg, adapt_dir = None, os.path.join(workdir, "adapt", "checkpoints")
     if "routed" in config.methods:
         if train_cfg is None or not trainer.has_checkpoint_steps(adapt_dir):
