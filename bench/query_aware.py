@@ -122,9 +122,9 @@ def attention_correlation(workdir: str, predictor_dir: str, lengths, prompts_per
     level: the value-group scores the sub-token methods rank by (expected, question attention, the trained
     predictor) against the realised targets a_j * ||v_{j,h,g}||.
     """
+    from subtoken_jax import data as data_lib
     from subtoken_jax import trainer
     from subtoken_jax.evaluation import tasks as tasks_lib
-    from subtoken_jax.evaluation.runner import left_pad
     from subtoken_jax.selectors import capture_prefill_state, expected_attention_weights, window_attention
     from subtoken_jax.selectors.predictor import load_predictor, predictor_layer_scores
     from subtoken_jax.selectors.subtoken import layer_value_group_scores
@@ -144,8 +144,8 @@ def attention_correlation(workdir: str, predictor_dir: str, lengths, prompts_per
         prompts = tasks_lib.build_prompts(task, cfg, tokenizer, False)
         for start in range(0, len(prompts), 4):
             batch = prompts[start:start + 4]
-            context, context_mask = left_pad([p.context for p in batch], 0, 32)
-            question, question_mask = left_pad([p.question for p in batch], 0, 8)
+            context, context_mask = data_lib.pad_rows([p.context for p in batch], 0, 32)
+            question, question_mask = data_lib.pad_rows([p.question for p in batch], 0, 8)
             answers = [tokenizer.encode(p.answer) for p in batch]
             width = max(len(a) for a in answers)
             answer = np.zeros((len(batch), width), np.int32)

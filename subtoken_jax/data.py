@@ -430,6 +430,20 @@ class SyntheticTasks:
 # ----------------------------------------------------------------------------- packing and batching
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 8, *, left: bool = True,
+             at_least: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged id lists -> (ids [B, W], mask [B, W] marking real tokens), W = the longest row (at least
+    `at_least`) rounded up to a multiple of `multiple`, so few shapes reach the compiler. Rows sit at the
+    right end (left padding, for prompts) or at the left end (right padding, for answers)."""
+    width = -(-max([len(r) for r in rows] + [at_least]) // multiple) * multiple
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        where = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, where], mask[i, where] = row, 1
+    return ids, mask
+
+
 def pack_documents(documents: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
     """All documents tokenized and concatenated, each followed by EOS (when the tokenizer has one)."""
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]

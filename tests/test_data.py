@@ -287,3 +287,10 @@ def test_missing_text_file_names_the_pattern(tmp_path):
     pattern = str(tmp_path / "nothing-*.txt")
     with pytest.raises(InputError, match=re.escape(repr(pattern))):
         data.build_datasets(_config(source="text_files", paths=(pattern,)), Bytes(), 16, 2, 0)
+
+
+def test_pad_rows_left_and_right():
+    ids, mask = data.pad_rows([[1, 2, 3], [4]], pad_id=0, multiple=4)
+    assert ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 4]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    ids, mask = data.pad_rows([[1, 2], []], pad_id=9, multiple=4, left=False, at_least=5)
+    assert ids.tolist() == [[1, 2] + [9] * 6, [9] * 8] and mask.tolist() == [[1, 1] + [0] * 6, [0] * 8]

@@ -29,6 +29,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from subtoken_jax import checkpoint as ckpt_lib
+from subtoken_jax import data as data_lib
 from subtoken_jax import packed_cache
 from subtoken_jax.compressed_generate import generate_from_state
 from subtoken_jax.errors import CheckpointError, ConfigError, InputError
@@ -216,19 +217,6 @@ def packed_sizes(token_masks, group_masks, state) -> Tuple[int, int]:
     return _bucket(capacity, width * groups), _bucket(keys, width)
 
 
-def left_pad(rows: List[List[int]], pad_id: int, multiple: int = 8) -> Tuple[np.ndarray, np.ndarray]:
-    """Ragged id lists -> (ids [B, T], mask [B, T]) left-padded to a multiple of `multiple` (fewer recompiles)."""
-    length = max(len(r) for r in rows)
-    length = int(math.ceil(length / multiple) * multiple)
-    ids = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, length - len(row):] = row
-            mask[i, length - len(row):] = 1
-    return ids, mask
-
-
 def _decode_text(tokenizer, ids) -> str:
     ids = [int(i) for i in ids]
     eos = getattr(tokenizer, "eos_id", None)
@@ -336,8 +324,9 @@ class Evaluator:
         for batch in batches:
             rows = len(batch)  # a short last batch repeats its last prompt: one compilation for all batches
             padded_batch = batch + [batch[-1]] * (size - rows)
-            context, context_mask = left_pad([p.context for p in padded_batch], self.pad_id, self.config.pad_multiple)
-            question, question_mask = left_pad([p.question for p in padded_batch], self.pad_id, 8)
+            context, context_mask = data_lib.pad_rows([p.context for p in padded_batch], self.pad_id,
+                                                      self.config.pad_multiple)
+            question, question_mask = data_lib.pad_rows([p.question for p in padded_batch], self.pad_id, 8)
             context, context_mask, question, question_mask = methods_lib.committed(
                 (jnp.asarray(context), jnp.asarray(context_mask), jnp.asarray(question), jnp.asarray(question_mask)))
             state = methods_lib.committed(capture_prefill_state(

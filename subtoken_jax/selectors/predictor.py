@@ -340,22 +340,14 @@ def task_prompts(tokenizer, tasks, lengths, batch_size: int, *, seed: int = 0, p
                           f"data.lengths={list(lengths)} non-empty")
     rng = np.random.default_rng([seed, 17])
 
-    def pad(rows, left, at_least=0):
-        width = -(-max([len(r) for r in rows] + [at_least]) // pad_multiple) * pad_multiple
-        ids = np.full((len(rows), width), pad_id, np.int32)
-        mask = np.zeros((len(rows), width), np.int32)
-        for i, row in enumerate(rows):
-            where = slice(width - len(row), width) if left else slice(0, len(row))
-            ids[i, where], mask[i, where] = row, 1
-        return ids, mask
-
     for k in itertools.count():
         length = int(lengths[k % len(lengths)])
         examples = [data_lib.TASKS[tasks[int(rng.integers(len(tasks)))]](rng, length, tokenizer)
                     for _ in range(batch_size)]
-        context, context_mask = pad([tokenizer.encode(e["context"]) for e in examples], True, length)
-        question, question_mask = pad([tokenizer.encode(e["question"]) for e in examples], True)
-        answer, answer_mask = pad([tokenizer.encode(e["answer"]) for e in examples], False)
+        encode = lambda key: [tokenizer.encode(e[key]) for e in examples]  # noqa: E731
+        context, context_mask = data_lib.pad_rows(encode("context"), pad_id, pad_multiple, at_least=length)
+        question, question_mask = data_lib.pad_rows(encode("question"), pad_id, pad_multiple)
+        answer, answer_mask = data_lib.pad_rows(encode("answer"), pad_id, pad_multiple, left=False)
         yield {"context": context, "question": question, "answer": answer, "context_mask": context_mask,
                "question_mask": question_mask, "answer_mask": answer_mask}
 
