@@ -152,40 +152,25 @@ def load_hf_params(path: str, cfg: ModelConfig):
         with safe_open(file, framework="flax") as fh:  # "flax" also reads bfloat16, which numpy cannot
             for name in fh.keys():
                 tensors[name] = fh.get_tensor(name)
+    return params_from_hf_tensors(tensors, cfg, path)
+
+
+def params_from_hf_tensors(tensors: Dict[str, Any], cfg: ModelConfig, where: str, implied_by: str = "config.json"):
+    """HF-named arrays in HF layout ([out, in] Linear weights) -> our nested param dict in cfg.param_dtype."""
     wanted = list(hf_parameter_layout(cfg))
     missing = [name for name, *_ in wanted if name not in tensors]
     if missing:
-        raise CheckpointError(f"checkpoint in {path} lacks {len(missing)} tensors the config implies, "
+        raise CheckpointError(f"checkpoint in {where} lacks {len(missing)} tensors the config implies, "
                               f"e.g. {missing[:3]}")
     dtype = cfg.weights_dtype
     flat = {}
     for hf_name, ours, hf_shape, our_shape, transpose in wanted:
         array = tensors[hf_name]
         if tuple(array.shape) != hf_shape:
-            raise CheckpointError(f"tensor {hf_name} has shape {tuple(array.shape)} but config.json implies {hf_shape}")
+            raise CheckpointError(f"tensor {hf_name} has shape {tuple(array.shape)} but {implied_by} implies {hf_shape}")
         array = array.T if transpose else array
         flat[ours] = jnp.asarray(array.reshape(our_shape), dtype=dtype)
     return traverse_util.unflatten_dict(flat)
-
-
-def load_pretrained(path: str, dtype: str = "float32", *, param_dtype: Optional[str] = None, value_groups: int = 1,
-                    lora: LoRAConfig = LoRAConfig(), with_tokenizer: bool = True, seed: int = 0):
-    """Returns (DecoderLM, params, tokenizer) for a local Hugging Face folder.
-
-    `lora` adds fresh adapters (B = 0, so logits are unchanged) on the chosen projections.
-    """
-    resolve_dtype(dtype)
-    hf = read_hf_config(path)
-    tokenizer = None
-    if with_tokenizer:
-        from subtoken_jax.tokenization import HFTokenizer  # local import: tokenizers is only needed here
-
-        tokenizer = HFTokenizer.from_folder(path)
-    cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, value_groups=value_groups, lora=lora)
-    params = load_hf_params(path, cfg)
-    if cfg.lora.enabled:
-        params = add_fresh_lora(cfg, params, seed)
-    return DecoderLM(cfg), params, tokenizer
 
 
 def add_fresh_lora(cfg: ModelConfig, base_params, seed: int = 0):

@@ -28,12 +28,13 @@ from subtoken_jax import checkpoint as ckpt_lib
 from subtoken_jax import data as data_lib
 from subtoken_jax import sharding as sharding_lib
 from subtoken_jax.errors import CheckpointError, ConfigError
-from subtoken_jax.hf_import import add_fresh_lora, load_pretrained
+from subtoken_jax.hf_import import add_fresh_lora
+from subtoken_jax.pretrained import load_pretrained, load_tokenizer, pretrained_config
 from subtoken_jax.lora import combine_params, is_adapter_path, split_params
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import LoRAConfig, ModelConfig, RoutingConfig, check_budget
 from subtoken_jax.objectives import LossWeights, eval_step, train_step
-from subtoken_jax.tokenization import ByteTokenizer, HFTokenizer
+from subtoken_jax.tokenization import ByteTokenizer
 
 STAGES = ("pretrain", "adapt")
 _MODEL_KEYS = ("checkpoint",)  # config.model fields that are not ModelConfig fields
@@ -70,10 +71,8 @@ def validate_config(config: ConfigDict) -> None:
 
 def base_model_config(config: ConfigDict) -> ModelConfig:
     if config.model.checkpoint:
-        from subtoken_jax.hf_import import config_from_hf, read_hf_config
-
-        return config_from_hf(read_hf_config(config.model.checkpoint), dtype=config.model.dtype,
-                              param_dtype=config.model.param_dtype, value_groups=config.model.value_groups)
+        return pretrained_config(config.model.checkpoint, dtype=config.model.dtype,
+                                 param_dtype=config.model.param_dtype, value_groups=config.model.value_groups)
     fields = {k: v for k, v in config.model.to_dict().items() if k not in _MODEL_KEYS}
     return ModelConfig.from_dict(fields)
 
@@ -86,7 +85,7 @@ def adapted_model_config(config: ConfigDict, base: ModelConfig) -> ModelConfig:
 
 def make_tokenizer(config: ConfigDict):
     source = config.model.checkpoint or (config.tokenizer if config.tokenizer != "byte" else "")
-    return HFTokenizer.from_folder(source) if source else ByteTokenizer()
+    return load_tokenizer(source) if source else ByteTokenizer()
 
 
 def make_optimizer(stage: ConfigDict, total_steps: int, grad_clip: float) -> optax.GradientTransformation:

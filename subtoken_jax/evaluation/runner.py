@@ -106,7 +106,7 @@ class Source:
     base_cfg: ModelConfig
     tokenizer: Any
     bos: bool
-    hf_folder: str  # the base's Hugging Face folder ("" = the pretrain stage of the workdir)
+    hf_folder: str  # the pretrained base: HF folder, GGUF file or registered name ("" = the workdir's pretrain stage)
     pretrain_dir: str  # DIR/pretrain/checkpoints when the base was trained here
     train_cfg: Optional[ConfigDict]  # DIR/config.json
     routed_cfg: Optional[ModelConfig]  # the adapted model, when DIR/adapt holds a checkpoint
@@ -116,17 +116,16 @@ class Source:
 
 def resolve_source(config: ConfigDict, workdir: str) -> Source:
     from subtoken_jax import trainer  # the training config -> model config helpers
-    from subtoken_jax.hf_import import config_from_hf, read_hf_config
-    from subtoken_jax.tokenization import HFTokenizer
+    from subtoken_jax.pretrained import load_tokenizer, pretrained_config, resolve_checkpoint
 
     notes: List[str] = []
     train_cfg = trainer.read_workdir_config(workdir)
     pretrain_dir = ""
     if config.model.checkpoint:
         hf_folder = config.model.checkpoint
-        base_cfg = config_from_hf(read_hf_config(hf_folder), dtype=config.model.dtype,
-                                  param_dtype=config.model.param_dtype, value_groups=config.model.value_groups)
-        tokenizer = HFTokenizer.from_folder(hf_folder)
+        base_cfg = pretrained_config(hf_folder, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                                     value_groups=config.model.value_groups)
+        tokenizer = load_tokenizer(hf_folder)
     else:
         if not os.path.isdir(workdir):
             raise CheckpointError(f"workdir {workdir!r} does not exist; train a model there with train.py, or set "
@@ -138,7 +137,7 @@ def resolve_source(config: ConfigDict, workdir: str) -> Source:
         tokenizer = trainer.make_tokenizer(train_cfg)
         hf_folder = train_cfg.model.checkpoint
         if hf_folder:
-            read_hf_config(hf_folder)  # the base the workdir adapted must still be there
+            resolve_checkpoint(hf_folder)  # the base the workdir adapted must still be there
         else:
             pretrain_dir = trainer.pretrain_checkpoints(workdir)
     routed_cfg, adapt_dir = None, os.path.join(workdir, "adapt", "checkpoints")
@@ -168,7 +167,8 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
 def load_models(config: ConfigDict, source: Source):
     """(base model, base params, routed model or None, routed params or None)."""
     from subtoken_jax import trainer
-    from subtoken_jax.hf_import import add_fresh_lora, load_pretrained
+    from subtoken_jax.hf_import import add_fresh_lora
+    from subtoken_jax.pretrained import load_pretrained
     from subtoken_jax.lora import combine_params, is_adapter_path, split_params
 
     base_model = DecoderLM(source.base_cfg)

@@ -557,7 +557,7 @@ def base_model(config):
         model, params, tokenizer, _, _ = trainer.load_workdir_base(workdir)
         return model, params, tokenizer
     if checkpoint:
-        from subtoken_jax.hf_import import load_pretrained
+        from subtoken_jax.pretrained import load_pretrained
 
         model, params, tokenizer = load_pretrained(checkpoint, fields.get("dtype", "float32"),
                                                    value_groups=fields.get("value_groups", 1),
