@@ -2,7 +2,9 @@
 
     python eval.py --config configs/eval.py --workdir runs/default [--config.budgets='(1.0,0.5)' ...]
     python eval.py --config configs/eval.py --workdir OUT --config.model.checkpoint=/path/to/hf_folder
-    python eval.py --config configs/eval.py --workdir OUT --checkpoint PATH   # PATH: a training workdir or HF folder
+    python eval.py --config configs/eval.py --workdir OUT --checkpoint PATH   # PATH: a training workdir, HF folder,
+                                                                             # .gguf file or registered model name
+    python eval.py --config configs/smollm2.py --workdir runs/smollm2       # SmolLM2-135M-Instruct, the main job
 
 Writes WORKDIR/eval/: results.json, results.csv, results.md, examples.jsonl and PNG plots.
 """
@@ -20,14 +22,21 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py", "Evaluati
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate (results go to WORKDIR/eval).",
                                required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Evaluate this instead of --workdir's model: a training "
-                                  "workdir (train.py's) or a Hugging Face folder; results still go to WORKDIR/eval.")
+                                  "workdir (train.py's), a Hugging Face folder, a .gguf file or a registered model name "
+                                  "(smollm2-135m-instruct); results still go to WORKDIR/eval.")
 
 
 def resolve_checkpoint(config, path: str):
-    """--checkpoint PATH -> the training workdir to read the model from (None: an HF folder, set in config)."""
+    """--checkpoint PATH -> the training workdir to read the model from (None: a pretrained model, set in config)."""
+    from subtoken_jax.pretrained import REGISTRY, is_gguf
+
+    if path.lower() in REGISTRY and not os.path.exists(path) or os.path.isfile(path) and is_gguf(path):
+        config.model.checkpoint = path  # a registered name or a GGUF file
+        return None
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise InputError(f"--checkpoint {path!r}: no config.json there; give a train.py workdir or a Hugging Face folder")
+        raise InputError(f"--checkpoint {path!r}: no config.json there; give a train.py workdir, a Hugging Face "
+                         f"folder, a .gguf file or one of {', '.join(sorted(REGISTRY))}")
     with open(config_path) as fh:
         meta = json.load(fh)
     if "model_type" in meta:  # a Hugging Face folder

@@ -18,13 +18,16 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "tokenizers>=0.20",
     "safetensors>=0.4.5",
+    "gguf==0.19.0",  # ggml-org's GGUF reader and dequantiser (llama.cpp files)
+    "jinja2>=3.1",  # chat templates, rendered as transformers does
     "tqdm>=4.66",
     "matplotlib>=3.8",
 ]
 
 EXTRAS_REQUIRE = {
-    # torch and transformers are only the independent reference in tests and benchmarks.
-    "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=5.0,<6"],
+    # torch and transformers are only the independent reference in tests and benchmarks; transformers'
+    # GGUF loader (the reference for ours) needs accelerate.
+    "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=5.0,<6", "accelerate>=1.0"],
 }
 
 setup(

@@ -49,6 +49,9 @@ def get_config() -> ConfigDict:
     c.model.param_dtype = "float32"
     c.model.value_groups = 8  # G for model.checkpoint; must divide its head_dim
     c.add_bos = config_dict.placeholder(bool)  # None: BOS when a Hugging Face base's tokenizer.json adds one
+    # needle / variable tracking as one user turn of the model's chat template (instruct models);
+    # None: when the pretrained base's tokenizer carries a template
+    c.chat_template = config_dict.placeholder(bool)
 
     c.tasks = ("perplexity", "needle", "variable_tracking")  # and "mmlu" (needs mmlu.files)
     c.methods = ("full", "snapkv", "h2o", "streaming", "key_norm", "random", "expected_attention", "subtoken",

@@ -238,12 +238,13 @@ def make_needle_example(rng: np.random.Generator, num_tokens: int, tokenizer: To
     depth = float(rng.uniform()) if depth is None else depth
     key, value = _word(rng), str(rng.integers(1_000_000, 10_000_000))
     needle = f"The magic number for {key} is {value}."
-    question, answer = f"\nQ: What is the magic number for {key}?\nA:", f" {value}"
+    query = f"What is the magic number for {key}?"
+    question, answer = f"\nQ: {query}\nA:", f" {value}"
 
     def render(filler: list[str]) -> dict:
         done = np.cumsum([0] + [len(s) for s in filler])  # characters before each sentence
         at = int(np.searchsorted(done, depth * done[-1]))
-        return _example("needle", " ".join(filler[:at] + [needle] + filler[at:]), question, answer)
+        return _example("needle", " ".join(filler[:at] + [needle] + filler[at:]), question, answer, query)
 
     return _fill_to_budget(render, functools.partial(_filler_sentence, rng), " ", num_tokens, tokenizer)
 
@@ -276,7 +277,8 @@ def make_variable_tracking_example(rng: np.random.Generator, num_tokens: int, to
                 written[c] += 1
         return out
 
-    question = f"\nQ: Which variables are assigned the value {values[0]}?\nA:"
+    query = f"Which variables are assigned the value {values[0]}?"
+    question = f"\nQ: {query}\nA:"
 
     def render_shape(shape: tuple[int, int], filler: list[str]) -> dict:
         placed = statements(shape)
@@ -285,7 +287,7 @@ def make_variable_tracking_example(rng: np.random.Generator, num_tokens: int, to
         for offset, (at, statement) in enumerate(zip(where, placed)):
             pieces.insert(int(at) + offset, statement)
         answer = " " + " ".join(chains[0][:shape[1]])
-        return _example("variable_tracking", " ".join(pieces), question, answer)
+        return _example("variable_tracking", " ".join(pieces), question, answer, query)
 
     shapes = [(c, n) for n in range(chain_length, 1, -1) for c in range(num_chains, 0, -1)]
     shape = next((s for s in shapes if example_length(render_shape(s, []), tokenizer) <= num_tokens), (1, 2))
@@ -352,9 +354,10 @@ DENSE_ANSWER_TASKS = ("copy",)
 PACKED_MAX_TOKENS = {"copy": 96}
 
 
-def _example(task: str, context: str, question: str, answer: str) -> dict:
+def _example(task: str, context: str, question: str, answer: str, query: Optional[str] = None) -> dict:
+    """query: the bare question (no "Q:" / "A:" scaffolding), for chat-templated prompts."""
     return {"task": task, "context": context, "question": question, "answer": answer,
-            "text": context + question + answer}
+            "text": context + question + answer, "query": query}
 
 
 def _fill_to_budget(render: Callable[[list[str]], dict], new_item: Callable[[], str], sep: str, num_tokens: int,

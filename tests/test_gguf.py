@@ -286,3 +286,17 @@ def test_chat_template_errors_are_one_line():
     assert render_chat_template(template, [{"role": "user", "content": "x"}]) == "<user>x"
     with pytest.raises(InputError, match="first message must be the user"):
         render_chat_template(template, [{"role": "system", "content": "x"}])
+
+
+@needs_smollm2
+def test_chat_templated_task_prompt_round_trips(smollm2):
+    from subtoken_jax.evaluation.tasks import chat_split
+
+    tokenizer = smollm2[2]
+    document, query = "Filler text. The magic number for Zorbit is 1234567. More filler.", "What is the magic number?"
+    context, question = chat_split(tokenizer, document, query)
+    rendered = tokenizer.chat([{"role": "user", "content": f"{document}\n\n{query}"}])
+    assert context + question == tokenizer.encode(rendered)
+    assert tokenizer._tok.decode(context, skip_special_tokens=False).endswith(document)
+    assert tokenizer.decode(question).strip().startswith(query)
+    assert question[-3:] == tokenizer.encode("<|im_start|>assistant\n")

@@ -106,6 +106,7 @@ class Source:
     base_cfg: ModelConfig
     tokenizer: Any
     bos: bool
+    chat: bool  # generation tasks are rendered with the tokenizer's chat template
     hf_folder: str  # the pretrained base: HF folder, GGUF file or registered name ("" = the workdir's pretrain stage)
     pretrain_dir: str  # DIR/pretrain/checkpoints when the base was trained here
     train_cfg: Optional[ConfigDict]  # DIR/config.json
@@ -152,7 +153,13 @@ def resolve_source(config: ConfigDict, workdir: str) -> Source:
     bos = config.add_bos
     if bos is None:  # models trained here saw no BOS; a Hugging Face base gets one if its tokenizer adds it
         bos = bool(hf_folder) and _tokenizer_adds_bos(tokenizer)
-    return Source(base_cfg, tokenizer, bool(bos), hf_folder, pretrain_dir, train_cfg, routed_cfg, adapt_dir, notes)
+    chat = config.get("chat_template")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat and not has_template:
+        raise ConfigError("chat_template=True but the model's tokenizer has no chat template")
+    chat = has_template and bool(hf_folder) if chat is None else bool(chat)
+    return Source(base_cfg, tokenizer, bool(bos), chat, hf_folder, pretrain_dir, train_cfg, routed_cfg, adapt_dir,
+                  notes)
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:
@@ -477,7 +484,7 @@ def run(config: ConfigDict, workdir: str, source_dir: Optional[str] = None) -> D
         if task == "perplexity":
             inputs[task] = tasks_lib.perplexity_sequences(config.perplexity, source.tokenizer)
         else:
-            inputs[task] = tasks_lib.build_prompts(task, config, source.tokenizer, source.bos)
+            inputs[task] = tasks_lib.build_prompts(task, config, source.tokenizer, source.bos, source.chat)
         check_lengths(task, inputs[task], source, config)
     plans, notes = make_plans(config, source)
     out_dir = os.path.join(workdir, "eval")

@@ -80,13 +80,30 @@ def _encode(tokenizer, text: str, bos: bool) -> List[int]:
     return ([tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []) + ids
 
 
-def _qa_prompt(example: dict, tokenizer, bos: bool, info: dict) -> Prompt:
+def _qa_prompt(example: dict, tokenizer, bos: bool, info: dict, chat: bool = False) -> Prompt:
+    answer_tokens = len(tokenizer.encode(example["answer"]))
+    if chat:
+        context, question = chat_split(tokenizer, example["context"], example["query"])
+        return Prompt(context=context, question=question, answer=example["answer"], info=info,
+                      answer_tokens=answer_tokens)
     return Prompt(context=_encode(tokenizer, example["context"], bos), question=_encode(tokenizer, example["question"],
                                                                                          False),
-                  answer=example["answer"], info=info, answer_tokens=len(tokenizer.encode(example["answer"])))
+                  answer=example["answer"], info=info, answer_tokens=answer_tokens)
 
 
-def needle_prompts(cfg, tokenizer, seed: int, bos: bool) -> List[Prompt]:
+def chat_split(tokenizer, document: str, query: str) -> Tuple[List[int], List[int]]:
+    """One user turn "document + blank line + query" rendered by the model's chat template, cut where the
+    document ends: (context ids = template head + document, question ids = query + the assistant's turn start).
+
+    Only the context is compressed; the template's own tokens before the document (system prompt, role
+    markers) are part of it, as they would be in a served conversation.
+    """
+    rendered = tokenizer.chat([{"role": "user", "content": f"{document}\n\n{query}"}], add_generation_prompt=True)
+    cut = rendered.index(document) + len(document)
+    return list(tokenizer.encode(rendered[:cut])), list(tokenizer.encode(rendered[cut:]))
+
+
+def needle_prompts(cfg, tokenizer, seed: int, bos: bool, chat: bool = False) -> List[Prompt]:
     """needle.samples prompts per (length, depth) cell; cell (i, j), sample s is seeded by (seed, i, j, s)."""
     prompts = []
     for i, length in enumerate(cfg.lengths):
@@ -94,18 +111,19 @@ def needle_prompts(cfg, tokenizer, seed: int, bos: bool) -> List[Prompt]:
             for s in range(cfg.samples):
                 rng = np.random.default_rng([seed, 11, i, j, s])
                 example = data_lib.make_needle_example(rng, int(length), tokenizer, depth=float(depth))
-                prompts.append(_qa_prompt(example, tokenizer, bos, {"length": int(length), "depth": float(depth)}))
+                prompts.append(_qa_prompt(example, tokenizer, bos, {"length": int(length), "depth": float(depth)},
+                                          chat))
     return prompts
 
 
-def variable_tracking_prompts(cfg, tokenizer, seed: int, bos: bool) -> List[Prompt]:
+def variable_tracking_prompts(cfg, tokenizer, seed: int, bos: bool, chat: bool = False) -> List[Prompt]:
     prompts = []
     for i, length in enumerate(cfg.lengths):
         for s in range(cfg.samples):
             rng = np.random.default_rng([seed, 13, i, s])
             example = data_lib.make_variable_tracking_example(rng, int(length), tokenizer, num_chains=cfg.num_chains,
                                                               chain_length=cfg.chain_length)
-            prompts.append(_qa_prompt(example, tokenizer, bos, {"length": int(length)}))
+            prompts.append(_qa_prompt(example, tokenizer, bos, {"length": int(length)}, chat))
     return prompts
 
 
@@ -213,12 +231,15 @@ def prefix_length(seq_len: int, fraction: float) -> int:
     return int(min(max(round(seq_len * fraction), 1), seq_len - 1))
 
 
-def build_prompts(task: str, config, tokenizer, bos: bool) -> Optional[List[Prompt]]:
-    """The prompts of a generation / choice task (None for perplexity, which has sequences instead)."""
+def build_prompts(task: str, config, tokenizer, bos: bool, chat: bool = False) -> Optional[List[Prompt]]:
+    """The prompts of a generation / choice task (None for perplexity, which has sequences instead).
+
+    chat: needle and variable tracking are asked as one user turn of the model's chat template.
+    """
     if task == "needle":
-        return needle_prompts(config.needle, tokenizer, config.seed, bos)
+        return needle_prompts(config.needle, tokenizer, config.seed, bos, chat)
     if task == "variable_tracking":
-        return variable_tracking_prompts(config.variable_tracking, tokenizer, config.seed, bos)
+        return variable_tracking_prompts(config.variable_tracking, tokenizer, config.seed, bos, chat)
     if task == "mmlu":
         return mmlu_prompts(config.mmlu, tokenizer, bos)
     return None
