@@ -26,8 +26,10 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # torch and transformers are only the independent reference in tests and benchmarks; transformers'
-    # GGUF loader (the reference for ours) needs accelerate.
-    "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=5.0,<6", "accelerate>=1.0"],
+    # GGUF loader (the reference for ours) needs accelerate. pytest-xdist runs two test files at a time:
+    # compilation, which dominates small tests, is single-threaded.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0", "transformers>=5.0,<6",
+             "accelerate>=1.0"],
 }
 
 setup(

@@ -299,4 +299,4 @@ def test_chat_templated_task_prompt_round_trips(smollm2):
     assert context + question == tokenizer.encode(rendered)
     assert tokenizer._tok.decode(context, skip_special_tokens=False).endswith(document)
     assert tokenizer.decode(question).strip().startswith(query)
-    assert question[-3:] == tokenizer.encode("<|im_start|>assistant\n")
+    assert question[-4:] == tokenizer.encode("<|im_start|>assistant\n")

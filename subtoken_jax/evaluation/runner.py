@@ -158,6 +158,10 @@ def resolve_source(config: ConfigDict, workdir: str) -> Source:
     if chat and not has_template:
         raise ConfigError("chat_template=True but the model's tokenizer has no chat template")
     chat = has_template and bool(hf_folder) if chat is None else bool(chat)
+    if hf_folder:
+        notes.append(f"model: {hf_folder} ({base_cfg.architecture}, {base_cfg.num_layers} layers, "
+                     f"G={base_cfg.value_groups} value groups per KV head)"
+                     + ("; prompts rendered with its chat template" if chat else ""))
     return Source(base_cfg, tokenizer, bool(bos), chat, hf_folder, pretrain_dir, train_cfg, routed_cfg, adapt_dir,
                   notes)
 

@@ -1,0 +1,145 @@
+"""Why does dropping value groups hurt SmolLM2, and what fixes it? (issue 10, step 2)
+
+Every variant keeps every key and half of the value groups (rho = 0.5, 75% of the KV bytes), allocated
+globally over (layer, KV head, token, group) by the question's attention x the dropped part's norm,
+on the same chat-templated needle prompts. What differs is what a dropped group is replaced by and in
+which basis groups are cut:
+
+  zero         the dropped group reads as 0 (the method as built)
+  mean         the dropped group reads as the context's mean of that group (per layer and KV head),
+               and the score is attention x ||v - mean|| (what dropping really loses)
+  pca          values rotated per layer and KV head by the principal axes of values on calibration
+               text (WikiText-2 valid), groups cut in that basis (largest-variance axes first), zero fill
+  pca+mean     both
+
+The rotation is exact (v R, R orthogonal; R^T is folded into the read-out), so the full cache is
+unchanged; here it is applied to the cached values directly: v' = unrotate(fill(rotate(v))). The
+answers are generated greedily from a dense cache holding v' (the masked-dense reference path).
+Also reported: the per-layer relative error of the question's attention output under each variant.
+
+    python bench/value_group_diagnosis.py [--prompts 10] [--length 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from ml_collections import ConfigDict  # noqa: E402
+
+import subtoken_jax  # noqa: E402
+from subtoken_jax import data as data_lib  # noqa: E402
+from subtoken_jax.evaluation import methods as methods_lib  # noqa: E402
+from subtoken_jax.evaluation import tasks as tasks_lib  # noqa: E402
+from subtoken_jax.selectors import capture_prefill_state  # noqa: E402
+from subtoken_jax.selectors.allocate import allocate_value_groups  # noqa: E402
+from subtoken_jax.selectors.base import window_attention  # noqa: E402
+
+WIKI = os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "valid.txt")
+
+
+def fit_rotations(model, params, tokenizer, tokens=2048):
+    """Per layer: [Hkv, D, D] principal axes (columns, largest variance first) of values on WikiText-2 valid."""
+    text = open(WIKI, encoding="utf-8").read()[:40_000]
+    ids = jnp.asarray([tokenizer.encode(text)[:tokens]])
+    state = capture_prefill_state(model, params, ids, window=8)
+    rotations = []
+    for values in state.values:
+        v = np.asarray(values[0], np.float64)  # [S, Hkv, D]
+        per_head = []
+        for h in range(v.shape[1]):
+            x = v[:, h] - v[:, h].mean(0)
+            eigval, eigvec = np.linalg.eigh(x.T @ x)
+            per_head.append(eigvec[:, ::-1])
+        rotations.append(jnp.asarray(np.stack(per_head), jnp.float32))
+    return rotations
+
+
+def variant_values(state, rotations, variant, rho):
+    """Per-layer cached values after dropping (1 - rho) of the groups globally, the variant's way."""
+    groups = state.value_groups
+    rotate = "pca" in variant
+    fill_mean = "mean" in variant
+    real = (state.positions >= 0)[:, :, None, None]
+    bases, fills, scores = [], [], []
+    for layer, values in enumerate(state.values):
+        v = jnp.einsum("bshd,hde->bshe", values, rotations[layer]) if rotate else values
+        count = jnp.maximum(real.sum(axis=1, keepdims=True), 1)
+        mean = (v * real).sum(axis=1, keepdims=True) / count if fill_mean else jnp.zeros_like(v[:, :1])
+        attention = window_attention(state, layer)  # [B, Hkv, S]: the question's attention, summed over its heads
+        residual = (v - mean).reshape(v.shape[:3] + (groups, -1))
+        score = jnp.transpose(attention, (0, 2, 1))[..., None] * jnp.linalg.norm(residual, axis=-1)
+        bases.append(v)
+        fills.append(mean)
+        scores.append(score)
+    masks = allocate_value_groups(scores, rho, scope="global", positions=state.positions)
+    out = []
+    for layer, (v, mean, mask) in enumerate(zip(bases, fills, masks)):
+        m = jnp.repeat(mask.astype(v.dtype), v.shape[-1] // groups, axis=-1)
+        kept = v * m + mean * (1 - m)
+        out.append(jnp.einsum("bshe,hde->bshd", kept, rotations[layer]) if rotate else kept)
+    return out, masks
+
+
+def output_error(state, layer, values):
+    """Relative error of the question's attention read-out of layer `layer` with values replaced."""
+    from subtoken_jax.attention import attend, attention_allowed
+
+    allowed = attention_allowed(state.query_positions, state.positions)
+    exact = attend(state.queries[layer], state.keys[layer], state.values[layer], allowed)
+    approx = attend(state.queries[layer], state.keys[layer], values, allowed)
+    return float(jnp.linalg.norm(approx - exact) / jnp.linalg.norm(exact))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--rho", type=float, default=0.5)
+    parser.add_argument("--variants", default="zero,mean,pca,pca+mean")
+    parser.add_argument("--out", default="bench/results/value_group_diagnosis.json")
+    args = parser.parse_args()
+    model, params, tokenizer = subtoken_jax.load_pretrained("smollm2-135m-instruct", value_groups=8)
+    rotations = fit_rotations(model, params, tokenizer)
+    cfg = ConfigDict({"lengths": (args.length,), "depths": tuple(np.linspace(0, 1, args.prompts)), "samples": 1})
+    prompts = tasks_lib.needle_prompts(cfg, tokenizer, seed=1234, bos=False, chat=True)
+    results = {v: {"correct": 0, "errors": []} for v in ["full"] + args.variants.split(",")}
+    for prompt in prompts:
+        context, context_mask = data_lib.pad_rows([prompt.context], tokenizer.pad_id, 64)
+        question = jnp.asarray([prompt.question])
+        context, context_mask = jnp.asarray(context), jnp.asarray(context_mask)
+        state = capture_prefill_state(model, params, context, question, context_mask=context_mask)
+        capacity = context.shape[1] + question.shape[1] + prompt.answer_tokens + 14
+        for variant in results:
+            values = list(state.values) if variant == "full" else variant_values(state, rotations, variant, args.rho)[0]
+            cache = methods_lib.cache_from_state(state.replace(values=tuple(values)), model.config, capacity)
+            out = methods_lib.greedy_answer(model, params, cache, question, state.query_positions, None, None,
+                                            prompt.answer_tokens + 14)
+            text = tokenizer.decode(np.asarray(out[0]))
+            ok = tasks_lib.needle_correct(text, prompt.answer)
+            results[variant]["correct"] += int(ok)
+            if variant != "full":
+                results[variant]["errors"].append([output_error(state, i, values[i]) for i in range(len(values))])
+            print(f"{variant:10s} {'ok ' if ok else 'BAD'} {text[:60]!r}", flush=True)
+    summary = {}
+    for variant, r in results.items():
+        errors = np.asarray(r["errors"]) if r["errors"] else None
+        summary[variant] = {"exact_match": r["correct"] / len(prompts),
+                            "output_error_mean": None if errors is None else float(errors.mean()),
+                            "output_error_per_layer": None if errors is None else errors.mean(0).round(4).tolist()}
+        print(variant, summary[variant]["exact_match"], summary[variant]["output_error_mean"])
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"rho": args.rho, "prompts": len(prompts), "length": args.length, "results": summary}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
