@@ -1,23 +1,26 @@
 """Why does dropping value groups hurt SmolLM2, and what fixes it? (issue 10, step 2)
 
-Every variant keeps every key and half of the value groups (rho = 0.5, 75% of the KV bytes), allocated
-globally over (layer, KV head, token, group) by the question's attention x the dropped part's norm,
-on the same chat-templated needle prompts. What differs is what a dropped group is replaced by and in
-which basis groups are cut:
+Every variant keeps every key and half of the value groups (rho = 0.5, 75% of the KV bytes), chosen
+by the question's attention x the norm of what dropping loses, on the same chat-templated needle
+prompts (seed 1234: disjoint from eval.py's, which use seed 0). A variant is named
+fill[+pca][@scope][~pool][!oracle]:
 
-  zero         the dropped group reads as 0 (the method as built)
-  mean         the dropped group reads as the context's mean of that group (per layer and KV head),
-               and the score is attention x ||v - mean|| (what dropping really loses)
-  pca          values rotated per layer and KV head by the principal axes of values on calibration
-               text (WikiText-2 valid), groups cut in that basis (largest-variance axes first), zero fill
-  pca+mean     both
+  fill     zero: a dropped group reads as 0 (the method as built); mean: it reads as the context's mean
+           of that group (per layer and KV head), and the score uses ||v - mean||
+  +pca     values rotated per layer and KV head by the principal axes of values on WikiText-2 valid
+           (largest-variance axes first), groups cut in that basis. The rotation is exact (v R with R
+           orthogonal, R^T folded into the read-out), so it is applied to the cached values directly:
+           v' = unrotate(fill(rotate(v)))
+  @scope   the budget is allocated over all (layer, head) pairs ("global", the default), per layer, or
+           per KV head
+  ~pool    the question's attention max-pooled over +-2 tokens first (SnapKV's kernel 5)
+  !oracle  scored with the attention of the question *and the full-cache answer*: an upper bound for any
+           predictor of the attention to come
 
-The rotation is exact (v R, R orthogonal; R^T is folded into the read-out), so the full cache is
-unchanged; here it is applied to the cached values directly: v' = unrotate(fill(rotate(v))). The
-answers are generated greedily from a dense cache holding v' (the masked-dense reference path).
-Also reported: the per-layer relative error of the question's attention output under each variant.
+Answers are generated greedily from a dense cache holding the variant's values (the masked-dense
+reference path). Also reported: the relative error of each layer's attention read-out of the question.
 
-    python bench/value_group_diagnosis.py [--prompts 10] [--length 512]
+    python bench/value_group_diagnosis.py [--prompts 10] [--length 512] [--variants zero,zero@head,...]
 """
 
 from __future__ import annotations
