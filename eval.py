@@ -22,8 +22,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py", "Evaluati
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate (results go to WORKDIR/eval).",
                                required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Evaluate this instead of --workdir's model: a training "
-                                  "workdir (train.py's), a Hugging Face folder, a .gguf file or a registered model name "
-                                  "(smollm2-135m-instruct); results still go to WORKDIR/eval.")
+                                  "workdir (train.py's), a Hugging Face folder, a .gguf file or a registered model "
+                                  "name (smollm2-135m-instruct); results still go to WORKDIR/eval.")
 
 
 def resolve_checkpoint(config, path: str):

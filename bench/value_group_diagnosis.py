@@ -135,7 +135,7 @@ def main():
         context, context_mask = jnp.asarray(context), jnp.asarray(context_mask)
         state = capture_prefill_state(model, params, context, question, context_mask=context_mask)
         capacity = context.shape[1] + question.shape[1] + prompt.answer_tokens + 14
-        oracle_state = None
+        oracle_state, full_answer = None, None  # "full" runs first: its answer is the oracle's
         for variant in results:
             if variant.endswith("!oracle") and oracle_state is None:  # the full cache's answer is known by now
                 answer_ids = jnp.asarray([tokenizer.encode(full_answer)])

@@ -11,5 +11,5 @@ from subtoken_jax.model_config import LoRAConfig, ModelConfig
 from subtoken_jax.tokenization import ByteTokenizer, HFTokenizer
 
 __all__ = ["ByteTokenizer", "CheckpointError", "Compression", "ConfigError", "DecoderLM", "HFTokenizer", "InputError",
-           "KVCache", "LoRAConfig", "ModelConfig", "compressed_generate", "generate", "init_params", "load_pretrained", "load_tokenizer",
-           "save_pretrained"]
+           "KVCache", "LoRAConfig", "ModelConfig", "compressed_generate", "generate", "init_params", "load_pretrained",
+           "load_tokenizer", "save_pretrained"]

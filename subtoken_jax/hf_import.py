@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from subtoken_jax.errors import CheckpointError
 from subtoken_jax.model import DecoderLM
-from subtoken_jax.model_config import LoRAConfig, ModelConfig, resolve_dtype
+from subtoken_jax.model_config import LoRAConfig, ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -167,7 +167,8 @@ def params_from_hf_tensors(tensors: Dict[str, Any], cfg: ModelConfig, where: str
     for hf_name, ours, hf_shape, our_shape, transpose in wanted:
         array = tensors[hf_name]
         if tuple(array.shape) != hf_shape:
-            raise CheckpointError(f"tensor {hf_name} has shape {tuple(array.shape)} but {implied_by} implies {hf_shape}")
+            raise CheckpointError(f"tensor {hf_name} has shape {tuple(array.shape)} but {implied_by} implies "
+                                  f"{hf_shape}")
         array = array.T if transpose else array
         flat[ours] = jnp.asarray(array.reshape(our_shape), dtype=dtype)
     return traverse_util.unflatten_dict(flat)
