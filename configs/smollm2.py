@@ -22,7 +22,6 @@ def get_config():
     c.budgets = (0.75, 0.5, 0.375)  # the full cache is always evaluated too, at b = 1
     c.batch_size = 5
     c.pad_multiple = 64
-    c.extra_new_tokens = 14  # the instruct model answers in a sentence ("The magic number for X is N.")
     c.subtoken.scorer = "attention"
     c.needle.lengths = (512,)
     c.needle.depths = (0.0, 0.25, 0.5, 0.75, 1.0)

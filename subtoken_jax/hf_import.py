@@ -1,10 +1,12 @@
-"""Load Llama / Qwen2 / Mistral checkpoints in Hugging Face format from a local folder.
+"""Llama / Qwen2 / Mistral checkpoints in Hugging Face format from a local folder: config and weights.
 
     model, params, tokenizer = subtoken_jax.load_pretrained("/path/to/Qwen2.5-0.5B", dtype="bfloat16")
     logits = model.apply({"params": params}, input_ids)
 
-Nothing is downloaded: the folder must hold config.json, model.safetensors (or shards with
-model.safetensors.index.json) and tokenizer.json.
+`load_pretrained` (pretrained.py) is the front door for folders, GGUF files and registered names; this
+module reads folders: config.json, model.safetensors (or shards with model.safetensors.index.json).
+`hf_parameter_layout` is the one table between HF tensor names / layouts and our parameter tree; the
+GGUF reader and the HF exporter use it too. Nothing is downloaded.
 """
 
 from __future__ import annotations

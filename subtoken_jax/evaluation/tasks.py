@@ -84,8 +84,10 @@ def _qa_prompt(example: dict, tokenizer, bos: bool, info: dict, chat: bool = Fal
     answer_tokens = len(tokenizer.encode(example["answer"]))
     if chat:
         context, question = chat_split(tokenizer, example["context"], example["query"])
+        # an instruct model answers in a sentence that restates the question ("The magic number for X is N."):
+        # room for that, so the generated line is not cut before the answer
         return Prompt(context=context, question=question, answer=example["answer"], info=info,
-                      answer_tokens=answer_tokens)
+                      answer_tokens=answer_tokens + len(tokenizer.encode(example["query"])))
     return Prompt(context=_encode(tokenizer, example["context"], bos), question=_encode(tokenizer, example["question"],
                                                                                          False),
                   answer=example["answer"], info=info, answer_tokens=answer_tokens)
