@@ -28,9 +28,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Evaluate this instead of 
 
 def resolve_checkpoint(config, path: str):
     """--checkpoint PATH -> the training workdir to read the model from (None: a pretrained model, set in config)."""
-    from subtoken_jax.pretrained import REGISTRY, is_gguf
+    from subtoken_jax.pretrained import REGISTRY, is_gguf, is_registered_name
 
-    if path.lower() in REGISTRY and not os.path.exists(path) or os.path.isfile(path) and is_gguf(path):
+    if is_registered_name(path) or os.path.isfile(path) and is_gguf(path):
         config.model.checkpoint = path  # a registered name or a GGUF file
         return None
     config_path = os.path.join(path, "config.json")

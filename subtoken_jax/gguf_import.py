@@ -28,8 +28,9 @@ from subtoken_jax.hf_import import hf_parameter_layout, params_from_hf_tensors
 from subtoken_jax.model_config import LoRAConfig, ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
-# llama.cpp permutes q/k rows of these architectures for its rotary layout (convert_hf_to_gguf's LlamaModel)
-_PERMUTED_QK = ("llama", "mistral")
+# llama.cpp permutes the q/k rows of llama files (convert_hf_to_gguf's LlamaModel) for its rotary layout; a
+# "mistral" file is read as llama (config_from_gguf), so ModelConfig.architecture is "llama" for both
+_PERMUTED_QK = ("llama",)
 
 
 def _gguf():
@@ -157,11 +158,11 @@ def _unpermute_rows(array: np.ndarray, heads: int) -> np.ndarray:
     return array.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def gguf_tensor_plan(reader, cfg: ModelConfig, arch: str, path: str):
+def gguf_tensor_plan(reader, cfg: ModelConfig, path: str):
     """{hf_name: ReaderTensor} for every weight the model needs, checked (names, types, shapes) before compute."""
     gguf = _gguf()
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA,
-                                        cfg.num_layers)
+    arch = gguf.MODEL_ARCH.QWEN2 if cfg.architecture == "qwen2" else gguf.MODEL_ARCH.LLAMA
+    name_map = gguf.get_tensor_name_map(arch, cfg.num_layers)
     by_name = {t.name: t for t in reader.tensors}
     supported = supported_tensor_types()
     plan, used = {}, set()
@@ -186,18 +187,18 @@ def gguf_tensor_plan(reader, cfg: ModelConfig, arch: str, path: str):
 
 
 def load_gguf_params(path: str, cfg: ModelConfig):
-    """Dequantises a GGUF file's tensors into our nested param dict (in cfg.param_dtype)."""
+    """Dequantises a GGUF file's tensors into our nested param dict (cfg: from read_gguf_config, in
+    cfg.param_dtype)."""
     gguf = _gguf()
-    reader = open_gguf(path)
-    arch = architecture_of(gguf_metadata(reader), path)
-    plan = gguf_tensor_plan(reader, cfg, arch, path)
+    plan = gguf_tensor_plan(open_gguf(path), cfg, path)
+    permuted = cfg.architecture in _PERMUTED_QK
     tensors = {}
     for hf_name, tensor in plan.items():
         array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
         array = array.reshape(tuple(int(n) for n in reversed(tensor.shape)))
-        if arch in _PERMUTED_QK and ".q_proj." in hf_name:
+        if permuted and ".q_proj." in hf_name:
             array = _unpermute_rows(array, cfg.num_heads)
-        elif arch in _PERMUTED_QK and ".k_proj." in hf_name:
+        elif permuted and ".k_proj." in hf_name:
             array = _unpermute_rows(array, cfg.num_kv_heads)
         tensors[hf_name] = array
     return params_from_hf_tensors(tensors, cfg, path, implied_by="its GGUF metadata")

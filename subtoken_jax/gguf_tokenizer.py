@@ -72,7 +72,8 @@ def _byte_spelling() -> Dict[int, str]:
 
 
 def tokenizer_from_gguf(metadata: Dict[str, Any], where: str = "GGUF file"):
-    """(tokenizers.Tokenizer, special ids {bos, eos, pad, unk}, add_bos) for a GGUF header's vocabulary."""
+    """(tokenizers.Tokenizer, special ids {bos, eos, pad, unk}) for a GGUF header's vocabulary; a file whose
+    add_bos_token is set gets a post-processor adding BOS, so a saved tokenizer.json behaves the same."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     kind = metadata.get("tokenizer.ggml.model")
@@ -100,9 +101,8 @@ def tokenizer_from_gguf(metadata: Dict[str, Any], where: str = "GGUF file"):
     ids = {name: metadata.get(f"tokenizer.ggml.{key}") for name, key in
            (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),
             ("unk", "unknown_token_id"))}
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
-    if add_bos and ids["bos"] is not None:  # so tokenizer.json (and transformers) add it the same way
+    if metadata.get("tokenizer.ggml.add_bos_token", False) and ids["bos"] is not None:
         bos = tokens[ids["bos"]]
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids["bos"])])
-    return tokenizer, ids, add_bos
+    return tokenizer, ids

@@ -50,13 +50,18 @@ REGISTRY = {
 }
 
 
+def is_registered_name(path: str) -> bool:
+    """A registered short name (and not an existing file or folder of that name)."""
+    return not os.path.exists(path) and path.lower() in REGISTRY
+
+
 def resolve_checkpoint(name_or_path: str) -> str:
     """A registered name's file, or the path itself (a GGUF file or a Hugging Face folder)."""
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise CheckpointError(f"expected a model folder, a .gguf file or one of {sorted(REGISTRY)}, got "
                               f"{name_or_path!r}")
     path = os.fspath(name_or_path)
-    if not os.path.exists(path) and path.lower() in REGISTRY:
+    if is_registered_name(path):
         return REGISTRY[path.lower()].path()
     if not os.path.exists(path):
         raise CheckpointError(f"model {path!r} does not exist: give a Hugging Face folder, a .gguf file, or a "

