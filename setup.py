@@ -39,6 +39,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["subtoken_jax", "subtoken_jax.*"]),
+    # trained predictors that ship with the package (loaded by name: selectors.predictor.load_predictor)
+    package_data={"subtoken_jax": ["predictors/*/*.json", "predictors/*/*.msgpack", "predictors/*/*.md"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

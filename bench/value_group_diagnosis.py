@@ -38,6 +38,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
+from configs import eval as eval_config  # noqa: E402
+
 import subtoken_jax  # noqa: E402
 from subtoken_jax import data as data_lib  # noqa: E402
 from subtoken_jax.evaluation import methods as methods_lib  # noqa: E402
@@ -66,6 +68,18 @@ def fit_rotations(model, params, tokenizer, tokens=2048):
     return rotations
 
 
+def split_tokens(name: str, budget: float):
+    """"snapkv:0.5/mean@head" -> ("snapkv", 0.5, "mean@head", rho): the token selector keeps tau = 0.5 of the
+    tokens, then the groups keep rho = 2b / tau - 1 of the survivors' pairs (tau (1 + rho) / 2 = b). No prefix:
+    every key kept (tau = 1). "snapkv:0.375" alone (no groups part) is the selector at tau = b."""
+    if ":" not in name:
+        return None, 1.0, name, 2 * budget - 1
+    selector, rest = name.split(":", 1)
+    tau, _, groups = rest.partition("/")
+    tau = float(tau)
+    return selector, tau, groups, (min(2 * budget / tau - 1, 1.0) if groups else 1.0)
+
+
 def parse_variant(name: str):
     """"mean+pca@head~pool" -> (fill, rotate, scope, pool): fill zero|mean, pca rotation, allocation scope
     (global default), and ~pool = the question's attention max-pooled over +-2 tokens (SnapKV's kernel 5).
@@ -78,8 +92,8 @@ def parse_variant(name: str):
     return ("mean" if "mean" in parts else "zero"), "pca" in parts, scope, pool
 
 
-def variant_values(state, rotations, variant, rho):
-    """Per-layer cached values after dropping (1 - rho) of the groups, the variant's way."""
+def variant_values(state, rotations, variant, rho, token_masks=None):
+    """Per-layer cached values after dropping (1 - rho) of the groups (of the kept tokens), the variant's way."""
     fill, rotate, scope, pool = parse_variant(variant)
     groups = state.value_groups
     real = (state.positions >= 0)[:, :, None, None]
@@ -96,7 +110,8 @@ def variant_values(state, rotations, variant, rho):
         bases.append(v)
         fills.append(mean)
         scores.append(score)
-    masks = allocate_value_groups(scores, rho, scope=scope, positions=state.positions)
+    masks = allocate_value_groups(scores, rho, scope=scope, positions=state.positions,
+                                  token_keep_masks=token_masks)
     out = []
     for layer, (v, mean, mask) in enumerate(zip(bases, fills, masks)):
         m = jnp.repeat(mask.astype(v.dtype), v.shape[-1] // groups, axis=-1)
@@ -119,7 +134,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--rho", type=float, default=0.5)
+    parser.add_argument("--budget", type=float, default=0.75, help="KV-bytes fraction every variant keeps")
+    parser.add_argument("--seed", type=int, default=1234, help="prompt seed (eval.py uses 0: keep them apart)")
     parser.add_argument("--variants", default="zero,mean,zero+pca,mean+pca",
                         help="comma-separated fill[+pca][@global|layer|head][~pool] (see parse_variant)")
     parser.add_argument("--out", default="bench/results/value_group_diagnosis.json")
@@ -127,7 +143,8 @@ def main():
     model, params, tokenizer = subtoken_jax.load_pretrained("smollm2-135m-instruct", value_groups=8)
     rotations = fit_rotations(model, params, tokenizer) if "pca" in args.variants else None
     cfg = ConfigDict({"lengths": (args.length,), "depths": tuple(np.linspace(0, 1, args.prompts)), "samples": 1})
-    prompts = tasks_lib.needle_prompts(cfg, tokenizer, seed=1234, bos=False, chat=True)
+    prompts = tasks_lib.needle_prompts(cfg, tokenizer, seed=args.seed, bos=False, chat=True)
+    selectors = methods_lib.make_selectors(eval_config.get_config())
     results = {v: {"correct": 0, "errors": []} for v in ["full"] + args.variants.split(",")}
     for prompt in prompts:
         context, context_mask = data_lib.pad_rows([prompt.context], tokenizer.pad_id, 64)
@@ -142,17 +159,22 @@ def main():
                 oracle_state = capture_prefill_state(model, params, context, jnp.concatenate([question, answer_ids], 1),
                                                      context_mask=context_mask)
             scored = oracle_state if variant.endswith("!oracle") else state
-            values = list(state.values) if variant == "full" else variant_values(scored, rotations, variant,
-                                                                                 args.rho)[0]
+            selector, tau, group_part, rho = split_tokens(variant, args.budget)
+            tokens = None if selector is None else selectors[selector].masks(state, tau)
+            if variant == "full" or not group_part:
+                values = list(state.values)
+            else:
+                values = variant_values(scored, rotations, group_part, rho, tokens)[0]
             cache = methods_lib.cache_from_state(state.replace(values=tuple(values)), model.config, capacity)
-            out = methods_lib.greedy_answer(model, params, cache, question, state.query_positions, None, None,
+            token_masks = None if tokens is None else methods_lib.widen_masks(tokens, (), capacity)[0]
+            out = methods_lib.greedy_answer(model, params, cache, question, state.query_positions, token_masks, None,
                                             prompt.answer_tokens + 14)
             text = tokenizer.decode(np.asarray(out[0]))
             if variant == "full":
                 full_answer = tasks_lib.first_line(text)
             ok = tasks_lib.needle_correct(text, prompt.answer)
             results[variant]["correct"] += int(ok)
-            if variant != "full":
+            if variant != "full" and tokens is None:
                 results[variant]["errors"].append([output_error(state, i, values[i]) for i in range(len(values))])
             print(f"{variant:10s} {'ok ' if ok else 'BAD'} {text[:60]!r}", flush=True)
     summary = {}
@@ -164,7 +186,7 @@ def main():
         print(variant, summary[variant]["exact_match"], summary[variant]["output_error_mean"])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"rho": args.rho, "prompts": len(prompts), "length": args.length, "results": summary}, fh, indent=2)
+        json.dump({"budget": args.budget, "seed": args.seed, "prompts": len(prompts), "length": args.length, "results": summary}, fh, indent=2)
 
 
 if __name__ == "__main__":

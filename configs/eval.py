@@ -97,6 +97,13 @@ def get_config() -> ConfigDict:
     c.needle.depths = (0.0, 0.25, 0.5, 0.75, 1.0)
     c.needle.samples = 2  # per (length, depth) cell
 
+    c.multi_needle = ConfigDict()  # tasks multi_key, multi_value, two_needles (evaluation.tasks.MULTI_NEEDLE)
+    c.multi_needle.lengths = (512,)
+    c.multi_needle.samples = 8  # per length
+    # needle-task haystacks: a text file of prose (split into sentences; a run of consecutive ones per prompt),
+    # or "" for the package's generated filler sentences (what the embedded default uses)
+    c.haystack = ""
+
     c.variable_tracking = ConfigDict()
     c.variable_tracking.lengths = (256, 512)
     c.variable_tracking.samples = 8  # per length

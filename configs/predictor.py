@@ -39,6 +39,7 @@ def get_config() -> ConfigDict:
     c.predictor.layer_embed_size = 8  # size of the learned per-layer embedding
     c.predictor.bands = 4  # RoPE frequency bands the attention logit is split into (must divide head_dim / 2)
     c.predictor.spread_rank = 2  # principal directions of the question's queries fed as k^T Sigma k terms (0 = off)
+    c.predictor.neighbours = 0  # w: also see the prior of the w tokens before / after each token (0 = off)
 
     # Training (optax AdamW, warmup + cosine decay).
     c.train = ConfigDict()
@@ -60,6 +61,9 @@ def get_config() -> ConfigDict:
     c.data.num_queries = 1  # random_ids: keys asked per question (answer length)
     c.data.tasks = ("needle", "variable_tracking", "associative_recall")  # tasks: drawn uniformly per prompt
     c.data.lengths = (256, 512)  # tasks: tokens of context + question + answer, one length per batch, in turn
+    c.data.chat = False  # tasks: ask through the tokenizer's chat template (an instruct model)
+    c.data.answers = "reference"  # tasks: reference | model (targets from the base model's own greedy answers)
+    c.data.answer_tokens = 32  # answers = model: most tokens generated per answer (cut at the first line)
 
     # Held-out evaluation.
     c.eval = ConfigDict()

@@ -232,9 +232,12 @@ def example_length(example: dict, tokenizer: Tokenizer) -> int:
 
 
 def make_needle_example(rng: np.random.Generator, num_tokens: int, tokenizer: Tokenizer, *,
-                        depth: Optional[float] = None) -> dict:
+                        depth: Optional[float] = None, haystack: Optional[Sequence[str]] = None) -> dict:
     """Needle in a haystack: one "magic number" sentence at `depth` (0 = start, 1 = end; drawn
-    from rng when None) of filler sentences, measured in characters of the filler."""
+    from rng when None) of filler sentences, measured in characters of the filler.
+
+    haystack: sentences of real prose to draw the filler from (a run of consecutive ones from a random
+    start, see prose_sentences); default: generated filler sentences."""
     depth = float(rng.uniform()) if depth is None else depth
     key, value = _word(rng), str(rng.integers(1_000_000, 10_000_000))
     needle = f"The magic number for {key} is {value}."
@@ -242,15 +245,89 @@ def make_needle_example(rng: np.random.Generator, num_tokens: int, tokenizer: To
     question, answer = f"\nQ: {query}\nA:", f" {value}"
 
     def render(filler: list[str]) -> dict:
-        done = np.cumsum([0] + [len(s) for s in filler])  # characters before each sentence
-        at = int(np.searchsorted(done, depth * done[-1]))
-        return _example("needle", " ".join(filler[:at] + [needle] + filler[at:]), question, answer, query)
+        return _example("needle", " ".join(_insert_at_depths(filler, [needle], [depth])), question, answer, query)
 
-    return _fill_to_budget(render, functools.partial(_filler_sentence, rng), " ", num_tokens, tokenizer)
+    return _fill_to_budget(render, _filler(rng, haystack), " ", num_tokens, tokenizer)
+
+
+def make_multi_needle_example(rng: np.random.Generator, num_tokens: int, tokenizer: Tokenizer, *,
+                              num_keys: int = 1, num_values: int = 1, asked: int = 1,
+                              haystack: Optional[Sequence[str]] = None) -> dict:
+    """RULER-style needles: `num_keys` keys with `num_values` magic numbers each, every needle sentence at
+    its own uniform depth; the question asks for all values of `asked` of the keys (the answer lists them,
+    space-separated, in context order).
+
+    num_keys = 4, asked = 1: multi-key (distractor needles); num_values = 2: multi-value; num_keys = 2,
+    asked = 2: two facts far apart that the answer must both recall.
+    """
+    if not 1 <= asked <= num_keys or num_values < 1:
+        raise ConfigError(f"multi-needle needs 1 <= asked <= num_keys and num_values >= 1, got asked={asked}, "
+                          f"num_keys={num_keys}, num_values={num_values}")
+    keys = _unique(rng, lambda: _word(rng), num_keys)
+    values = _unique(rng, lambda: str(rng.integers(1_000_000, 10_000_000)), num_keys * num_values)
+    needles = [(k, values[i * num_values + j]) for i, k in enumerate(keys) for j in range(num_values)]
+    order = rng.permutation(len(needles))
+    depths = np.sort(rng.uniform(size=len(needles)))
+    placed = [needles[i] for i in order]
+    asked_keys = keys[:asked]
+    answer_values = [v for k, v in placed if k in asked_keys]
+    names = " and ".join(asked_keys)
+    query = (f"What {'is the magic number' if num_values == 1 and asked == 1 else 'are the magic numbers'} "
+             f"for {names}?")
+    question, answer = f"\nQ: {query}\nA:", " " + " ".join(answer_values)
+    sentences = [f"One of the magic numbers for {k} is {v}." if num_values > 1 else f"The magic number for {k} is {v}."
+                 for k, v in placed]
+
+    def render(filler: list[str]) -> dict:
+        return _example("multi_needle", " ".join(_insert_at_depths(filler, sentences, list(depths))), question,
+                        answer, query)
+
+    return _fill_to_budget(render, _filler(rng, haystack), " ", num_tokens, tokenizer)
+
+
+def _insert_at_depths(filler: list[str], items: list[str], depths: list[float]) -> list[str]:
+    """filler with items[i] inserted at relative character depth depths[i] (sorted)."""
+    done = np.cumsum([0] + [len(s) for s in filler])  # characters before each sentence
+    out, start = [], 0
+    for item, depth in zip(items, depths):
+        at = int(np.searchsorted(done, depth * done[-1]))
+        out += filler[start:at] + [item]
+        start = max(start, at)
+    return out + filler[start:]
+
+
+def prose_sentences(text: str, min_chars: int = 20) -> list[str]:
+    """Sentences of real prose for haystacks: `text` split after . ! ?, keeping those of at least min_chars
+    characters. WikiText's markup is undone (heading lines, @-@ joins, spaces before punctuation and
+    clitics) and sentences with its <unk> placeholder are dropped."""
+    text = re.sub(r"^\s*=+[^=\n]*=+\s*$", " ", text, flags=re.MULTILINE)  # WikiText headings
+    text = text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r" ([,.;:!?)\]]|'s\b|n't\b|'re\b|'ve\b|'ll\b|'d\b)", r"\1", text)
+    text = re.sub(r"([(\[]) ", r"\1", text)
+    sentences = (s.strip() for s in re.split(r"(?<=[.!?])\s+", text))
+    return [s for s in sentences if len(s) >= min_chars and "<unk>" not in s]
+
+
+def _filler(rng: np.random.Generator, haystack: Optional[Sequence[str]]) -> Callable[[], str]:
+    """Draws filler sentences: generated ones, or consecutive sentences of `haystack` from a random start."""
+    if haystack is None:
+        return functools.partial(_filler_sentence, rng)
+    if not haystack:
+        raise ConfigError("the haystack holds no sentences")
+    position = [int(rng.integers(len(haystack)))]
+
+    def next_sentence() -> str:
+        sentence = haystack[position[0] % len(haystack)]
+        position[0] += 1
+        return sentence
+
+    return next_sentence
 
 
 def make_variable_tracking_example(rng: np.random.Generator, num_tokens: int, tokenizer: Tokenizer, *,
-                                   num_chains: int = 2, chain_length: int = 3) -> dict:
+                                   num_chains: int = 2, chain_length: int = 3,
+                                   haystack: Optional[Sequence[str]] = None) -> dict:
     """RULER-style variable tracking: chains `VAR A = 12345.`, `VAR B = VAR A.`, ... hidden in filler.
 
     The question asks for every variable holding the first chain's value; the others are
@@ -291,8 +368,8 @@ def make_variable_tracking_example(rng: np.random.Generator, num_tokens: int, to
 
     shapes = [(c, n) for n in range(chain_length, 1, -1) for c in range(num_chains, 0, -1)]
     shape = next((s for s in shapes if example_length(render_shape(s, []), tokenizer) <= num_tokens), (1, 2))
-    return _fill_to_budget(functools.partial(render_shape, shape), functools.partial(_filler_sentence, rng), " ",
-                           num_tokens, tokenizer)
+    return _fill_to_budget(functools.partial(render_shape, shape), _filler(rng, haystack), " ", num_tokens,
+                           tokenizer)
 
 
 def make_associative_recall_example(rng: np.random.Generator, num_tokens: int, tokenizer: Tokenizer) -> dict:

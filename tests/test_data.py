@@ -294,3 +294,33 @@ def test_pad_rows_left_and_right():
     assert ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 4]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
     ids, mask = data.pad_rows([[1, 2], []], pad_id=9, multiple=4, left=False, at_least=5)
     assert ids.tolist() == [[1, 2] + [9] * 6, [9] * 8] and mask.tolist() == [[1, 1] + [0] * 6, [0] * 8]
+
+
+@pytest.mark.parametrize("kind,expected", [({"num_keys": 4}, (4, 1, 1)), ({"num_values": 2}, (1, 2, 1)),
+                                           ({"num_keys": 2, "asked": 2}, (2, 1, 2))],
+                         ids=["multi_key", "multi_value", "two_needles"])
+def test_multi_needle_answer_matches_the_context(kind, expected):
+    keys_n, values_n, asked_n = expected
+    for seed in range(4):
+        example = data.make_multi_needle_example(np.random.default_rng(seed), 1200, Bytes(), **kind)
+        found = re.findall(r"magic numbers? for (\w+) is (\d{7})\.", example["context"])  # brute force: read it
+        assert len(found) == keys_n * values_n and len({k for k, _ in found}) == keys_n
+        asked = re.search(r"for (.+)\?", example["query"]).group(1).split(" and ")
+        assert len(asked) == asked_n
+        assert example["answer"].split() == [v for k, v in found if k in asked]  # in context order
+        assert data.example_length(example, Bytes()) <= 1200
+
+
+def test_prose_haystack_is_real_text_in_order():
+    text = ("= Title =\n The cat , a small animal , sat @-@ down .\n It was n't happy . Nor was the dog 's owner !\n"
+            " Short . The <unk> of it all was a mystery to everyone around .\n")
+    sentences = data.prose_sentences(text)
+    assert sentences == ["The cat, a small animal, sat-down.", "Nor was the dog's owner!"]
+    long_text = " ".join(f"Sentence number {i} is here." for i in range(200))
+    haystack = data.prose_sentences(long_text)
+    example = data.make_needle_example(np.random.default_rng(3), 600, Bytes(), depth=0.5, haystack=haystack)
+    numbers = [int(n) for n in re.findall(r"Sentence number (\d+)", example["context"])]
+    assert len(numbers) > 10 and all((b - a) % 200 == 1 for a, b in zip(numbers, numbers[1:]))  # consecutive
+    assert "magic number" in example["context"] and "The " not in example["context"].replace("The magic", "")
+    with pytest.raises(ConfigError, match="no sentences"):
+        data.make_needle_example(np.random.default_rng(0), 300, Bytes(), haystack=[])

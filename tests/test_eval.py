@@ -254,6 +254,9 @@ def test_hugging_face_folder(hf_folder, mmlu_csv, tmp_path):
     ({"tasks": ("mmlu",)}, "task mmlu needs mmlu.files"),
     ({"combined.scorer": "oracle"}, "combined.scorer='oracle' is unknown"),
     ({"generation": "dense"}, "generation must be 'packed' or 'masked'"),
+    ({"tasks": ("needle",), "haystack": "/nonexistent/prose.txt"}, "haystack='/nonexistent/prose.txt' is not a file"),
+    ({"tasks": ("multi_key",), "multi_needle.samples": 0}, "multi_needle.lengths must be positive"),
+    ({"combined.selector": "predictor"}, "the predictor (scorer or selector) needs predictor.workdir"),
 ])
 def test_bad_inputs_fail_before_compute(workdir, overrides, message):
     from subtoken_jax.errors import CheckpointError, ConfigError, InputError
@@ -297,6 +300,13 @@ def test_combined_split_and_exact_match():
     assert needle_correct(" 4967319 is it\nQ: x", " 4967319") and not needle_correct(" 42\n4967319", " 4967319")
     assert variable_tracking_correct(" QWERT ASDFG, ZXCVB", " ZXCVB QWERT ASDFG")
     assert not variable_tracking_correct(" QWERT ASDFGH ZXCVB", " QWERT ASDFG ZXCVB")
+    from subtoken_jax.evaluation.tasks import score
+
+    lead_in = "The variables assigned to 12345 are:\n- QWERT\n- ASDFG"
+    assert score("variable_tracking", lead_in, " QWERT ASDFG", chat=True)  # an instruct model's whole turn
+    assert not score("variable_tracking", lead_in, " QWERT ASDFG", chat=False)  # a base model's first line
+    assert score("two_needles", "A is 1234567.\nB is 7654321.", " 7654321 1234567")
+    assert not score("multi_value", "1234567 and 765432", " 1234567 7654321")
 
 
 def test_cli_prints_one_line_errors(workdir, tmp_path):

@@ -28,7 +28,7 @@ def sharpened(params, factor):
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(tmp_path_factory):
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2, value_groups=4)
     model = DecoderLM(cfg)
@@ -50,6 +50,7 @@ def setup():
                                   batches=3, budget=BUDGET, seed=1)
 
     return dict(model=model, params=params, config=config, predictor=predictor, untrained=untrained,
+                tmp=tmp_path_factory.mktemp("empty_predictor"),
                 trained=trained, before=held_out(untrained), after=held_out(trained))
 
 
@@ -154,3 +155,42 @@ def test_config_builds_the_predictor():
     config.predictor.bands = 3
     with pytest.raises(ConfigError):
         make_predictor(config, ModelConfig(value_groups=4))
+
+
+def test_neighbour_attention_matches_a_loop():
+    from subtoken_jax.selectors.predictor import neighbour_attention
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 9, 3)).astype(np.float32)
+    got = np.asarray(neighbour_attention(jnp.asarray(x), 3))
+    assert got.shape == (2, 9, 3, 2)
+    for b in range(2):
+        for j in range(9):
+            for h in range(3):
+                before = [x[b, i, h] for i in range(j - 3, j) if i >= 0] or [-30.0]
+                after = [x[b, i, h] for i in range(j + 1, j + 4) if i < 9] or [-30.0]
+                np.testing.assert_allclose(got[b, j, h], [max(before), max(after)], rtol=1e-6)
+    assert neighbour_attention(jnp.asarray(x), 0).shape == (2, 9, 3, 0)
+
+
+def test_predictor_as_token_selector_and_shipped_names(setup):
+    from subtoken_jax.errors import InputError
+    from subtoken_jax.selectors.predictor import PredictorSelector, load_predictor, predictor_folder
+
+    model, params, predictor, trained = setup["model"], setup["params"], setup["predictor"], setup["trained"]
+    rng = np.random.default_rng(5)
+    context = rng.integers(0, VOCAB, size=(2, 16))
+    state = capture_prefill_state(model, params, context, rng.integers(0, VOCAB, size=(2, 3)))
+    selector = PredictorSelector(predictor, trained)
+    keep = selector.masks(state, 0.5)
+    scores = predictor_scores(predictor, trained, state)
+    for layer, k in enumerate(keep):
+        k = np.asarray(k)
+        assert k.shape == (2, 16, 2) and np.all(k.sum(axis=1) == 8)
+        # the kept tokens are those with the largest predicted mass (logsumexp over their groups)
+        mass = np.asarray(jax.nn.logsumexp(scores[layer], axis=-1))
+        assert np.all(np.min(np.where(k > 0, mass, np.inf), axis=1) >= np.max(np.where(k > 0, -np.inf, mass), axis=1))
+    with pytest.raises(InputError, match="neither a folder nor a shipped predictor"):
+        predictor_folder("no-such-predictor")
+    with pytest.raises(InputError, match="holds no trained predictor"):
+        load_predictor(str(setup["tmp"]), model.config)

@@ -131,9 +131,10 @@ def real_masks(state: PrefillState) -> Tuple[Tuple[jax.Array, ...], Tuple[jax.Ar
 
 
 def uses_predictor(config) -> bool:
-    """Whether a configured method scores value groups with the trained predictor."""
+    """Whether a configured method scores value groups (or, as combined.selector, tokens) with the trained
+    predictor."""
     return (("subtoken" in config.methods and config.subtoken.scorer == "predictor")
-            or ("combined" in config.methods and config.combined.scorer == "predictor"))
+            or ("combined" in config.methods and "predictor" in (config.combined.scorer, config.combined.selector)))
 
 
 def build_masks(state: PrefillState, plan: Plan, config, selectors: Dict[str, object],
@@ -295,10 +296,10 @@ def check_method_config(config) -> None:
         if config[section].scorer not in SCORERS:
             raise ConfigError(f"{section}.scorer={config[section].scorer!r} is unknown; choose one of {SCORERS}")
     if uses_predictor(config) and not config.get("predictor", {}).get("workdir"):
-        raise ConfigError("scorer 'predictor' needs predictor.workdir: a folder written by train.py --config "
-                          "configs/predictor.py")
-    if config.combined.selector not in TOKEN_SELECTORS:
+        raise ConfigError("the predictor (scorer or selector) needs predictor.workdir: a shipped predictor's name "
+                          "or a folder written by train.py --config configs/predictor.py")
+    if config.combined.selector not in TOKEN_SELECTORS and config.combined.selector != "predictor":
         raise ConfigError(f"combined.selector={config.combined.selector!r} is unknown; choose one of "
-                          f"{', '.join(TOKEN_SELECTORS)}")
+                          f"{', '.join(TOKEN_SELECTORS)} or predictor")
     if not 0 < config.combined.value_fraction <= 1:
         raise ConfigError(f"combined.value_fraction={config.combined.value_fraction} must be in (0, 1]")

@@ -75,18 +75,21 @@ def validate(config: ConfigDict) -> None:
             raise ConfigError(f"perplexity.prefix_fraction={p.prefix_fraction} must be in (0, 1)")
         if p.window < 1:
             raise ConfigError(f"perplexity.window must be >= 1, got {p.window}")
-    for task in ("needle", "variable_tracking"):
+    for task in ("needle", "variable_tracking") + tuple(tasks_lib.MULTI_NEEDLE):
         if task in config.tasks:
-            section = config[task]
+            name = "multi_needle" if task in tasks_lib.MULTI_NEEDLE else task
+            section = config[name]
             if not section.lengths or any(int(n) < 1 for n in section.lengths) or section.samples < 1:
-                raise ConfigError(f"{task}.lengths must be positive token counts and {task}.samples >= 1")
+                raise ConfigError(f"{name}.lengths must be positive token counts and {name}.samples >= 1")
     if "needle" in config.tasks and any(not 0.0 <= float(d) <= 1.0 for d in config.needle.depths):
         raise ConfigError(f"needle.depths={tuple(config.needle.depths)} must lie in [0, 1]")
     if "needle" in config.tasks and not config.needle.depths:
         raise ConfigError("needle.depths is empty")
+    if set(config.tasks) - {"perplexity", "mmlu"}:
+        tasks_lib.read_haystack(config.get("haystack", ""))  # a missing or empty file fails here, before any compute
     if methods_lib.uses_predictor(config):
         if "perplexity" in config.tasks:
-            raise ConfigError("scorer 'predictor' scores against a question, and the perplexity task has none: drop "
+            raise ConfigError("the predictor scores against a question, and the perplexity task has none: drop "
                               "perplexity from tasks, or use scorer expected / attention there")
         folder = config.predictor.workdir
         predictor_lib.check_predictor_folder(folder, f"predictor.workdir={folder!r}")
@@ -268,8 +271,9 @@ class Evaluator:
         self.selectors = methods_lib.make_selectors(self.config)
         self.scorers = {}
         if methods_lib.uses_predictor(self.config):
-            self.scorers["predictor"] = predictor_lib.predictor_scorer(
-                *predictor_lib.load_predictor(self.config.predictor.workdir, self.base_model.config))
+            predictor = predictor_lib.load_predictor(self.config.predictor.workdir, self.base_model.config)
+            self.scorers["predictor"] = predictor_lib.predictor_scorer(*predictor)
+            self.selectors["predictor"] = predictor_lib.PredictorSelector(*predictor)
         names = {p.method for p in self.plans}
         self.with_attention = "h2o" in names or ("combined" in names and self.config.combined.selector == "h2o")
         self.pad_id = self.source.tokenizer.pad_id if getattr(self.source.tokenizer, "pad_id", None) is not None else 0
@@ -376,7 +380,7 @@ class Evaluator:
                     out = np.asarray(out)
                     for prompt, row in zip(batch, out):
                         text = _decode_text(tok, row)
-                        correct = tasks_lib.SCORERS[task](text, prompt.answer)
+                        correct = tasks_lib.score(task, text, prompt.answer, self.source.chat)
                         acc[plan.method, plan.budget].values.append(float(correct))
                         examples.append({"task": task, "method": plan.method, "budget": plan.budget,
                                          "prediction": text, "answer": prompt.answer, "correct": bool(correct),

@@ -28,9 +28,13 @@ import numpy as np
 from subtoken_jax import data as data_lib
 from subtoken_jax.errors import ConfigError, InputError
 
-TASKS = ("perplexity", "needle", "variable_tracking", "mmlu")
+# RULER-style needle variants (data.make_multi_needle_example): distractor keys, several values per key, and
+# two facts far apart that the answer must both recall.
+MULTI_NEEDLE = {"multi_key": dict(num_keys=4), "multi_value": dict(num_values=2),
+                "two_needles": dict(num_keys=2, asked=2)}
+TASKS = ("perplexity", "needle", "variable_tracking", "mmlu") + tuple(MULTI_NEEDLE)
 METRICS = {"perplexity": "perplexity", "needle": "exact_match", "variable_tracking": "exact_match",
-           "mmlu": "accuracy"}
+           "mmlu": "accuracy", **{t: "exact_match" for t in MULTI_NEEDLE}}
 HIGHER_IS_BETTER = {"perplexity": False, "exact_match": True, "accuracy": True}
 LETTERS = ("A", "B", "C", "D")
 
@@ -69,7 +73,23 @@ def variable_tracking_correct(generated: str, answer: str) -> bool:
     return set(answer.split()) <= words
 
 
-SCORERS = {"needle": needle_correct, "variable_tracking": variable_tracking_correct}
+def all_values_correct(generated: str, answer: str) -> bool:
+    """Exact match: every expected value (space-separated in `answer`) appears in the generated answer, on
+    any line (an instruct model may list them one per line)."""
+    return all(value in generated for value in answer.split())
+
+
+SCORERS = {"needle": needle_correct, "variable_tracking": variable_tracking_correct,
+           **{t: all_values_correct for t in MULTI_NEEDLE}}
+
+
+def score(task: str, generated: str, answer: str, chat: bool = False) -> bool:
+    """Whether a generated answer is correct. chat: an instruct model's answer is its whole turn (it often
+    leads in with a line such as "The variables assigned to 12345 are:"), so variable tracking reads every
+    line; otherwise (a base model continuing "A:") only the first line counts."""
+    if chat and task == "variable_tracking":
+        return set(answer.split()) <= set(re.findall(r"\w+", generated))
+    return SCORERS[task](generated, answer)
 
 
 # ----------------------------------------------------------------------------- prompt builders
@@ -105,26 +125,57 @@ def chat_split(tokenizer, document: str, query: str) -> Tuple[List[int], List[in
     return list(tokenizer.encode(rendered[:cut])), list(tokenizer.encode(rendered[cut:]))
 
 
-def needle_prompts(cfg, tokenizer, seed: int, bos: bool, chat: bool = False) -> List[Prompt]:
+def read_haystack(path: str) -> Optional[List[str]]:
+    """Sentences of the text file `path` for needle haystacks (data.prose_sentences); "" = generated filler."""
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise ConfigError(f"haystack={path!r} is not a file: give a text file of prose, or '' for generated filler")
+    with open(path, encoding="utf-8") as fh:
+        sentences = data_lib.prose_sentences(fh.read())
+    if len(sentences) < 10:
+        raise ConfigError(f"haystack={path!r} holds only {len(sentences)} sentences of prose; give a longer text")
+    return sentences
+
+
+def needle_prompts(cfg, tokenizer, seed: int, bos: bool, chat: bool = False,
+                   haystack: Optional[Sequence[str]] = None) -> List[Prompt]:
     """needle.samples prompts per (length, depth) cell; cell (i, j), sample s is seeded by (seed, i, j, s)."""
     prompts = []
     for i, length in enumerate(cfg.lengths):
         for j, depth in enumerate(cfg.depths):
             for s in range(cfg.samples):
                 rng = np.random.default_rng([seed, 11, i, j, s])
-                example = data_lib.make_needle_example(rng, int(length), tokenizer, depth=float(depth))
+                example = data_lib.make_needle_example(rng, int(length), tokenizer, depth=float(depth),
+                                                       haystack=haystack)
                 prompts.append(_qa_prompt(example, tokenizer, bos, {"length": int(length), "depth": float(depth)},
                                           chat))
     return prompts
 
 
-def variable_tracking_prompts(cfg, tokenizer, seed: int, bos: bool, chat: bool = False) -> List[Prompt]:
+def variable_tracking_prompts(cfg, tokenizer, seed: int, bos: bool, chat: bool = False,
+                              haystack: Optional[Sequence[str]] = None) -> List[Prompt]:
     prompts = []
     for i, length in enumerate(cfg.lengths):
         for s in range(cfg.samples):
             rng = np.random.default_rng([seed, 13, i, s])
             example = data_lib.make_variable_tracking_example(rng, int(length), tokenizer, num_chains=cfg.num_chains,
-                                                              chain_length=cfg.chain_length)
+                                                              chain_length=cfg.chain_length, haystack=haystack)
+            prompts.append(_qa_prompt(example, tokenizer, bos, {"length": int(length)}, chat))
+    return prompts
+
+
+def multi_needle_prompts(task: str, cfg, tokenizer, seed: int, bos: bool, chat: bool = False,
+                         haystack: Optional[Sequence[str]] = None) -> List[Prompt]:
+    """cfg.samples prompts per length of one MULTI_NEEDLE task; sample s of length i is seeded by (seed, k, i, s)
+    with k the task's own stream (no two tasks share a draw)."""
+    stream = 17 + sorted(MULTI_NEEDLE).index(task)
+    prompts = []
+    for i, length in enumerate(cfg.lengths):
+        for s in range(cfg.samples):
+            rng = np.random.default_rng([seed, stream, i, s])
+            example = data_lib.make_multi_needle_example(rng, int(length), tokenizer, haystack=haystack,
+                                                         **MULTI_NEEDLE[task])
             prompts.append(_qa_prompt(example, tokenizer, bos, {"length": int(length)}, chat))
     return prompts
 
@@ -238,10 +289,13 @@ def build_prompts(task: str, config, tokenizer, bos: bool, chat: bool = False) -
 
     chat: needle and variable tracking are asked as one user turn of the model's chat template.
     """
+    haystack = read_haystack(config.get("haystack", ""))
     if task == "needle":
-        return needle_prompts(config.needle, tokenizer, config.seed, bos, chat)
+        return needle_prompts(config.needle, tokenizer, config.seed, bos, chat, haystack)
     if task == "variable_tracking":
-        return variable_tracking_prompts(config.variable_tracking, tokenizer, config.seed, bos, chat)
+        return variable_tracking_prompts(config.variable_tracking, tokenizer, config.seed, bos, chat, haystack)
+    if task in MULTI_NEEDLE:
+        return multi_needle_prompts(task, config.multi_needle, tokenizer, config.seed, bos, chat, haystack)
     if task == "mmlu":
         return mmlu_prompts(config.mmlu, tokenizer, bos)
     return None

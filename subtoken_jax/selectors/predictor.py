@@ -38,6 +38,7 @@ it stays small next to the prefill, which costs O(S * (E^2 + S * Hq * D)) per la
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -56,7 +57,7 @@ from subtoken_jax.errors import ConfigError, InputError
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import ModelConfig, check_budget
 from subtoken_jax.selectors.allocate import SCOPES, allocate_value_groups
-from subtoken_jax.selectors.base import PrefillState, capture_prefill_state
+from subtoken_jax.selectors.base import PrefillState, TokenSelector, capture_prefill_state
 from subtoken_jax.selectors.subtoken import value_group_scores
 
 _EPS = 1e-6
@@ -106,6 +107,28 @@ def _question_summary(queries, query_positions, kv_heads, spread_rank):
     return mean, spread
 
 
+_PAD_LOG_ATTN = -30.0  # centred log-attention given to padding before neighbours are pooled (below any real token)
+
+
+def neighbour_attention(centred_log_attn: jax.Array, width: int) -> jax.Array:
+    """[B, S, Hkv, 2] max over the `width` tokens before / after each token of the centred log-attention.
+
+    Why: an answer that copies a span reads the tokens *after* the one the question matches (induction:
+    the answer's query at step i looks for the token following its previous output), so a token right
+    after a strongly matched one is likely read even when the question itself barely attends to it; and
+    the token before a matched one carries the context the match was made in. width 0 gives [B, S, Hkv, 0].
+    """
+    if width <= 0:
+        return jnp.zeros(centred_log_attn.shape + (0,), centred_log_attn.dtype)
+    x = jnp.transpose(centred_log_attn, (0, 2, 1))  # [B, Hkv, S]
+    pad = jnp.full(x.shape[:2] + (width,), _PAD_LOG_ATTN, x.dtype)
+    wide = jnp.concatenate([pad, x, pad], axis=-1)
+    length = x.shape[-1]
+    before = jnp.max(jnp.stack([wide[..., width - k:width - k + length] for k in range(1, width + 1)]), axis=0)
+    after = jnp.max(jnp.stack([wide[..., width + k:width + k + length] for k in range(1, width + 1)]), axis=0)
+    return jnp.transpose(jnp.stack([before, after], axis=-1), (0, 2, 1, 3))
+
+
 def _masked_mean_std(x, valid, axis):
     """Mean and std of x over `axis` where valid (broadcastable), keepdims."""
     w = valid.astype(jnp.float32)
@@ -148,6 +171,7 @@ class ValueGroupPredictor(nn.Module):
     layer_embed_size: int = 8  # dimension of the learned per-layer embedding
     bands: int = 4  # RoPE frequency bands the logit is split into (must divide head_dim / 2)
     spread_rank: int = 2  # r: principal directions of the question's queries used (0 = the mean only)
+    neighbours: int = 0  # w: also see the attention prior of the w tokens before and after each token (0 = off)
 
     @nn.compact
     def __call__(self, q_summary, q_spread, keys, values, positions, query_positions, layer, value_groups: int):
@@ -198,6 +222,7 @@ class ValueGroupPredictor(nn.Module):
         rel = (positions - first[:, None]).astype(jnp.float32) / jnp.maximum(last - first, 1)[:, None]
         is_first = (positions == first[:, None]).astype(jnp.float32)
         per_token = lambda x: jnp.broadcast_to(x[:, :, None], (batch, length, kv_heads))  # noqa: E731
+        centred_log_attn = jnp.where(real_h, log_attn + jnp.log(n_real)[:, None, None], _PAD_LOG_ATTN)
 
         token_features = jnp.concatenate([
             (log_attn + jnp.log(n_real)[:, None, None])[..., None],
@@ -209,6 +234,7 @@ class ValueGroupPredictor(nn.Module):
             per_token(jnp.log(dist))[..., None],
             per_token(rel)[..., None],
             per_token(is_first)[..., None],
+            neighbour_attention(centred_log_attn, self.neighbours),
         ], axis=-1)  # [B, S, Hkv, F_tok]
         group_features = jnp.stack([log_vg - vg_mean, log_vg - log_v[..., None]], axis=-1)  # [B, S, Hkv, G, 2]
         token_features = jnp.where(real_h[..., None], token_features, 0.0)
@@ -236,8 +262,12 @@ def make_predictor(config, model_config: ModelConfig) -> ValueGroupPredictor:
         raise ConfigError(f"predictor.bands={p.bands} must divide head_dim/2={half}")
     if p.spread_rank < 0:
         raise ConfigError(f"predictor.spread_rank must be >= 0, got {p.spread_rank}")
+    neighbours = p.get("neighbours", 0)
+    if neighbours < 0:
+        raise ConfigError(f"predictor.neighbours must be >= 0, got {neighbours}")
     return ValueGroupPredictor(num_layers=model_config.num_layers, hidden_size=p.hidden_size,
-                               layer_embed_size=p.layer_embed_size, bands=p.bands, spread_rank=p.spread_rank)
+                               layer_embed_size=p.layer_embed_size, bands=p.bands, spread_rank=p.spread_rank,
+                               neighbours=neighbours)
 
 
 # ----------------------------------------------------------------------------- scoring a prefill
@@ -277,6 +307,18 @@ def predictor_scores(predictor: ValueGroupPredictor, predictor_params, state: Pr
 def predictor_scorer(predictor: ValueGroupPredictor, predictor_params) -> Callable[[PrefillState, int], jax.Array]:
     """A (state, layer) -> [B, S, Hkv, G] function, as `combine` takes (subtoken_scores_fn)."""
     return functools.partial(predictor_layer_scores, predictor, predictor_params)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PredictorSelector(TokenSelector):
+    """Token eviction by a trained predictor: a token's score is its predicted relevance summed over its value
+    groups (logsumexp of the pair scores), so one predictor ranks both tokens and the groups inside them."""
+
+    predictor: ValueGroupPredictor
+    params: object
+
+    def scores(self, state: PrefillState, layer: int) -> jax.Array:
+        return jax.nn.logsumexp(predictor_layer_scores(self.predictor, self.params, state, layer), axis=-1)
 
 
 def init_predictor(predictor: ValueGroupPredictor, state: PrefillState, seed: int = 0):
@@ -324,15 +366,18 @@ def associative_recall_prompts(vocab_size: int, batch_size: int, context_length:
 
 
 def task_prompts(tokenizer, tasks, lengths, batch_size: int, *, seed: int = 0, pad_id: int = 0,
-                 pad_multiple: int = 16) -> Iterator[Dict[str, np.ndarray]]:
+                 pad_multiple: int = 16, chat: bool = False) -> Iterator[Dict[str, np.ndarray]]:
     """Endless batches of the text retrieval tasks of subtoken_jax.data (needle, variable tracking, ...), as
     token ids of a model's tokenizer, in the layout predictor_example takes.
 
     Batch k holds examples of one length, lengths[k % len(lengths)] tokens (context + question + answer),
     tasks drawn uniformly. Contexts (to that length) and questions are left-padded, answers right-padded,
     each to a multiple of `pad_multiple` (few shapes to compile); masks mark the real tokens.
+    chat: the document and the bare query form one user turn of the tokenizer's chat template, split where
+    the document ends (evaluation.tasks.chat_split), as an instruct model is asked.
     """
     from subtoken_jax import data as data_lib
+    from subtoken_jax.evaluation.tasks import chat_split
 
     unknown = [t for t in tasks if t not in data_lib.TASKS]
     if unknown or not tasks or not lengths:
@@ -345,8 +390,13 @@ def task_prompts(tokenizer, tasks, lengths, batch_size: int, *, seed: int = 0, p
         examples = [data_lib.TASKS[tasks[int(rng.integers(len(tasks)))]](rng, length, tokenizer)
                     for _ in range(batch_size)]
         encode = lambda key: [tokenizer.encode(e[key]) for e in examples]  # noqa: E731
-        context, context_mask = data_lib.pad_rows(encode("context"), pad_id, pad_multiple, at_least=length)
-        question, question_mask = data_lib.pad_rows(encode("question"), pad_id, pad_multiple)
+        if chat:
+            split = [chat_split(tokenizer, e["context"], e["query"]) for e in examples]
+            contexts, questions = [c for c, _ in split], [q for _, q in split]
+        else:
+            contexts, questions = encode("context"), encode("question")
+        context, context_mask = data_lib.pad_rows(contexts, pad_id, pad_multiple, at_least=length)
+        question, question_mask = data_lib.pad_rows(questions, pad_id, pad_multiple)
         answer, answer_mask = data_lib.pad_rows(encode("answer"), pad_id, pad_multiple, left=False)
         yield {"context": context, "question": question, "answer": answer, "context_mask": context_mask,
                "question_mask": question_mask, "answer_mask": answer_mask}
@@ -568,7 +618,7 @@ def base_model(config):
             None)
 
 
-def prompt_batches(config, model: DecoderLM, tokenizer, seed: int) -> Iterator[Dict[str, np.ndarray]]:
+def prompt_batches(config, model: DecoderLM, tokenizer, seed: int, params=None) -> Iterator[Dict[str, np.ndarray]]:
     """Training / held-out prompts of config.data: random-id associative recall, or the text tasks."""
     source = config.data.get("source", "random_ids")
     if source == "random_ids":
@@ -578,15 +628,67 @@ def prompt_batches(config, model: DecoderLM, tokenizer, seed: int) -> Iterator[D
         if tokenizer is None:
             raise ConfigError("data.source='tasks' needs a tokenizer: set model.workdir or model.checkpoint")
         pad_id = getattr(tokenizer, "pad_id", None)
-        return task_prompts(tokenizer, tuple(config.data.tasks), tuple(config.data.lengths), config.train.batch_size,
-                            seed=seed, pad_id=0 if pad_id is None else pad_id)
+        chat = bool(config.data.get("chat", False))
+        batches = task_prompts(tokenizer, tuple(config.data.tasks), tuple(config.data.lengths),
+                               config.train.batch_size, seed=seed, pad_id=0 if pad_id is None else pad_id, chat=chat)
+        if config.data.get("answers", "reference") == "model":
+            return with_model_answers(batches, model, params, tokenizer, config.data.get("answer_tokens", 32))
+        return batches
     raise ConfigError(f"data.source={source!r} is unknown; choose random_ids or tasks")
 
 
-def check_predictor_folder(folder: str, label: Optional[str] = None) -> Tuple[str, str]:
-    """The (config.json, predictor_params.msgpack) paths run() wrote to `folder`; an InputError if either is missing.
+def with_model_answers(batches: Iterator[Dict[str, np.ndarray]], model: DecoderLM, params, tokenizer,
+                       max_new_tokens: int, pad_multiple: int = 16) -> Iterator[Dict[str, np.ndarray]]:
+    """The batches with each reference answer replaced by the base model's own greedy full-cache answer (up to
+    its end-of-turn, at most max_new_tokens), so the targets are the attention of the tokens a compressed cache
+    must reproduce -- an instruct model answers in a sentence ("The magic number for X is N."), or lists
+    after a lead-in line, not with the bare value."""
+    from subtoken_jax import data as data_lib
+    from subtoken_jax.generate import generate
 
-    label names the folder in that error (default: the folder itself)."""
+    eos = {i for i in (tokenizer.eos_id, getattr(tokenizer, "pad_id", None)) if i is not None}
+    for batch in batches:
+        prompt = np.concatenate([batch["context"], batch["question"]], axis=1)
+        mask = np.concatenate([batch["context_mask"], batch["question_mask"]], axis=1)
+        out = np.asarray(generate(model, params, jnp.asarray(prompt), attention_mask=jnp.asarray(mask),
+                                  max_new_tokens=max_new_tokens))
+        rows = []
+        for ids in out.tolist():
+            kept = []
+            for token in ids:
+                if token in eos:
+                    break
+                kept.append(token)
+            rows.append(kept or ids[:1])
+        answer, answer_mask = data_lib.pad_rows(rows, 0, pad_multiple, left=False)
+        yield {**batch, "answer": answer, "answer_mask": answer_mask}
+
+
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "predictors")
+
+
+def shipped_predictors() -> Tuple[str, ...]:
+    """Names of the trained predictors that ship with the package (subtoken_jax/predictors/<name>/)."""
+    if not os.path.isdir(SHIPPED_DIR):
+        return ()
+    return tuple(sorted(n for n in os.listdir(SHIPPED_DIR) if os.path.isfile(os.path.join(SHIPPED_DIR, n,
+                                                                                           "config.json"))))
+
+
+def predictor_folder(name_or_folder: str) -> str:
+    """A predictor folder: `name_or_folder` itself when it is a directory, else the shipped predictor of that name."""
+    if os.path.isdir(name_or_folder) or os.sep in name_or_folder:
+        return name_or_folder
+    if name_or_folder in shipped_predictors():
+        return os.path.join(SHIPPED_DIR, name_or_folder)
+    raise InputError(f"predictor {name_or_folder!r} is neither a folder nor a shipped predictor "
+                     f"({', '.join(shipped_predictors()) or 'none shipped'})")
+
+
+def check_predictor_folder(folder: str, label: Optional[str] = None) -> Tuple[str, str]:
+    """The (config.json, predictor_params.msgpack) paths run() wrote to `folder` (or of the shipped predictor of
+    that name); an InputError if either is missing. label names the folder in that error (default: itself)."""
+    folder = predictor_folder(folder)
     paths = tuple(os.path.join(folder, name) for name in ("config.json", "predictor_params.msgpack"))
     missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
     if missing:
@@ -596,7 +698,8 @@ def check_predictor_folder(folder: str, label: Optional[str] = None) -> Tuple[st
 
 
 def load_predictor(folder: str, model_config: ModelConfig):
-    """(ValueGroupPredictor, params) written by run() to `folder` (config.json + predictor_params.msgpack)."""
+    """(ValueGroupPredictor, params) written by run() to `folder` (config.json + predictor_params.msgpack), or
+    the shipped predictor of that name (shipped_predictors(), e.g. "smollm2-135m-instruct")."""
     from flax import serialization
     from ml_collections import ConfigDict
 
@@ -623,10 +726,11 @@ def run(config, workdir: Optional[str] = None) -> Dict[str, float]:
     and G, which load_predictor checks) and predictor_eval.json there.
     """
     model, params, tokenizer = base_model(config)
-    predictor_params = train_predictor(model, params, prompt_batches(config, model, tokenizer, config.seed), config)
+    predictor_params = train_predictor(model, params, prompt_batches(config, model, tokenizer, config.seed, params),
+                                       config)
     predictor = make_predictor(config, model.config)
     result = evaluate_predictor(model, params, predictor, predictor_params,
-                                prompt_batches(config, model, tokenizer, config.seed + 10_000),
+                                prompt_batches(config, model, tokenizer, config.seed + 10_000, params),
                                 batches=config.eval.batches, budget=config.eval.value_budget, scope=config.eval.scope,
                                 seed=config.seed)
     if workdir:

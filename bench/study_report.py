@@ -1,0 +1,211 @@
+"""Tables, claims and plots of the query-aware study from its cells (bench/query_aware_study.py writes them).
+
+Accuracy per (task, length, method, budget) is pooled over every prompt done so far (n is printed with it);
+the KV bytes are the realised fractions, averaged over prompts (ours: keys + kept value groups + index
+metadata, from the masks; kvpress: the share of context tokens left in its cache).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from collections import defaultdict
+
+COMBINED = ("snapkv+groups", "expected_attention+groups", "streaming+groups", "predictor+groups")
+SELECTOR_OF = {"snapkv+groups": "snapkv", "expected_attention+groups": "expected_attention",
+               "streaming+groups": "streaming"}
+TOKEN_ONLY = ("snapkv", "expected_attention", "streaming", "key_norm")
+
+
+def _ours(out_dir):
+    rows = defaultdict(lambda: {"correct": 0, "n": 0, "kv": 0.0})
+    for path in sorted(glob.glob(os.path.join(out_dir, "cells", "*.json"))):
+        with open(path) as fh:
+            cell = json.load(fh)
+        kv = {(r["method"], r["budget"]): r["kv_budget"] for r in cell["records"]}
+        for e in cell["examples"]:
+            key = (e["task"], int(e["length"]), e["method"], float(e["budget"]))
+            rows[key]["correct"] += int(e["correct"])
+            rows[key]["n"] += 1
+            rows[key]["kv"] += kv[e["method"], e["budget"]]
+    return rows
+
+
+def _kvpress(out_dir):
+    path = os.path.join(out_dir, "kvpress.jsonl")
+    rows = defaultdict(lambda: {"correct": 0, "n": 0, "kv": 0.0})
+    if not os.path.exists(path):
+        return rows
+    from subtoken_jax.evaluation import tasks as tasks_lib
+    from subtoken_jax.pretrained import load_tokenizer
+
+    prompts = {}
+    for p in glob.glob(os.path.join(out_dir, "prompts", "*.jsonl")):
+        with open(p) as fh:
+            prompts.update({r["id"]: r for r in map(json.loads, fh)})
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    with open(path) as fh:
+        for r in map(json.loads, fh):
+            p = prompts.get(r["id"])
+            if p is None:
+                continue
+            text = tokenizer.decode(r["generated_ids"])
+            method = "full" if r["press"] == "full" else f"kvpress:{r['press']}"
+            key = (p["task"], int(p["length"]), method, float(r["budget"]))
+            rows[key]["correct"] += int(tasks_lib.score(p["task"], text, p["answer"], chat=True))
+            rows[key]["n"] += 1
+            rows[key]["kv"] += (r["kept_tokens"] - r["question_tokens"]) / r["context_tokens"]
+    return rows
+
+
+def _summary(rows):
+    return {k: {"accuracy": v["correct"] / v["n"], "n": v["n"], "kv_budget": v["kv"] / v["n"]}
+            for k, v in rows.items() if v["n"]}
+
+
+def _fmt(cell):
+    return "" if cell is None else f"{cell['accuracy']:.2f} ({cell['n']}) [{cell['kv_budget']:.3f}]"
+
+
+def _stderr(a, b):
+    """Standard error of a difference of two accuracies."""
+    return math.sqrt(a["accuracy"] * (1 - a["accuracy"]) / a["n"] + b["accuracy"] * (1 - b["accuracy"]) / b["n"])
+
+
+def claims(ours, theirs, tasks, lengths, budgets):
+    """The paper's claims (a), (b), (c) per (task, length): held / not held with the numbers."""
+    lines = []
+    for task in tasks:
+        for length in lengths:
+            get = lambda m, b, src=ours: src.get((task, length, m, b))  # noqa: E731
+            full = get("full", 1.0)
+            if full is None:
+                continue
+            head = f"- **{task}, {length} tokens** (full cache {full['accuracy']:.2f}, n={full['n']}):"
+            best = {b: max(((m, get(m, b)) for m in COMBINED if get(m, b)), key=lambda x: x[1]["accuracy"],
+                           default=(None, None)) for b in budgets}
+            m, c = best.get(0.375, (None, None))
+            if c is not None:
+                ratio = c["accuracy"] / max(full["accuracy"], 1e-9)
+                head += (f" (a) {'held' if ratio >= 0.99 else 'not held'}: best combination at 0.375 ({m}) keeps "
+                         f"{100 * ratio:.1f}% of full-cache accuracy;")
+            wins = []
+            for b in budgets:
+                m, c = best[b]
+                if c is None:
+                    continue
+                rivals = [(t, get(t, b)) for t in TOKEN_ONLY if get(t, b)]
+                rivals += [(k[2], v) for k, v in theirs.items() if k[:2] == (task, length) and k[3] == b
+                           and k[2].startswith("kvpress:")]
+                if rivals:
+                    top = max(rivals, key=lambda x: x[1]["accuracy"])
+                    wins.append(f"b={b}: {m} {c['accuracy']:.2f} vs {top[0]} {top[1]['accuracy']:.2f}")
+                    wins[-1] = ("won " if c["accuracy"] > top[1]["accuracy"] else "lost ") + wins[-1]
+            if wins:
+                held = all(w.startswith("won") for w in wins)
+                head += f" (b) {'held' if held else 'not held'} ({'; '.join(wins)});"
+            pairs = []
+            for combo, selector in SELECTOR_OF.items():
+                for b in budgets:
+                    x, y = get(combo, b), get(selector, b)
+                    if x and y:
+                        pairs.append((combo, b, x["accuracy"] > y["accuracy"], x["accuracy"], y["accuracy"]))
+            if pairs:
+                held = [p for p in pairs if p[2]]
+                head += (f" (c) {'held' if len(held) == len(pairs) else 'not held'}: selector + groups beat the "
+                         f"selector alone in {len(held)} of {len(pairs)} (selector, budget) pairs.")
+            lines.append(head)
+    return lines
+
+
+def agreement(ours, theirs, tasks, lengths, budgets):
+    lines = []
+    for name in ("snapkv", "expected_attention", "streaming", "key_norm"):
+        diffs = []
+        for task in tasks:
+            for length in lengths:
+                for b in budgets:
+                    a, t = ours.get((task, length, name, b)), theirs.get((task, length, f"kvpress:{name}", b))
+                    if a and t:
+                        diffs.append((a["accuracy"] - t["accuracy"], _stderr(a, t), a["n"]))
+        if diffs:
+            within = sum(abs(d) <= 2 * max(s, 1e-9) for d, s, _ in diffs)
+            mean = sum(d for d, _, _ in diffs) / len(diffs)
+            lines.append(f"- {name}: ours - kvpress's accuracy, mean {mean:+.3f} over {len(diffs)} (task, length, "
+                         f"budget) cells; within 2 standard errors in {within} of them")
+    return lines
+
+
+def plot(path, task, lengths, summary, budgets):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.2), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        methods = sorted({k[2] for k in summary if k[:2] == (task, length) and k[2] != "full"})
+        for m in methods:
+            pts = sorted((v["kv_budget"], v["accuracy"]) for k, v in summary.items()
+                         if k[:2] == (task, length) and k[2] == m)
+            style = "--" if m.startswith("kvpress:") else "-"
+            width = 2.4 if m in COMBINED else 1.2
+            ax.plot(*zip(*pts), style, marker="o", lw=width, ms=3, label=m)
+        full = summary.get((task, length, "full", 1.0))
+        if full:
+            ax.axhline(full["accuracy"], color="k", lw=0.8, ls=":", label="full cache")
+        ax.set_title(f"{task}, {length} tokens (SmolLM2-135M-Instruct)")
+        ax.set_xlabel("fraction of KV bytes kept")
+        ax.set_ylabel("exact match")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(out_dir, tasks, lengths, budgets):
+    ours, theirs = _summary(_ours(out_dir)), _summary(_kvpress(out_dir))
+    both = {**theirs, **{k: v for k, v in ours.items()}}
+    lines = ["# Query-aware study: SmolLM2-135M-Instruct, ours and kvpress's on the same weights and token ids", "",
+             "Cells: exact match (prompts) [realised fraction of KV bytes]. `kvpress:` rows are kvpress's presses; "
+             "the full-cache row is ours (kvpress's full cache is listed as `full (transformers)`).", ""]
+    for task in tasks:
+        for length in lengths:
+            methods = sorted({k[2] for k in both if k[:2] == (task, length)},
+                             key=lambda m: (m.startswith("kvpress:"), m != "full", m))
+            if not methods:
+                continue
+            lines += [f"## {task}, {length} tokens", "", "| method | " + " | ".join(f"b={b}" for b in budgets) + " |",
+                      "|---|" + "---|" * len(budgets)]
+            for m in methods:
+                if m == "full":
+                    cells = [_fmt(ours.get((task, length, "full", 1.0)))] + [""] * (len(budgets) - 1)
+                    lines.append("| full (ours, b=1) | " + " | ".join(cells) + " |")
+                    t = theirs.get((task, length, "full", 1.0))
+                    if t:
+                        lines.append("| full (transformers, b=1) | " + " | ".join([_fmt(t)] + [""] * (len(budgets) - 1))
+                                     + " |")
+                    continue
+                lines.append(f"| {m} | " + " | ".join(_fmt(both.get((task, length, m, b))) for b in budgets) + " |")
+            lines.append("")
+    lines += ["## The paper's claims", ""] + claims(ours, theirs, tasks, lengths, budgets)
+    lines += ["", "## Our token selectors against kvpress's (same prompts)", ""] + agreement(ours, theirs, tasks,
+                                                                                              lengths, budgets)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "study.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "study.json"), "w") as fh:
+        json.dump([{"task": k[0], "length": k[1], "method": k[2], "budget": k[3], **v} for k, v in both.items()]
+                  + [{"task": k[0], "length": k[1], "method": "full (transformers)", "budget": k[3], **v}
+                     for k, v in theirs.items() if k[2] == "full"], fh, indent=1)
+    for task in tasks:
+        if any(k[0] == task for k in both):
+            plot(os.path.join(out_dir, f"study_{task}.png"), task, [n for n in lengths
+                                                                    if any(k[:2] == (task, n) for k in both)],
+                 {**both}, budgets)
+    print("\n".join(lines))
