@@ -100,6 +100,21 @@ def atomic_json(path: str, payload) -> None:
     os.replace(tmp, path)
 
 
+def ensure_prompts(args):
+    """Writes OUT/prompts/<task>_<length>.jsonl (token ids) for every cell that lacks it; tokenizer only."""
+    from subtoken_jax.evaluation import tasks as tasks_lib
+    from subtoken_jax.pretrained import load_tokenizer
+
+    tokenizer = None
+    for length in args.lengths:
+        for task in args.tasks:
+            if os.path.exists(os.path.join(args.out, "prompts", f"{task}_{length}.jsonl")):
+                continue
+            tokenizer = tokenizer or load_tokenizer("smollm2-135m-instruct")
+            prompts = tasks_lib.build_prompts(task, study_config(args, task, length), tokenizer, False, True)
+            write_prompts(args, task, length, prompts, tokenizer)
+
+
 def run_ours(args):
     from subtoken_jax.evaluation import runner, tasks as tasks_lib
 
@@ -124,7 +139,6 @@ def run_ours(args):
                     source, (model, params) = loaded
                     if prompts is None:
                         prompts = tasks_lib.build_prompts(task, config, source.tokenizer, source.bos, source.chat)
-                        write_prompts(args, task, length, prompts, source.tokenizer)
                     plans, _ = runner.make_plans(config, source)
                     evaluator = runner.Evaluator(config, source, model, params, None, None, plans)
                     t0 = time.perf_counter()
@@ -159,7 +173,7 @@ def run_kvpress(args):
                 continue
             subprocess.run([BENCH_PYTHON, os.path.join(ROOT, "bench", "kvpress_study.py"), prompts,
                             os.path.join(args.out, "kvpress.jsonl"), "--budgets", ",".join(map(str, args.budgets)),
-                            "--presses", ",".join(args.kvpress)], check=True)
+                            "--presses", ",".join(args.kvpress), "--threads", str(args.kvpress_threads)], check=True)
 
 
 def main():
@@ -170,6 +184,7 @@ def main():
     parser.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--kvpress", type=lambda s: s.split(","), default=list(KVPRESS))
+    parser.add_argument("--kvpress-threads", type=int, default=0, help="torch threads of kvpress's side (0: all)")
     parser.add_argument("--chunk", type=int, default=10, help="prompts per resumable cell")
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "study"))
@@ -183,6 +198,7 @@ def main():
     if not os.path.isfile(HAYSTACK):
         parser.error(f"the haystack text {HAYSTACK} is missing (the study reads ../shared/data beside the checkout)")
     if not args.report_only:
+        ensure_prompts(args)
         if not args.skip_ours:
             run_ours(args)
         if not args.skip_kvpress:

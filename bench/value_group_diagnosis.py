@@ -1,9 +1,12 @@
 """Why does dropping value groups hurt SmolLM2, and what fixes it? (issue 10, step 2)
 
-Every variant keeps every key and half of the value groups (rho = 0.5, 75% of the KV bytes), chosen
-by the question's attention x the norm of what dropping loses, on the same chat-templated needle
-prompts (seed 1234: disjoint from eval.py's, which use seed 0). A variant is named
-fill[+pca][@scope][~pool][!oracle]:
+Every variant keeps the same share b of the KV bytes (--budget, default 0.75: every key and half of the
+value groups), value groups chosen by the question's attention x the norm of what dropping loses, on the
+same chat-templated needle prompts (seed 1234: disjoint from eval.py's, which use seed 0). A variant is
+named [selector:tau/]fill[+pca][@scope][~pool][!oracle][#layer]:
+
+  selector:tau  a token selector (snapkv, streaming, ...) keeps tau of the tokens first, and the groups then
+           keep rho = 2b / tau - 1 of the survivors' pairs; "snapkv:0.375" alone is the selector at tau = b
 
   fill     zero: a dropped group reads as 0 (the method as built); mean: it reads as the context's mean
            of that group (per layer and KV head), and the score uses ||v - mean||
@@ -16,11 +19,14 @@ fill[+pca][@scope][~pool][!oracle]:
   ~pool    the question's attention max-pooled over +-2 tokens first (SnapKV's kernel 5)
   !oracle  scored with the attention of the question *and the full-cache answer*: an upper bound for any
            predictor of the attention to come
+  #layer   only that layer's values are pruned (--per-layer VARIANT runs it for every layer)
 
 Answers are generated greedily from a dense cache holding the variant's values (the masked-dense
 reference path). Also reported: the relative error of each layer's attention read-out of the question.
 
     python bench/value_group_diagnosis.py [--prompts 10] [--length 512] [--variants zero,zero@head,...]
+    python bench/value_group_diagnosis.py --budget 0.375 --variants "snapkv:0.375,snapkv:0.5/mean@head"
+    python bench/value_group_diagnosis.py --variants "" --per-layer zero --out bench/results/per_layer.json
 """
 
 from __future__ import annotations
@@ -137,7 +143,9 @@ def main():
     parser.add_argument("--budget", type=float, default=0.75, help="KV-bytes fraction every variant keeps")
     parser.add_argument("--seed", type=int, default=1234, help="prompt seed (eval.py uses 0: keep them apart)")
     parser.add_argument("--variants", default="zero,mean,zero+pca,mean+pca",
-                        help="comma-separated fill[+pca][@global|layer|head][~pool] (see parse_variant)")
+                        help="comma-separated [selector:tau/]fill[+pca][@global|layer|head][~pool][!oracle][#layer] "
+                             "(see split_tokens, parse_variant; #L prunes layer L only)")
+    parser.add_argument("--per-layer", default="", help="a variant to run once per layer, that layer only (#L)")
     parser.add_argument("--out", default="bench/results/value_group_diagnosis.json")
     args = parser.parse_args()
     model, params, tokenizer = subtoken_jax.load_pretrained("smollm2-135m-instruct", value_groups=8)
@@ -145,7 +153,10 @@ def main():
     cfg = ConfigDict({"lengths": (args.length,), "depths": tuple(np.linspace(0, 1, args.prompts)), "samples": 1})
     prompts = tasks_lib.needle_prompts(cfg, tokenizer, seed=args.seed, bos=False, chat=True)
     selectors = methods_lib.make_selectors(eval_config.get_config())
-    results = {v: {"correct": 0, "errors": []} for v in ["full"] + args.variants.split(",")}
+    variants = [v for v in args.variants.split(",") if v]
+    if args.per_layer:
+        variants += [f"{args.per_layer}#{layer}" for layer in range(model.config.num_layers)]
+    results = {v: {"correct": 0, "errors": []} for v in ["full"] + variants}
     for prompt in prompts:
         context, context_mask = data_lib.pad_rows([prompt.context], tokenizer.pad_id, 64)
         question = jnp.asarray([prompt.question])
@@ -159,12 +170,15 @@ def main():
                 oracle_state = capture_prefill_state(model, params, context, jnp.concatenate([question, answer_ids], 1),
                                                      context_mask=context_mask)
             scored = oracle_state if variant.endswith("!oracle") else state
-            selector, tau, group_part, rho = split_tokens(variant, args.budget)
+            name, _, only = variant.partition("#")  # "...#L": only layer L's values are pruned
+            selector, tau, group_part, rho = split_tokens(name, args.budget)
             tokens = None if selector is None else selectors[selector].masks(state, tau)
             if variant == "full" or not group_part:
                 values = list(state.values)
             else:
                 values = variant_values(scored, rotations, group_part, rho, tokens)[0]
+                if only:
+                    values = [v if i == int(only) else u for i, (u, v) in enumerate(zip(state.values, values))]
             cache = methods_lib.cache_from_state(state.replace(values=tuple(values)), model.config, capacity)
             token_masks = None if tokens is None else methods_lib.widen_masks(tokens, (), capacity)[0]
             out = methods_lib.greedy_answer(model, params, cache, question, state.query_positions, token_masks, None,

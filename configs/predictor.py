@@ -39,6 +39,7 @@ def get_config() -> ConfigDict:
     c.predictor.layer_embed_size = 8  # size of the learned per-layer embedding
     c.predictor.bands = 4  # RoPE frequency bands the attention logit is split into (must divide head_dim / 2)
     c.predictor.spread_rank = 2  # principal directions of the question's queries fed as k^T Sigma k terms (0 = off)
+    c.predictor.exact_attention = False  # prior: the question's exact attention (O(S * W)), not its mean query's
     c.predictor.neighbours = 0  # w: also see the prior of the w tokens before / after each token (0 = off)
 
     # Training (optax AdamW, warmup + cosine decay).
@@ -50,6 +51,7 @@ def get_config() -> ConfigDict:
     c.train.weight_decay = 0.0  # AdamW weight decay
     c.train.grad_clip = 1.0  # global gradient-norm clip
     c.train.scope = "head"  # ranking unit of the listwise loss: head | layer | global (match the allocation scope)
+    c.train.distinct_batches = 0  # > 0: build this many batches once and cycle them (0: a fresh batch per step)
     c.train.log_every = 10  # progress-bar loss refresh interval (steps)
 
     # Training prompts. random_ids: associative recall over random token ids (any vocabulary): context

@@ -6,7 +6,7 @@ with optional LoRA on q/k/v/o, rotary embeddings and an explicit KV cache for in
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import flax.linen as nn
 import jax

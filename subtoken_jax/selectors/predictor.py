@@ -57,7 +57,7 @@ from subtoken_jax.errors import ConfigError, InputError
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import ModelConfig, check_budget
 from subtoken_jax.selectors.allocate import SCOPES, allocate_value_groups
-from subtoken_jax.selectors.base import PrefillState, TokenSelector, capture_prefill_state
+from subtoken_jax.selectors.base import PrefillState, TokenSelector, capture_prefill_state, window_attention
 from subtoken_jax.selectors.subtoken import value_group_scores
 
 _EPS = 1e-6
@@ -172,11 +172,16 @@ class ValueGroupPredictor(nn.Module):
     bands: int = 4  # RoPE frequency bands the logit is split into (must divide head_dim / 2)
     spread_rank: int = 2  # r: principal directions of the question's queries used (0 = the mean only)
     neighbours: int = 0  # w: also see the attention prior of the w tokens before and after each token (0 = off)
+    # the prior a_j is the question's exact attention (mean over its queries of their softmaxes, as SnapKV
+    # reads it; O(S * W) per layer) instead of the softmax of the mean query's logits (O(S))
+    exact_attention: bool = False
 
     @nn.compact
-    def __call__(self, q_summary, q_spread, keys, values, positions, query_positions, layer, value_groups: int):
+    def __call__(self, q_summary, q_spread, keys, values, positions, query_positions, layer, value_groups: int,
+                 question_attention=None):
         """q_summary [B, Hkv, D], q_spread [B, Hkv, r, D] (question_summary); keys, values [B, S, Hkv, D]
-        (keys rotated); positions [B, S] (-1 = pad); query_positions [B, W]; layer: int (or int array).
+        (keys rotated); positions [B, S] (-1 = pad); query_positions [B, W]; layer: int (or int array);
+        question_attention [B, Hkv, S] (window_attention; needed when exact_attention).
         Returns scores [B, S, Hkv, G]; padded slots get -1e30."""
         batch, length, kv_heads, dim = keys.shape
         half = dim // 2
@@ -194,7 +199,13 @@ class ValueGroupPredictor(nn.Module):
         per_freq = prod[..., :half] + prod[..., half:]  # the two halves of a RoPE pair share a frequency
         band_logits = jnp.sum(per_freq.reshape(batch, length, kv_heads, self.bands, -1), -1) / math.sqrt(dim)
         z = jnp.sum(band_logits, axis=-1)  # [B, S, Hkv]
-        log_attn = jax.nn.log_softmax(jnp.where(real_h, z, _NEG), axis=1)
+        if self.exact_attention:
+            if question_attention is None:
+                raise InputError("this predictor (exact_attention) needs the question's attention: "
+                                 "question_attention=window_attention(state, layer)")
+            log_attn = jnp.log(jnp.transpose(f32(question_attention), (0, 2, 1)) + 1e-9)
+        else:
+            log_attn = jax.nn.log_softmax(jnp.where(real_h, z, _NEG), axis=1)
         log_attn = jnp.where(real_h, log_attn, 0.0)
         n_real = jnp.maximum(jnp.sum(real, axis=1), 1).astype(jnp.float32)  # [B]
         z_mean, z_std = _masked_mean_std(z, real_h, axis=1)
@@ -267,20 +278,23 @@ def make_predictor(config, model_config: ModelConfig) -> ValueGroupPredictor:
         raise ConfigError(f"predictor.neighbours must be >= 0, got {neighbours}")
     return ValueGroupPredictor(num_layers=model_config.num_layers, hidden_size=p.hidden_size,
                                layer_embed_size=p.layer_embed_size, bands=p.bands, spread_rank=p.spread_rank,
-                               neighbours=neighbours)
+                               neighbours=neighbours, exact_attention=bool(p.get("exact_attention", False)))
 
 
 # ----------------------------------------------------------------------------- scoring a prefill
 
 
 def _layer_inputs(predictor: ValueGroupPredictor, state: PrefillState, layer: int, summary=None):
+    """The module's array inputs for one layer: (summary, spread, keys, values, positions, query positions,
+    question attention or None)."""
     summary = question_summary(state, layer, predictor.spread_rank) if summary is None else summary
-    return (*summary, state.keys[layer], state.values[layer], state.positions, state.query_positions)
+    attention = window_attention(state, layer) if predictor.exact_attention else None
+    return (*summary, state.keys[layer], state.values[layer], state.positions, state.query_positions, attention)
 
 
 @functools.partial(jax.jit, static_argnames=("predictor", "groups"))
 def _apply_layer(predictor, predictor_params, inputs, layer, groups):
-    return predictor.apply({"params": predictor_params}, *inputs, layer, groups)
+    return predictor.apply({"params": predictor_params}, *inputs[:6], layer, groups, inputs[6])
 
 
 def predictor_layer_scores(predictor: ValueGroupPredictor, predictor_params, state: PrefillState,
@@ -328,7 +342,7 @@ def init_predictor(predictor: ValueGroupPredictor, state: PrefillState, seed: in
 
 @functools.partial(jax.jit, static_argnames=("predictor", "groups"))
 def _init(predictor, rng, inputs, groups):
-    return predictor.init(rng, *inputs, jnp.zeros((), jnp.int32), groups)["params"]
+    return predictor.init(rng, *inputs[:6], jnp.zeros((), jnp.int32), groups, inputs[6])["params"]
 
 
 # ----------------------------------------------------------------------------- training examples
@@ -483,8 +497,10 @@ def predictor_loss(predictor: ValueGroupPredictor, predictor_params, state: Pref
 
 @functools.partial(jax.jit, static_argnames=("predictor", "scope"))
 def _predictor_loss(predictor, predictor_params, state, targets, summaries, scope):
+    attention = [window_attention(state, layer) if predictor.exact_attention else None
+                 for layer in range(state.num_layers)]
     scores = [predictor.apply({"params": predictor_params}, *summaries[layer], state.keys[layer], state.values[layer],
-                              state.positions, state.query_positions, layer, state.value_groups)
+                              state.positions, state.query_positions, layer, state.value_groups, attention[layer])
               for layer in range(state.num_layers)]
     return listwise_loss(scores, targets, state.positions, scope)
 
@@ -533,9 +549,18 @@ def train_predictor(model: DecoderLM, params, prompts_iter, config, *, predictor
     optimizer = make_predictor_optimizer(config.train)
     step = make_predictor_train_step(optimizer, scope=config.train.scope)
     opt_state = None
+    # distinct_batches > 0: that many examples are built (the base model's prefill, and its answers when
+    # data.answers = "model": the expensive part on a real model) and then cycled, epoch after epoch
+    distinct = int(config.train.get("distinct_batches", 0))
+    examples = []
     bar = tqdm(range(config.train.steps), desc="predictor", dynamic_ncols=True, disable=not progress)
     for i in bar:
-        state, targets = predictor_example(model, params, next(prompts_iter))
+        if distinct and len(examples) == distinct:
+            state, targets = examples[i % distinct]
+        else:
+            state, targets = predictor_example(model, params, next(prompts_iter))
+            if distinct:
+                examples.append((state, targets))
         if predictor_params is None:
             predictor_params = init_predictor(predictor, state, config.seed)
         if opt_state is None:
