@@ -9,16 +9,13 @@
 Writes WORKDIR/eval/: results.json, results.csv, results.md, examples.jsonl and PNG plots.
 """
 
-import json
 import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from subtoken_jax import cli
 
-from subtoken_jax.errors import CheckpointError, ConfigError, InputError
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py", "Evaluation configuration file.")
+_CONFIG = cli.define_config("config", "configs/eval.py", "Evaluation configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate (results go to WORKDIR/eval).",
                                required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Evaluate this instead of --workdir's model: a training "
@@ -29,16 +26,16 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Evaluate this instead of 
 def resolve_checkpoint(config, path: str):
     """--checkpoint PATH -> the training workdir to read the model from (None: a pretrained model, set in config)."""
     from subtoken_jax.pretrained import REGISTRY, is_gguf, is_registered_name
+    from subtoken_jax.workdir import read_json_object
 
     if is_registered_name(path) or os.path.isfile(path) and is_gguf(path):
         config.model.checkpoint = path  # a registered name or a GGUF file
         return None
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise InputError(f"--checkpoint {path!r}: no config.json there; give a train.py workdir, a Hugging Face "
+        raise cli.InputError(f"--checkpoint {path!r}: no config.json there; give a train.py workdir, a Hugging Face "
                          f"folder, a .gguf file or one of {', '.join(sorted(REGISTRY))}")
-    with open(config_path) as fh:
-        meta = json.load(fh)
+    meta = read_json_object(config_path, "give a train.py workdir or a Hugging Face folder")
     if "model_type" in meta:  # a Hugging Face folder
         config.model.checkpoint = path
         return None
@@ -51,13 +48,14 @@ def main(argv):
     from subtoken_jax.evaluation import runner  # after flag parsing: keeps --help fast
 
     try:
-        source_dir = resolve_checkpoint(_CONFIG.value, _CHECKPOINT.value) if _CHECKPOINT.value else None
-        summary = runner.run(_CONFIG.value, _WORKDIR.value, source_dir)
-    except (ConfigError, CheckpointError, InputError) as error:
+        config = cli.config_value(_CONFIG)
+        source_dir = resolve_checkpoint(config, _CHECKPOINT.value) if _CHECKPOINT.value else None
+        summary = runner.run(config, _WORKDIR.value, source_dir)
+    except cli.USER_ERRORS as error:
         sys.exit(f"error: {error}")
     print(summary["markdown"])
     print(f"results: {summary['paths']['results.json']}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

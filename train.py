@@ -3,15 +3,12 @@
     python train.py --config configs/default.py --workdir runs/default [--config.adapt.steps=100 ...]
 """
 
-import json
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from subtoken_jax import cli
 
-from subtoken_jax.errors import CheckpointError, ConfigError, InputError
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration file.")
+_CONFIG = cli.define_config("config", "configs/default.py", "Training configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.", required=True)
 
 
@@ -20,7 +17,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from subtoken_jax import trainer  # after flag parsing: keeps --help fast
 
-    config = _CONFIG.value
+    config = cli.config_value(_CONFIG)
     try:
         if config.get("task") == "predictor":  # the query-aware value-group predictor (configs/predictor.py)
             from subtoken_jax.selectors import predictor
@@ -30,11 +27,11 @@ def main(argv):
             print(f"results: {_WORKDIR.value}/predictor_eval.json")
             return
         summary = trainer.run(config, _WORKDIR.value)
-    except (ConfigError, CheckpointError, InputError, trainer.NonFiniteLossError) as error:
+    except (*cli.USER_ERRORS, trainer.NonFiniteLossError) as error:
         sys.exit(f"error: {error}")
     print(trainer.format_summary(summary))
     print(f"results: {_WORKDIR.value}/summary.json")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

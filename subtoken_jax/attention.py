@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from subtoken_jax.errors import InputError
+from subtoken_jax.input_checks import check_mask
 from subtoken_jax.layers import apply_rope, rope_inverse_frequencies
 from subtoken_jax.lora import LoRADense
 from subtoken_jax.model_config import ModelConfig
@@ -229,6 +230,11 @@ class Attention(nn.Module):
                 else:
                     new_cache["route_stats"] = cache["route_stats"]
                 new_cache["group_mask"] = routed_mask if routed_mask is not None else cache["group_mask"]
+        batch, keys = key.shape[0], key.shape[1]
+        check_mask(value_group_mask, "value_group_mask", batch=batch, keys=keys, kv_heads=cfg.num_kv_heads,
+                   groups=cfg.value_groups, layer=self.layer_index)
+        check_mask(token_keep_mask, "token_keep_mask", batch=batch, keys=keys, kv_heads=cfg.num_kv_heads,
+                   layer=self.layer_index)
         allowed = attention_allowed(positions, kv_positions, sliding_window=cfg.sliding_window(self.layer_index),
                                     token_keep_mask=token_keep_mask)
         mask = value_group_mask if value_group_mask is not None else routed_mask

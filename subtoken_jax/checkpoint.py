@@ -16,8 +16,15 @@ drop the newest), so this uses orbax preservation policies: AnyPreservationPolic
 Saving is atomic (orbax writes a temporary folder and renames it when complete) and asynchronous:
 call `wait_until_finished()` or `close()` (also on context-manager exit) before the process ends.
 
-Corrupt steps: restoring a step that fails to read raises CheckpointError. `restore()` with no step
-(the latest) falls back to the newest step that restores, with a warning, and moves the broken
+Integrity: orbax checksums only the shard *indices* of its zarr3 arrays (crc32c), not the array
+data, so same-size corruption of a data file (bit rot, a partial overwrite) restores silently as
+wrong (often NaN) values. So once a save is on disk, the sha256 of every file of the step folder
+is written to `<step>/checksums.json`, and a restore verifies them first: a mismatch makes the step
+corrupt (below). Steps saved before this existed, or cut off between finalisation and the checksum
+write, have no checksums and restore unverified.
+
+Corrupt steps: restoring a step that fails to read, or fails its checksums, raises CheckpointError.
+`restore()` with no step (the latest) falls back to the newest step that restores, with a warning, and moves the broken
 newer steps aside to `corrupt.<step>.<time>` folders (never deleted), so resuming from the older
 step can save those step numbers again and retention never counts a broken step as a "latest" one.
 """
@@ -48,6 +55,57 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 ITEMS = ("trainable", "opt_state", "step", "data_iterator", "config", "metadata")
 CORRUPT_PREFIX = "corrupt."
+CHECKSUMS = "checksums.json"
+
+
+# ----------------------------------------------------------------------------- file checksums
+
+
+def _sha256(path: epath.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _step_files(folder: epath.Path, prefix: str = "") -> Dict[str, epath.Path]:
+    """{relative path: path} of every file under folder (epath has no recursive glob on cloud paths)."""
+    files = {}
+    for path in folder.iterdir():
+        relative = prefix + path.name
+        if path.is_dir():
+            files.update(_step_files(path, relative + "/"))
+        elif relative != CHECKSUMS and not relative.startswith(CHECKSUMS):
+            files[relative] = path
+    return files
+
+
+def write_checksums(folder: epath.Path) -> None:
+    """Records sha256 and size of every file of a finished step folder in folder/checksums.json."""
+    record = {name: {"sha256": _sha256(path), "size": path.stat().length}
+              for name, path in sorted(_step_files(folder).items())}
+    tmp = folder / (CHECKSUMS + ".tmp")
+    tmp.write_text(json.dumps({"algorithm": "sha256", "files": record}, indent=1))
+    tmp.rename(folder / CHECKSUMS)  # atomic: a half-written record is never read as the record
+
+
+def verify_checksums(folder: epath.Path) -> Optional[str]:
+    """None when every recorded file is intact (or nothing was recorded); else what differs, in words."""
+    record_path = folder / CHECKSUMS
+    if not record_path.exists():
+        return None
+    try:
+        recorded = json.loads(record_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"its {CHECKSUMS} is unreadable ({_one_line(e)})"
+    present = _step_files(folder)
+    for name, entry in recorded.items():
+        if name not in present:
+            return f"{name} is missing"
+        if _sha256(present[name]) != entry["sha256"]:
+            return f"{name} changed since it was saved (sha256 mismatch)"
+    return None
 
 
 # ----------------------------------------------------------------------------- base-model fingerprints
@@ -271,6 +329,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # leftovers of interrupted saves (never complete steps)
         )
+        self._unrecorded: List[int] = []  # saved steps whose checksums are not written yet
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
         except Exception as e:  # noqa: BLE001 - permissions, bad paths
@@ -336,16 +395,28 @@ class Checkpointer:
         metrics = None
         if metric is not None and math.isfinite(float(metric)):
             metrics = {"metric": float(metric)}
+        self.wait_until_finished()  # orbax would wait for the previous save anyway; then its checksums
         try:
-            return self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
+            saved = self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"saving step {step} to {self.directory} failed: {_one_line(e)}") from e
+        if saved:
+            self._unrecorded.append(step)
+        return saved
 
     def wait_until_finished(self) -> None:
+        """Blocks until the saves in flight are on disk, then records their checksums."""
         self._manager.wait_until_finished()
+        pending, self._unrecorded = self._unrecorded, []
+        if jax.process_index() != 0:
+            return
+        for step in pending:
+            folder = self.step_dir(step)
+            if folder.is_dir():  # (retention may already have removed it)
+                write_checksums(folder)
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait_until_finished()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
@@ -357,7 +428,7 @@ class Checkpointer:
     # --------------------------------------------------------------- restore
 
     def _resolve_step(self, step: Optional[int]) -> int:
-        self._manager.wait_until_finished()  # a save still in flight is not on disk yet
+        self.wait_until_finished()  # a save still in flight is not on disk yet
         self._manager.reload()
         steps = self.all_steps()
         if not steps:
@@ -382,7 +453,7 @@ class Checkpointer:
         """
         if not self._path.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
-        self._manager.wait_until_finished()
+        self.wait_until_finished()
         self._manager.reload()
         if step is not None or not fallback:
             return self._restore_step(self._resolve_step(step), trainable, opt_state, data_iterator, base_fingerprint)
@@ -393,8 +464,8 @@ class Checkpointer:
         for candidate in reversed(steps):
             try:
                 restored = self._restore_step(candidate, trainable, opt_state, data_iterator, base_fingerprint)
-            except _MismatchError:
-                raise  # the step is fine, the targets / base are not: older steps would not help
+            except (_MismatchError, NonFiniteCheckpointError):
+                raise  # the files are intact; the targets / base do not fit, or training had diverged
             except CheckpointError as e:
                 failures.append((candidate, e))
                 log.warning("checkpoint step %d is unreadable, trying an older step: %s", candidate, e)
@@ -413,6 +484,9 @@ class Checkpointer:
         missing = [n for n in needed if n not in present]
         if missing:
             raise CheckpointError(f"{where} is incomplete: it lacks {missing} (has {present})")
+        damage = verify_checksums(self.step_dir(step))
+        if damage:
+            raise CheckpointError(f"{where} is corrupt: {damage}")
         metadata = self.read_metadata(step)
         try:
             check_base_fingerprint(metadata.get("base_fingerprint"), base_fingerprint, where)
@@ -435,6 +509,10 @@ class Checkpointer:
             if _looks_like_mismatch(e):
                 raise _MismatchError(f"{where} does not match the restore target: {_one_line(e)}") from e
             raise CheckpointError(f"{where} is corrupt or unreadable: {_one_line(e)}") from e
+        if not bool(_all_finite(result.trainable)):
+            raise NonFiniteCheckpointError(
+                f"{where} holds non-finite parameters (NaN or inf) though its files are intact: the run that saved "
+                f"it had diverged. Move that step folder aside to resume from an older step, or start a new workdir")
         saved_step = int(result.step["step"]) if "step" in result and result.step else step
         return Restored(step=saved_step, trainable=result.trainable,
                         opt_state=result.opt_state if opt_state is not None else None,
@@ -477,6 +555,16 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices("subtoken_jax.checkpoint.quarantine")
         self._manager.reload()
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.asarray(leaves)) if leaves else jnp.asarray(True)
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """The step's files are intact but its parameters are not finite (saved by a diverged run)."""
 
 
 class _MismatchError(CheckpointError):

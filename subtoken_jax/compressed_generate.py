@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from subtoken_jax.attention import Attention
 from subtoken_jax.errors import InputError
+from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.kernels.packed_decode import IMPLS, packed_decode_attention
 from subtoken_jax.layers import MLP, RMSNorm, apply_rope
 from subtoken_jax.model import DecoderLM, default_positions
@@ -194,9 +195,8 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
 
 
 def _check_lengths(model, prompt_ids, question_ids, max_new_tokens):
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    batch, prompt_len = prompt_ids.shape
+    check_max_new_tokens(max_new_tokens)
+    batch, prompt_len = check_ids(prompt_ids, "prompt_ids").shape
     question_len = 0
     if question_ids is not None:
         shape = jnp.shape(question_ids)
@@ -222,6 +222,7 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     (None: from the masks). impl: attention for the fixed-K layout. temperature 0 is greedy; after eos_id
     a row keeps emitting eos_id. Returns (int32 [B, max_new_tokens], the final PackedCache).
     """
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     if impl not in IMPLS:
         raise InputError(f"unknown attention impl {impl!r}; choose from {', '.join(IMPLS)}")
     if layout not in LAYOUTS:

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from subtoken_jax.compressed_generate import compressed_generate
 from subtoken_jax.errors import InputError
+from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
@@ -36,6 +37,8 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     go to `generate_from_state` (layout, impl, capacity, chunk, ...). Without compression, question_ids
     are simply appended to the prompt.
     """
+    check_ids(prompt_ids, "prompt_ids")
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     if compression is not None:
         return compressed_generate(model, params, prompt_ids, compression=compression, max_new_tokens=max_new_tokens,
                                    question_ids=question_ids, attention_mask=attention_mask, question_mask=question_mask,
@@ -44,6 +47,7 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
         raise InputError(f"{', '.join(sorted(compressed_kwargs))} apply only with compression=...")
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     if question_ids is not None:
+        check_ids(question_ids, "question_ids")
         question_ids = jnp.asarray(question_ids, jnp.int32)
         if attention_mask is not None or question_mask is not None:
             context_mask = jnp.ones(prompt_ids.shape, jnp.int32) if attention_mask is None else attention_mask

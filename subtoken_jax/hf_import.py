@@ -11,11 +11,11 @@ GGUF reader and the HF exporter use it too. Nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
 
@@ -123,8 +123,11 @@ def hf_parameter_layout(cfg: ModelConfig) -> Iterator[Tuple[str, Tuple[str, ...]
 def _safetensors_files(path: str):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as fh:
-            weight_map = json.load(fh)["weight_map"]
+        from subtoken_jax.workdir import read_json_object
+
+        weight_map = read_json_object(index, "a safetensors shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map; is it a safetensors shard index?")
         files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
@@ -143,18 +146,37 @@ def read_hf_config(path: str) -> Dict[str, Any]:
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model folder?")
-    with open(config_path) as fh:
-        return json.load(fh)
+    from subtoken_jax.workdir import read_json_object
+
+    return read_json_object(config_path, "a Hugging Face model folder's config.json")
 
 
 def load_hf_params(path: str, cfg: ModelConfig):
     """Reads safetensors weights into our nested param dict, checking every name and shape."""
     tensors = {}
     for file in _safetensors_files(path):
-        with safe_open(file, framework="flax") as fh:  # "flax" also reads bfloat16, which numpy cannot
-            for name in fh.keys():
-                tensors[name] = fh.get_tensor(name)
+        try:
+            with safe_open(file, framework="flax") as fh:  # "flax" also reads bfloat16, which numpy cannot
+                for name in fh.keys():
+                    tensors[name] = fh.get_tensor(name)
+        except Exception as error:  # noqa: BLE001 - safetensors raises SafetensorError / OSError for bad files
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
+                                  f"{first}") from None
     return params_from_hf_tensors(tensors, cfg, path)
+
+
+# Tensors some checkpoints carry that hold nothing the model needs (recomputed buffers).
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _unused_tensors(tensors: Dict[str, Any], wanted_names, cfg: ModelConfig):
+    unused = [n for n in tensors if n not in wanted_names and not n.endswith(_IGNORABLE_SUFFIXES)]
+    if cfg.tie_word_embeddings and "lm_head.weight" in unused and "model.embed_tokens.weight" in tensors:
+        # a tied checkpoint may also store the head; harmless only if it is the embedding
+        if np.array_equal(np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["model.embed_tokens.weight"])):
+            unused.remove("lm_head.weight")
+    return sorted(unused)
 
 
 def params_from_hf_tensors(tensors: Dict[str, Any], cfg: ModelConfig, where: str, implied_by: str = "config.json"):
@@ -164,6 +186,10 @@ def params_from_hf_tensors(tensors: Dict[str, Any], cfg: ModelConfig, where: str
     if missing:
         raise CheckpointError(f"checkpoint in {where} lacks {len(missing)} tensors the config implies, "
                               f"e.g. {missing[:3]}")
+    unused = _unused_tensors(tensors, {name for name, *_ in wanted}, cfg)
+    if unused:
+        raise CheckpointError(f"checkpoint in {where} holds {len(unused)} tensors {implied_by} does not account for, "
+                              f"e.g. {unused[:3]} (fewer layers configured than stored?)")
     dtype = cfg.weights_dtype
     flat = {}
     for hf_name, ours, hf_shape, our_shape, transpose in wanted:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from subtoken_jax.attention import Attention
 from subtoken_jax.errors import InputError
+from subtoken_jax.input_checks import check_ids
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.layers import MLP, RMSNorm
 from subtoken_jax.model_config import ModelConfig, check_budget
@@ -77,8 +78,13 @@ class DecoderLM(nn.Module):
         Apply with mutable=["routing"] to get the routing pytree (scores, masks, realised budgets).
         """
         cfg = self.config
-        if input_ids.ndim != 2:
-            raise InputError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        check_ids(input_ids)
+        limit = cfg.max_position_embeddings
+        if cache is None and input_ids.shape[1] > limit:
+            raise InputError(f"{input_ids.shape[1]} tokens exceed the model's max_position_embeddings={limit}")
+        if cache is not None and cache.capacity > limit:
+            raise InputError(f"a KV cache of capacity {cache.capacity} exceeds the model's max_position_embeddings="
+                             f"{limit}")
         if cache is not None and input_ids.shape[1] > cache.capacity:
             raise InputError(f"{input_ids.shape[1]} tokens do not fit a KV cache of capacity {cache.capacity}")
         if positions is None:

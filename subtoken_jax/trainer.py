@@ -9,6 +9,7 @@ Each stage writes DIR/<stage>/: checkpoints, metrics.jsonl, and its final params
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,8 @@ from tqdm.auto import tqdm
 from subtoken_jax import checkpoint as ckpt_lib
 from subtoken_jax import data as data_lib
 from subtoken_jax import sharding as sharding_lib
+from subtoken_jax import workdir as workdir_lib
+from subtoken_jax.config_checks import check_ranges
 from subtoken_jax.errors import CheckpointError, ConfigError
 from subtoken_jax.hf_import import add_fresh_lora
 from subtoken_jax.pretrained import load_pretrained, load_tokenizer, pretrained_config
@@ -45,6 +48,7 @@ _MODEL_KEYS = ("checkpoint",)  # config.model fields that are not ModelConfig fi
 
 def validate_config(config: ConfigDict) -> None:
     """Fails fast, with one line, on anything that would otherwise fail (or silently misbehave) later."""
+    check_ranges(config)  # every numeric field in its range (subtoken_jax/config_checks.py)
     unknown = set(config.stages) - set(STAGES)
     if unknown or not config.stages:
         raise ConfigError(f"config.stages={tuple(config.stages)} must be a non-empty sequence of {STAGES}")
@@ -55,9 +59,6 @@ def validate_config(config: ConfigDict) -> None:
                           "to config.stages")
     if "pretrain" in config.stages and config.model.checkpoint:
         raise ConfigError("stage 'pretrain' trains from scratch; drop it from config.stages when model.checkpoint is set")
-    for name in ("seq_len", "batch_size"):
-        if config[name] < 1:
-            raise ConfigError(f"config.{name} must be >= 1, got {config[name]}")
     for budget in list(config.eval_budgets) + list(config.adapt.budgets):
         check_budget(budget, "budget")
     base = base_model_config(config)
@@ -198,6 +199,8 @@ def run_stage(name: str, config: ConfigDict, workdir: str, model: DecoderLM, tra
             if not _all_finite(trainable):  # never overwrite good checkpoints with diverged params
                 raise _diverged(name, "parameters became non-finite", done, manager, folder)
             eval_loss = evaluate(model, combine_params(trainable, frozen), eval_fn, budget=1.0)["loss"]
+            if not math.isfinite(eval_loss):
+                raise _diverged(name, f"eval loss became {eval_loss}", done, manager, folder)
             manager.save(done, trainable=trainable, opt_state=opt_state, data_iterator=train_iter,
                          config=config.to_dict(), metric=eval_loss, base_fingerprint=base_fingerprint)
             writer.write(done, {"eval_loss": eval_loss})
@@ -237,18 +240,41 @@ def fresh_params(cfg: ModelConfig, seed: int, seq_len: int):
 
 
 def run(config: ConfigDict, workdir: str) -> Dict[str, Any]:
-    """Runs every configured stage, then evaluates perplexity at each budget; returns the summary."""
+    """Runs every configured stage, then evaluates perplexity at each budget; returns the summary.
+
+    Holds WORKDIR's lock for the whole run (one run per workdir; on process 0 of a multi-host job).
+    """
     validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as fh:
-        json.dump(config.to_dict(), fh, indent=2, default=list)
     sharding_lib.maybe_initialize_distributed(config)
+    lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        workdir_lib.check_same_run(config, workdir, has_checkpoints=any(
+            has_checkpoint_steps(os.path.join(workdir, stage, "checkpoints")) for stage in STAGES))
+        if jax.process_index() == 0:
+            workdir_lib.write_config(config, workdir)
+        return _run_stages(config, workdir)
+
+
+def skipped_stage_notes(config: ConfigDict) -> list:
+    """What a run with a stage of 0 steps does instead (config_checks allows steps=0: skip the stage)."""
+    notes = []
+    if "pretrain" in config.stages and config.pretrain.steps == 0:
+        notes.append("pretrain.steps=0: the pretrain stage is skipped; the base keeps its random initialisation")
+    if "adapt" in config.stages and config.adapt.steps == 0:
+        notes.append("adapt.steps=0: the adapt stage is skipped; its router and LoRA are untrained (the rows say so)")
+    return notes
+
+
+def _run_stages(config: ConfigDict, workdir: str) -> Dict[str, Any]:
+    notes = skipped_stage_notes(config)
+    for note in notes:
+        logging.warning(note)
     mesh = sharding_lib.make_mesh(config.mesh)
     tokenizer = make_tokenizer(config)
     train_iter, eval_fn = data_lib.build_datasets(config.data, tokenizer, config.seq_len, config.batch_size,
                                                   config.seed)
     base_cfg = base_model_config(config)
-    summary: Dict[str, Any] = {"workdir": workdir}
+    summary: Dict[str, Any] = {"workdir": workdir, "notes": notes}
 
     with sharding_lib.use_mesh(mesh):
         if config.model.checkpoint:
@@ -287,8 +313,9 @@ def run(config: ConfigDict, workdir: str) -> Dict[str, Any]:
 def budget_table(config, base_cfg, adapted_cfg, base_params, adapted_params, eval_fn):
     """Eval perplexity at each value budget: the trained router vs parameter-free baselines on the same base."""
     mode = adapted_cfg.routing.mode
+    untrained = " (untrained: adapt.steps=0)" if config.adapt.steps == 0 else ""
     methods = {
-        f"routed ({mode}) + routed LoRA": (DecoderLM(adapted_cfg), adapted_params),
+        f"routed ({mode}) + routed LoRA{untrained}": (DecoderLM(adapted_cfg), adapted_params),
         "keep-largest-norm groups": (DecoderLM(base_cfg.replace(routing=RoutingConfig(mode="fixed_k", scorer="norm"))),
                                      base_params),
         "random groups": (DecoderLM(base_cfg.replace(routing=RoutingConfig(mode="fixed_k", scorer="random"))),
@@ -346,8 +373,12 @@ def read_workdir_config(workdir: str) -> Optional[ConfigDict]:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
-    with open(path) as fh:
-        return ConfigDict(json.load(fh))
+    record = workdir_lib.read_json_object(path, "train.py writes it: is this a training workdir?")
+    missing = [key for key in ("model", "stages", "data", "seq_len") if key not in record]
+    if missing or not isinstance(record["model"], dict):
+        raise CheckpointError(f"{path} is not a train.py record (it lacks {missing or ['a model section']}); "
+                              f"is {workdir} a training workdir?")
+    return ConfigDict(record)
 
 
 def pretrain_checkpoints(workdir: str) -> str:
@@ -360,7 +391,7 @@ def pretrain_checkpoints(workdir: str) -> str:
 
 def format_summary(summary: Dict[str, Any]) -> str:
     """A markdown table of perplexity by method and budget."""
-    lines = []
+    lines = [f"note: {note}" for note in summary.get("notes", [])]
     if "pretrain" in summary:
         lines.append(f"base model (pretrain stage): eval perplexity {summary['pretrain']['perplexity']:.3f}")
     rows = summary.get("budgets", [])

@@ -55,12 +55,26 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _corrupt(folder, step):
+def _corrupt(folder, step, how="garbage"):
+    """garbage: data files replaced by a short text; same_size: random bytes written inside the largest
+    data file, its size kept (bit rot); garbage_unrecorded: garbage, and the step's checksums removed (a
+    step saved before checksums existed: orbax alone must notice)."""
     files = glob.glob(os.path.join(folder, str(step), "trainable", "**", "d", "*"), recursive=True)
     assert files
+    if how == "same_size":
+        path = max(files, key=os.path.getsize)
+        size = os.path.getsize(path)
+        span = min(4096, size // 2)
+        with open(path, "r+b") as fh:
+            fh.seek(size // 4)
+            fh.write(np.random.default_rng(0).bytes(span))
+        assert os.path.getsize(path) == size
+        return
     for path in files:
         with open(path, "wb") as fh:
             fh.write(b"not a tensorstore chunk")
+    if how == "garbage_unrecorded":
+        os.remove(os.path.join(folder, str(step), ckpt_lib.CHECKSUMS))
 
 
 # ----------------------------------------------------------------------------- round trip
@@ -163,20 +177,23 @@ def test_missing_directory_and_empty_directory(tmp_path):
             ckpt.restore(7, trainable=trainable)
 
 
-def test_corrupt_latest_step_falls_back_and_keeps_older_steps(tmp_path, caplog):
+@pytest.mark.parametrize("how", ["same_size", "garbage", "garbage_unrecorded"])
+def test_corrupt_latest_step_falls_back_and_keeps_older_steps(tmp_path, caplog, how):
     trainable, _, opt_state = _state()
     folder = str(tmp_path)
     with ckpt_lib.Checkpointer(folder, max_to_keep=2) as ckpt:
         ckpt.save(1, trainable=trainable, opt_state=opt_state)
         ckpt.save(2, trainable=jax.tree.map(lambda x: x + 1, trainable), opt_state=opt_state)
-    _corrupt(folder, 2)
+    assert all(os.path.isfile(os.path.join(folder, str(s), ckpt_lib.CHECKSUMS)) for s in (1, 2))
+    _corrupt(folder, 2, how)
     before = sorted(os.listdir(folder))
 
     ckpt = ckpt_lib.Checkpointer(folder, max_to_keep=2)
     with pytest.raises(CheckpointError) as info:
         ckpt.restore(2, trainable=trainable, opt_state=opt_state)
     message = str(info.value)
-    assert "step 2" in message and "corrupt or unreadable" in message and "\n" not in message
+    expected = "corrupt or unreadable" if how == "garbage_unrecorded" else "sha256 mismatch"
+    assert "step 2" in message and expected in message and "\n" not in message
     assert sorted(os.listdir(folder)) == before  # an explicit restore changes nothing on disk
     assert ckpt.all_steps() == [1, 2]
 

@@ -17,7 +17,7 @@ from subtoken_jax import data
 from subtoken_jax.errors import ConfigError, InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt"))
+SHAKESPEARE = os.path.join(ROOT, "tests", "data", "tinyshakespeare_head.txt")  # in the repository: see tests/data/README.md
 
 
 class Bytes:

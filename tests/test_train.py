@@ -150,7 +150,7 @@ def test_hf_adapt_config_runs_on_a_tiny_hf_checkpoint(tmp_path):
 
     folder = str(tmp_path / "qwen2")
     build_tiny_hf_model("qwen2", folder)
-    shakespeare = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
+    shakespeare = os.path.join(ROOT, "tests", "data", "tinyshakespeare_head.txt")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/hf_adapt.py"),
            "--workdir", str(tmp_path / "run"), f"--config.model.checkpoint={folder}", f"--config.data.paths=('{shakespeare}',)",
            "--config.model.dtype=float32", "--config.model.param_dtype=float32", "--config.model.value_groups=4",

@@ -728,9 +728,10 @@ def load_predictor(folder: str, model_config: ModelConfig):
     from flax import serialization
     from ml_collections import ConfigDict
 
+    from subtoken_jax.workdir import read_json_object
+
     paths = check_predictor_folder(folder)
-    with open(paths[0]) as fh:
-        config = ConfigDict(json.load(fh))
+    config = ConfigDict(read_json_object(paths[0], "train.py --config configs/predictor.py writes it"))
     trained_layers = config.get("base_num_layers", model_config.num_layers)
     if trained_layers != model_config.num_layers or config.get("base_value_groups",
                                                                model_config.value_groups) != model_config.value_groups:
@@ -743,6 +744,29 @@ def load_predictor(folder: str, model_config: ModelConfig):
     return predictor, jax.tree.map(jnp.asarray, raw)
 
 
+def validate_run_config(config) -> None:
+    """One-line ConfigError for a predictor training config (configs/predictor.py) before any model is loaded."""
+    from subtoken_jax.config_checks import check_ranges
+
+    check_ranges(config)
+    for field in ("train.scope", "eval.scope"):
+        section, key = field.split(".")
+        if config[section][key] not in SCOPES:
+            raise ConfigError(f"config.{field}={config[section][key]!r}: choose one of {SCOPES}")
+    if config.data.source not in ("random_ids", "tasks"):
+        raise ConfigError(f"config.data.source={config.data.source!r} is unknown; choose random_ids or tasks")
+    if config.data.get("answers", "reference") not in ("reference", "model"):
+        raise ConfigError(f"config.data.answers={config.data.answers!r}: choose reference or model")
+    checkpoint = config.model.get("checkpoint", "")
+    if checkpoint:
+        from subtoken_jax.pretrained import resolve_checkpoint
+
+        resolve_checkpoint(checkpoint)  # a missing folder / file fails here, before the base loads
+    workdir = config.model.get("workdir", "")
+    if workdir and not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise ConfigError(f"config.model.workdir={workdir!r} is not a train.py workdir (no config.json)")
+
+
 def run(config, workdir: Optional[str] = None) -> Dict[str, float]:
     """Trains a predictor for config's base model on config.data's prompts, then evaluates it on held-out
     prompts (seed + 10000).
@@ -750,6 +774,16 @@ def run(config, workdir: Optional[str] = None) -> Dict[str, float]:
     With a workdir, writes predictor_params.msgpack, config.json (this config, plus the base's layer count
     and G, which load_predictor checks) and predictor_eval.json there.
     """
+    validate_run_config(config)
+    if workdir:
+        from subtoken_jax.workdir import WorkdirLock
+
+        with WorkdirLock(workdir):
+            return _train_and_write(config, workdir)
+    return _train_and_write(config, workdir)
+
+
+def _train_and_write(config, workdir: Optional[str]) -> Dict[str, float]:
     model, params, tokenizer = base_model(config)
     predictor_params = train_predictor(model, params, prompt_batches(config, model, tokenizer, config.seed, params),
                                        config)
