@@ -62,5 +62,5 @@ def check_mask(mask, what: str, *, batch: int, keys: int, kv_heads: int, groups:
     if _concrete(mask) and getattr(mask, "dtype", None) != jnp.bool_:
         values = np.asarray(mask)
         if values.size and not np.all((values == 0) | (values == 1)):
-            bad = values[(values != 0) & (values != 1)].reshape(-1)[0]
+            bad = values[(values != 0) & (values != 1)].reshape(-1)[0].item()
             raise InputError(f"{where} must hold only 0 (drop) and 1 (keep); found {bad!r}")

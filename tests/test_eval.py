@@ -247,8 +247,8 @@ def test_hugging_face_folder(hf_folder, mmlu_csv, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     ({"tasks": ("needle", "trivia")}, "unknown task(s) ['trivia']; choose from: perplexity, needle"),
     ({"methods": ("full", "magic")}, "unknown method(s) ['magic']; choose from: full, snapkv, h2o"),
-    ({"budgets": (0.5, 1.5)}, "budget=1.5 is out of range"),
-    ({"budgets": (0.0,)}, "budget=0.0 is out of range"),
+    ({"budgets": (0.5, 1.5)}, "config.budgets=(0.5, 1.5): each value must be a number > 0 and <= 1"),
+    ({"budgets": (0.0,)}, "config.budgets=(0.0,): each value must be a number > 0 and <= 1"),
     ({"tasks": ("needle",), "needle.lengths": (1000,)}, "exceeds the model's max_position_embeddings=256"),
     ({"tasks": ("perplexity",), "perplexity.seq_len": 300}, "exceeds the model's max_position_embeddings=256"),
     ({"tasks": ("mmlu",), "mmlu.files": ("/nonexistent/mmlu_test.csv",)}, "no file matches"),
@@ -256,7 +256,8 @@ def test_hugging_face_folder(hf_folder, mmlu_csv, tmp_path):
     ({"combined.scorer": "oracle"}, "combined.scorer='oracle' is unknown"),
     ({"generation": "dense"}, "generation must be 'packed' or 'masked'"),
     ({"tasks": ("needle",), "haystack": "/nonexistent/prose.txt"}, "haystack='/nonexistent/prose.txt' is not a file"),
-    ({"tasks": ("multi_key",), "multi_needle.samples": 0}, "multi_needle.lengths must be positive"),
+    ({"tasks": ("multi_key",), "multi_needle.samples": 0}, "config.multi_needle.samples=0: must be an integer >= 1"),
+    ({"tasks": ("multi_key",), "multi_needle.lengths": ()}, "multi_needle.lengths is empty"),
     ({"combined.selector": "predictor"}, "the predictor (scorer or selector) needs predictor.workdir"),
 ])
 def test_bad_inputs_fail_before_compute(workdir, overrides, message):

@@ -90,23 +90,43 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert _metrics(metrics) == _metrics(tmp_path / "straight" / "pretrain" / "metrics.jsonl")
 
 
+def _default_config(**overrides):
+    """configs/default.py with TINY's and the given overrides (dotted paths), as train.py would build it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("default_config", os.path.join(ROOT, "configs", "default.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    tiny = {arg[len("--config."):].split("=", 1)[0]: eval(arg.split("=", 1)[1]) for arg in TINY}  # noqa: S307
+    for path, value in {**tiny, **overrides}.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return config
+
+
 @pytest.mark.parametrize("override,message", [
-    ("--config.adapt.budgets=(0.5,1.5)", "budget=1.5 is out of range"),
-    ("--config.model.value_groups=3", "must divide head_dim=16"),
-    ("--config.adapt.lora.active_subspaces=3", "active_subspaces=3"),
-    ("--config.adapt.routing.k=5", "routing.k=5 must be in [1, G=4]"),
-    ("--config.data.source=webtext", "webtext"),
-    ("--config.seq_len=4096", "exceeds model max_position_embeddings"),
-    ("--config.model.checkpoint=/nonexistent", "is not a folder"),
-    ("--config.stages=('adapt',)", "stage 'adapt' needs a base"),
+    ({"adapt.budgets": (0.5, 1.5)}, "config.adapt.budgets=(0.5, 1.5): each value must be a number > 0 and <= 1"),
+    ({"model.value_groups": 3}, "must divide head_dim=16"),
+    ({"adapt.lora.active_subspaces": 3}, "active_subspaces=3"),
+    ({"adapt.routing.k": 5}, "routing.k=5 must be in [1, G=4]"),
+    ({"data.source": "webtext"}, "webtext"),
+    ({"seq_len": 4096}, "exceeds model max_position_embeddings"),
+    ({"model.checkpoint": "/nonexistent"}, "is not a folder"),
+    ({"stages": ("adapt",)}, "stage 'adapt' needs a base"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, override, message):
-    proc = _train(tmp_path, override)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    error_lines = [line for line in out.splitlines() if line.startswith("error:")]
-    assert error_lines and message in error_lines[-1], out
-    assert not os.path.exists(tmp_path / "pretrain" / "metrics.jsonl")
+    """In-process through trainer.run (what train.py calls; its one-line exit is tested in test_reliability)."""
+    from subtoken_jax import trainer
+    from subtoken_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        trainer.run(_default_config(**override), str(tmp_path / "run"))
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_warm_start_from_another_workdir(tmp_path):
