@@ -128,11 +128,12 @@ def test_cache_decoding_with_masks_equals_full_pass():
     masks = tuple(jax.random.bernoulli(jax.random.key(10 + i), 0.5, (2, 7, 2, 4)).astype(jnp.float32)
                   for i in range(2))
     full = model.apply({"params": params}, ids, value_group_mask=masks)
-    cache = KVCache.create(cfg, 2, 7)
-    logits, cache = model.apply({"params": params}, ids[:, :4], cache=cache, value_group_mask=masks)
+    # jitted (one compile per chunk shape): eager decoding dispatches every op of every step separately
+    step = jax.jit(lambda chunk, cache: model.apply({"params": params}, chunk, cache=cache, value_group_mask=masks))
+    logits, cache = step(ids[:, :4], KVCache.create(cfg, 2, 7))
     steps = [logits]
     for t in range(4, 7):
-        step_logits, cache = model.apply({"params": params}, ids[:, t:t + 1], cache=cache, value_group_mask=masks)
+        step_logits, cache = step(ids[:, t:t + 1], cache)
         steps.append(step_logits)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
     assert int(cache.index) == 7

@@ -304,3 +304,18 @@ def test_lora_checkpoint_refuses_another_base(tmp_path):
                       base_fingerprint=ckpt_lib.fingerprint(frozen, source="/elsewhere/base-A"))
     assert ok.step == 2
     ckpt.close()
+
+
+def test_non_finite_params_stop_the_restore_without_setting_steps_aside(tmp_path):
+    trainable, _, _ = _state()
+    folder = str(tmp_path)
+    with ckpt_lib.Checkpointer(folder, max_to_keep=3) as ckpt:
+        ckpt.save(1, trainable=trainable)
+        ckpt.save(2, trainable=jax.tree.map(lambda x: x * jnp.nan, trainable))  # intact files, diverged values
+    before = sorted(os.listdir(folder))
+    with ckpt_lib.Checkpointer(folder, max_to_keep=3) as ckpt:
+        with pytest.raises(ckpt_lib.NonFiniteCheckpointError) as info:
+            ckpt.restore(trainable=trainable)
+    message = str(info.value)
+    assert "step 2" in message and "non-finite parameters" in message and "\n" not in message
+    assert sorted(os.listdir(folder)) == before  # nothing moved: the files are not corrupt

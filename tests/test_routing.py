@@ -60,7 +60,7 @@ def test_gradients_reach_value_router(mode):
         logits = model.apply({"params": combine_params(t, frozen)}, ids[:, :-1])
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
 
-    grads = jax.grad(loss)(trainable)
+    grads = jax.jit(jax.grad(loss))(trainable)  # jitted: eager op-by-op autodiff costs ~10x more here
     router_grad = grads["layer_0"]["attn"]["value_router"]["kernel"]
     assert float(jnp.abs(router_grad).max()) > 0
 
@@ -101,11 +101,11 @@ def test_routed_cache_decoding_equals_full_pass(mode):
         params)
     ids = jax.random.randint(jax.random.key(1), (2, 9), 0, 64)
     full = model.apply({"params": params}, ids, value_budget=0.5)
-    cache = KVCache.create(cfg, 2, 9)
-    logits, cache = model.apply({"params": params}, ids[:, :5], cache=cache, value_budget=0.5)
+    decode = jax.jit(lambda chunk, cache: model.apply({"params": params}, chunk, cache=cache, value_budget=0.5))
+    logits, cache = decode(ids[:, :5], KVCache.create(cfg, 2, 9))
     steps = [logits]
     for t in range(5, 9):
-        step, cache = model.apply({"params": params}, ids[:, t:t + 1], cache=cache, value_budget=0.5)
+        step, cache = decode(ids[:, t:t + 1], cache)
         steps.append(step)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 

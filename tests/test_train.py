@@ -129,10 +129,47 @@ def test_bad_config_fails_before_compute(tmp_path, override, message):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_warm_start_from_another_workdir(tmp_path):
-    first = _train(tmp_path / "first", "--config.stages=('pretrain',)", "--config.pretrain.steps=30")
+# Hold the run after step 1's metrics until the test creates the file GATE (so a second run can try the workdir).
+PAUSE_AFTER_STEP_1 = """
+import os, time
+from subtoken_jax import trainer
+_write = trainer.MetricsWriter.write
+def _write_then_wait(self, step, metrics):
+    _write(self, step, metrics)
+    if step == 1:
+        open(GATE + ".waiting", "w").close()
+        while not os.path.exists(GATE):
+            time.sleep(0.1)
+trainer.MetricsWriter.write = _write_then_wait
+"""
+
+
+def _wait_for(path, proc, timeout=300):
+    import time
+
+    start = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() - start < timeout, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_warm_start_and_one_run_per_workdir(tmp_path):
+    gate = str(tmp_path / "gate")
+    args = ["--config.stages=('pretrain',)", "--config.pretrain.steps=30"]
+    first = _train(tmp_path / "first", *args, prelude=f"GATE = {gate!r}\n{PAUSE_AFTER_STEP_1}")
+    _wait_for(gate + ".waiting", first)  # the first run holds the workdir, paused after step 1
+    second = _train(tmp_path / "first", *args)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode != 0
+    error_lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert error_lines and f"is in use by another run (pid {first.pid})" in error_lines[-1], out
+    open(gate, "w").close()
     out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "first" / "pretrain" / "metrics.jsonl")
+             if "ce" in json.loads(line)]
+    assert steps == list(range(1, 31))  # intact: every step once, none from the refused run
     first_losses = _metrics(tmp_path / "first" / "pretrain" / "metrics.jsonl")
 
     warm = _train(tmp_path / "warm", "--config.stages=('pretrain',)", "--config.pretrain.steps=2",
