@@ -19,6 +19,7 @@ Ours (masks from subtoken_jax, answers generated from the packed cache):
               never tuned on these prompts
   predictor   the shipped predictor (subtoken_jax/predictors/smollm2-135m-instruct) as the token selector
               and the group scorer, same split
+  V+mean      variant V with dropped groups read as the context's mean value (value_fill="mean")
 kvpress's (bench/kvpress_study.py, in the bench venv): SnapKV, ExpectedAttention, StreamingLLM, TOVA,
 key-norm, AdaKV(SnapKV), at the same share of the context's tokens.
 
@@ -54,6 +55,10 @@ VARIANTS = {
     "predictor+groups": {"methods": ("combined",), "combined.selector": "predictor", "combined.scorer": "predictor"},
     "groups(predictor)": {"methods": ("subtoken",), "subtoken.scorer": "predictor"},
 }
+# step 2 fix: a dropped group of a kept token reads as the context's mean value (pack_cache fill="mean"),
+# not as zero, so low-weight partially kept tokens stop pulling the read-out towards 0
+VARIANTS.update({f"{name}+mean": {**overrides, "value_fill": "mean"} for name, overrides in list(VARIANTS.items())
+                 if name != "tokens"})
 KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv")
 SEED = 2026
 BENCH_PYTHON = os.path.join(ROOT, ".venv-bench", "bin", "python")

@@ -64,6 +64,9 @@ def get_config() -> ConfigDict:
     # needle / variable tracking answers: "packed" = generated from the packed cache (only kept keys and value
     # groups stored; subtoken_jax.generate_from_state); "masked" = a dense cache under the masks (reference)
     c.generation = "packed"
+    # what a dropped value group of a kept token reads as in the packed cache: "zero" (the method as built) or
+    # "mean" (the context's mean value of that layer and KV head; generation tasks only)
+    c.value_fill = "zero"
 
     c.selectors = ConfigDict()  # token selector settings
     c.selectors.snapkv_kernel_size = 5

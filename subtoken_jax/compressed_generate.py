@@ -39,8 +39,8 @@ from subtoken_jax.kernels.packed_decode import IMPLS, packed_decode_attention
 from subtoken_jax.layers import MLP, RMSNorm, apply_rope
 from subtoken_jax.model import DecoderLM, default_positions
 from subtoken_jax.model_config import check_budget
-from subtoken_jax.packed_cache import (LAYOUTS, FixedKValues, PackedCache, advance_tail, append_tail, pack_cache,
-                                       packed_attention, write_tail_positions)
+from subtoken_jax.packed_cache import (FILLS, LAYOUTS, FixedKValues, PackedCache, advance_tail, append_tail,
+                                       pack_cache, packed_attention, write_tail_positions)
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
 from subtoken_jax.selectors import (SCOPES, TOKEN_SELECTORS, PrefillState, TokenSelector, capture_prefill_state,
                                     combine, value_group_scorer)
@@ -55,7 +55,8 @@ class Compression:
     scoring method ("attention": the question's realised attention x group norm; "expected": closed-form
     expected attention) or a (state, layer) -> [B, S, Hkv, G] callable such as a trained predictor's.
     scope: the value-group budget is shared per "head", per "layer" or "global"ly. window: the last
-    context tokens that act as the observation window when no question is given.
+    context tokens that act as the observation window when no question is given. value_fill: a dropped
+    group of a kept token reads as "zero" or as the context's "mean" value of its layer and KV head.
     """
 
     token_fraction: float = 1.0
@@ -64,6 +65,7 @@ class Compression:
     scorer: Union[str, Callable[[PrefillState, int], jax.Array]] = "attention"
     scope: str = "global"
     window: int = 8
+    value_fill: str = "zero"  # what a dropped group reads as in the packed cache: "zero" | "mean" (pack_cache)
 
     def __post_init__(self):
         check_budget(self.token_fraction, "token_fraction")
@@ -76,6 +78,8 @@ class Compression:
             raise InputError(f"unknown allocation scope {self.scope!r}; choose from {', '.join(SCOPES)}")
         if self.window < 1:
             raise InputError(f"window must be >= 1, got {self.window}")
+        if self.value_fill not in FILLS:
+            raise InputError(f"unknown value_fill {self.value_fill!r}; choose from {', '.join(FILLS)}")
 
     @property
     def kv_budget(self) -> float:
@@ -188,6 +192,7 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
                                           question_mask=question_mask, window=min(window, prompt_ids.shape[1]),
                                           return_logits=True)
     masks = compression(state)
+    kwargs.setdefault("value_fill", getattr(compression, "value_fill", "zero"))
     tokens, packed = generate_from_state(model, params, state, masks, max_new_tokens=max_new_tokens,
                                          question_ids=question_ids, question_mask=question_mask,
                                          first_logits=None if question_ids is not None else logits, **kwargs)
@@ -213,13 +218,14 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
                         question_ids=None, question_mask=None, first_logits=None, temperature: float = 0.0,
                         top_k: Optional[int] = None, rng: Optional[jax.Array] = None, eos_id: Optional[int] = None,
                         layout: str = "global", capacity=None, key_capacity=None, k=None, impl: str = "auto",
-                        progress: bool = False, chunk: int = 64):
+                        progress: bool = False, chunk: int = 64, value_fill: str = "zero"):
     """Packs a captured context under masks = (token_keep_masks, group_masks), then answers from it.
 
     The question_ids [B, Q] (left-padded rows: question_mask) run over the packed context first; without
     a question, first_logits [B, vocab] (the context's last logits) give the first token. layout "global"
     (any masks) or "fixed_k" (token masks, if any, [B, P]); capacity / key_capacity / k: packed sizes
-    (None: from the masks). impl: attention for the fixed-K layout. temperature 0 is greedy; after eos_id
+    (None: from the masks). value_fill: what a dropped group reads as ("zero" | "mean", see `pack_cache`).
+    impl: attention for the fixed-K layout. temperature 0 is greedy; after eos_id
     a row keeps emitting eos_id. Returns (int32 [B, max_new_tokens], the final PackedCache).
     """
     max_new_tokens = check_max_new_tokens(max_new_tokens)
@@ -237,7 +243,7 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     cast = lambda arrays: tuple(a.astype(cfg.compute_dtype) for a in arrays)  # noqa: E731  capture keeps float32
     packed = pack_cache(cast(state.keys), cast(state.values), state.positions, token_masks, group_masks,
                         layout=layout, tail_capacity=question_len + max_new_tokens - 1, capacity=capacity,
-                        key_capacity=key_capacity, k=k)
+                        key_capacity=key_capacity, k=k, fill=value_fill)
     next_position = jnp.max(state.positions, axis=1).astype(jnp.int32) + 1
     logits = first_logits
     if question_ids is not None:

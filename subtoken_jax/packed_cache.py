@@ -42,6 +42,7 @@ from subtoken_jax.value_groups import per_layer
 
 
 LAYOUTS = ("global", "fixed_k")
+FILLS = ("zero", "mean")  # what a dropped value group of a kept token reads as
 
 
 def index_dtype(n: int):
@@ -104,10 +105,15 @@ class GlobalValues:
 
 @flax.struct.dataclass
 class PackedLayer:
-    """One layer's compressed prefix: keys and kept value groups."""
+    """One layer's compressed prefix: keys and kept value groups.
+
+    value_mean [B, Hkv, D] (fill "mean", see `pack_cache`): the kept groups are stored centred on it and
+    a dropped group of a kept token reads as it, not as zero. None: dropped groups read as zero.
+    """
 
     keys: PackedKeys
     values: Union[FixedKValues, GlobalValues]
+    value_mean: Optional[jax.Array] = None
 
     @property
     def layout(self) -> str:
@@ -317,8 +323,8 @@ def pack_global(keys: jax.Array, values: jax.Array, positions: jax.Array, token_
 
 
 def unpack_dense(packed: Union[FixedKValues, PackedLayer], positions: Optional[jax.Array] = None) -> jax.Array:
-    """Rebuilds the masked dense values [B, T, Hkv, D] (zeros where dropped). For tests only: it is the
-    tensor the packed attention never builds.
+    """Rebuilds the masked dense values [B, T, Hkv, D] (zeros where dropped, or the layer's value_mean).
+    For tests only: it is the tensor the packed attention never builds.
 
     A global layer with compacted keys needs the original positions [B, T] to place its tokens.
     """
@@ -327,6 +333,9 @@ def unpack_dense(packed: Union[FixedKValues, PackedLayer], positions: Optional[j
         onehot = jax.nn.one_hot(packed.groups.astype(jnp.int32), packed.num_groups, dtype=packed.values.dtype)
         dense = jnp.einsum("bthkg,bthke->bthge", onehot, packed.values)
         return dense.reshape(batch, length, heads, packed.num_groups * gd)
+    if packed.value_mean is not None:  # stored centred: dropped groups read as the mean
+        centred = unpack_dense(packed.replace(value_mean=None), positions)
+        return centred + packed.value_mean[:, None].astype(centred.dtype)
     if isinstance(packed.values, FixedKValues):
         return unpack_dense(packed.values)
     entries, keys = packed.values, packed.keys
@@ -352,7 +361,8 @@ def unpack_dense(packed: Union[FixedKValues, PackedLayer], positions: Optional[j
 
 # ----------------------------------------------------------------------------- byte accounting
 
-_KINDS = {"keys": "keys", "tail_keys": "keys", "values": "values", "tail_values": "values", "tokens": "indices",
+_KINDS = {"keys": "keys", "tail_keys": "keys", "values": "values", "tail_values": "values", "value_mean": "values",
+          "tokens": "indices",
           "groups": "indices", "positions": "positions", "tail_positions": "positions", "count": "counts",
           "tail_index": "counts"}
 
@@ -492,7 +502,11 @@ def packed_attention(query: jax.Array, q_positions: jax.Array, layer: PackedLaye
         out = _read_fixed_k(prefix_w, layer.values)
     else:
         out = _read_global(prefix_w, layer.values)
-    out = out.reshape(batch, q_len, kv_heads, reps, head_dim).astype(query.dtype)
+    out = out.reshape(batch, q_len, kv_heads, reps, head_dim)
+    if layer.value_mean is not None:  # centred entries + the mean times the attention mass on the prefix
+        mass = jnp.transpose(jnp.sum(prefix_w, axis=-1), (0, 3, 1, 2))  # [B, Tq, Hkv, R]
+        out = out + mass[..., None] * layer.value_mean[:, None, :, None, :].astype(jnp.float32)
+    out = out.astype(query.dtype)
     if tail_keys is not None:
         tail_w = weights[..., prefix_len:].astype(tail_values.dtype)
         out = out + grouped_readout(tail_w, tail_values).astype(query.dtype)
@@ -504,14 +518,19 @@ def packed_attention(query: jax.Array, q_positions: jax.Array, layer: PackedLaye
 
 def pack_cache(keys: Sequence[jax.Array], values: Sequence[jax.Array], positions: jax.Array, token_keep_masks,
                group_masks, *, layout: str = "global", tail_capacity: int = 1, capacity=None, key_capacity=None,
-               k=None) -> PackedCache:
+               k=None, fill: str = "zero") -> PackedCache:
     """Packs every layer of a prefilled cache (keys/values per layer [B, T, Hkv, D], positions [B, T]).
 
     token_keep_masks / group_masks: None, one array for all layers, or one per layer. layout "global"
     (any masks) or "fixed_k" (token masks, if any, must be [B, T]). capacity / key_capacity / k: None
-    (sized from the masks, per layer), an int, or one per layer. Returns a PackedCache with an empty
-    dense tail of tail_capacity slots for decoding.
+    (sized from the masks, per layer), an int, or one per layer. fill: what a dropped group of a kept
+    token reads as: "zero" (the method as built) or "mean" (the mean of that layer's and KV head's
+    context values; stored once per layer, [B, Hkv, D]): zero-filled groups of low-weight tokens pull the
+    read-out towards 0, the mean keeps it where the dropped contributions would on average have put it.
+    Returns a PackedCache with an empty dense tail of tail_capacity slots for decoding.
     """
+    if fill not in FILLS:
+        raise InputError(f"unknown value fill {fill!r}; choose from {', '.join(FILLS)}")
     num_layers = len(keys)
     token_keep_masks = per_layer(token_keep_masks, num_layers, "token_keep_masks")
     group_masks = per_layer(group_masks, num_layers, "group_masks")
@@ -522,18 +541,28 @@ def pack_cache(keys: Sequence[jax.Array], values: Sequence[jax.Array], positions
     capacity, key_capacity, k = sizes(capacity, "capacity"), sizes(key_capacity, "key_capacity"), sizes(k, "k")
     layers = []
     for i in range(num_layers):
-        if layout == "global":
-            layers.append(pack_global(keys[i], values[i], positions, token_keep_masks[i], group_masks[i],
-                                      capacity[i], key_capacity=key_capacity[i]))
-        elif layout == "fixed_k":
-            mask = group_masks[i]
-            if mask is None:
-                mask = jnp.ones(values[i].shape[:3] + (1,), jnp.float32)
-            layers.append(pack_fixed_k_layer(keys[i], values[i], positions, mask, k[i], token_keep_masks[i],
-                                             key_capacity=key_capacity[i]))
-        else:
-            raise InputError(f"unknown packed layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+        mean = context_value_mean(values[i], positions) if fill == "mean" else None
+        layer_values = values[i] if mean is None else values[i] - mean[:, None].astype(values[i].dtype)
+        layers.append(_pack_layer(layout, keys[i], layer_values, positions, token_keep_masks[i], group_masks[i],
+                                  capacity[i], key_capacity[i], k[i]).replace(value_mean=mean))
     return PackedCache.with_empty_tail(layers, max(int(tail_capacity), 1), dtype=values[0].dtype)
+
+
+def context_value_mean(values: jax.Array, positions: jax.Array) -> jax.Array:
+    """[B, Hkv, D]: the mean of values [B, T, Hkv, D] over each row's real tokens (positions >= 0)."""
+    real = (positions >= 0).astype(jnp.float32)[:, :, None, None]
+    total = jnp.sum(values.astype(jnp.float32) * real, axis=1)
+    return (total / jnp.maximum(jnp.sum(real, axis=1), 1.0)).astype(values.dtype)
+
+
+def _pack_layer(layout, keys, values, positions, token_keep_mask, group_mask, capacity, key_capacity, k):
+    if layout == "global":
+        return pack_global(keys, values, positions, token_keep_mask, group_mask, capacity, key_capacity=key_capacity)
+    if layout == "fixed_k":
+        if group_mask is None:
+            group_mask = jnp.ones(values.shape[:3] + (1,), jnp.float32)
+        return pack_fixed_k_layer(keys, values, positions, group_mask, k, token_keep_mask, key_capacity=key_capacity)
+    raise InputError(f"unknown packed layout {layout!r}; choose from {', '.join(LAYOUTS)}")
 
 
 def append_tail(cache: PackedCache, layer: int, keys: jax.Array, values: jax.Array) -> PackedCache:

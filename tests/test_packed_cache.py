@@ -341,3 +341,49 @@ def test_compressed_generation_equals_masked_dense(tiny_model, layout, compressi
     dense_bytes = sum(x.nbytes for x in prefill.keys + prefill.values)
     prefix_bytes = cache_nbytes(packed.layers[0]) + cache_nbytes(packed.layers[1])
     assert prefix_bytes < dense_bytes
+
+
+def _mean_filled_reference(case, group_mask, token_keep):
+    """attend over dense values where a dropped group of a kept token holds the context mean (numpy loop)."""
+    values, positions = np.asarray(case["values"]), np.asarray(case["positions"])
+    batch, length, heads, dim = values.shape
+    groups = group_mask.shape[-1]
+    filled = values.copy()
+    for b in range(batch):
+        real = positions[b] >= 0
+        mean = values[b, real].mean(axis=0)  # [Hkv, D]
+        for t in range(length):
+            for h in range(heads):
+                for g in range(groups):
+                    if not group_mask[b, t, h, g]:
+                        span = slice(g * dim // groups, (g + 1) * dim // groups)
+                        filled[b, t, h, span] = mean[h, span]
+    ones = jnp.ones(group_mask.shape, jnp.float32)
+    return _dense_reference({**case, "values": jnp.asarray(filled)}, ones, token_keep)
+
+
+@pytest.mark.parametrize("layout", ["global", "fixed_k"])
+def test_mean_fill_reads_dropped_groups_as_the_context_mean(layout):
+    from subtoken_jax.packed_cache import pack_cache
+
+    rng, case = _case(3, 2, 7, 2, 2, 4, 2, 2, 3)
+    group_mask = jnp.asarray(rng.random((2, 7, 2, 4)) < 0.5, jnp.float32)
+    token_keep = rng.random((2, 7) if layout == "fixed_k" else (2, 7, 2)) < 0.7
+    token_keep[:, -1] = True
+    cache = pack_cache([case["keys"]], [case["values"]], case["positions"], [jnp.asarray(token_keep)], [group_mask],
+                       layout=layout, fill="mean")
+    layer = cache.layers[0]
+    assert layer.value_mean.shape == (2, 2, 8)
+    got = packed_attention(case["query"], case["q_positions"], layer, **_tail_kwargs(case))
+    np.testing.assert_allclose(got, _mean_filled_reference(case, np.asarray(group_mask), jnp.asarray(token_keep)),
+                               atol=1e-5)
+    zero = pack_cache([case["keys"]], [case["values"]], case["positions"], [jnp.asarray(token_keep)], [group_mask],
+                      layout=layout)
+    assert cache_nbytes(cache) - cache_nbytes(zero) == layer.value_mean.nbytes  # one mean per (row, layer, head)
+    if layout == "fixed_k":  # the Pallas decode kernel adds the mean the same way
+        query, q_pos = case["query"][:, 0], case["q_positions"][:, 0]
+        xla = packed_decode_attention(query, q_pos, layer, impl="xla", **_tail_kwargs(case))
+        pallas = packed_decode_attention(query, q_pos, layer, impl="pallas", interpret=True, **_tail_kwargs(case))
+        np.testing.assert_allclose(pallas, xla, atol=1e-5)
+    with pytest.raises(InputError, match="unknown value fill"):
+        pack_cache([case["keys"]], [case["values"]], case["positions"], None, [group_mask], fill="median")

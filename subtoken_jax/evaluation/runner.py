@@ -64,6 +64,14 @@ def validate(config: ConfigDict) -> None:
                                        tuple(config.combined.token_fractions))
     if config.generation not in ("packed", "masked"):
         raise ConfigError(f"generation must be 'packed' or 'masked', got {config.generation!r}")
+    fill = config.get("value_fill", "zero")
+    if fill not in packed_cache.FILLS:
+        raise ConfigError(f"value_fill={fill!r}: choose one of {', '.join(packed_cache.FILLS)}")
+    scored_dense = sorted(set(config.tasks) & {"perplexity", "mmlu"})
+    if fill != "zero" and (config.generation != "packed" or scored_dense):
+        raise ConfigError(f"value_fill={fill!r} applies to answers generated from the packed cache "
+                          f"(generation='packed'); {', '.join(scored_dense) or 'generation=masked'} score through "
+                          f"the masked dense cache: drop them or use value_fill='zero'")
     for task in ("needle", "variable_tracking") + tuple(tasks_lib.MULTI_NEEDLE):
         if task in config.tasks:
             name = "multi_needle" if task in tasks_lib.MULTI_NEEDLE else task
@@ -358,7 +366,8 @@ class Evaluator:
                         capacity_, key_capacity_ = packed_sizes(tokens, groups, state)
                         out, _ = generate_from_state(model, params, state, (tokens, groups), max_new_tokens=extra,
                                                      question_ids=question, question_mask=question_mask,
-                                                     capacity=capacity_, key_capacity=key_capacity_)
+                                                     capacity=capacity_, key_capacity=key_capacity_,
+                                                     value_fill=self.config.get("value_fill", "zero"))
                     else:
                         out = methods_lib.greedy_answer(model, params, cache, question, state.query_positions,
                                                         t_masks, g_masks, extra)

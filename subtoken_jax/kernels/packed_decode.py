@@ -142,6 +142,7 @@ def packed_decode_attention(query: jax.Array, q_positions: jax.Array, layer: Pac
         jnp.transpose(values.reshape(values.shape[:3] + (-1,)), (0, 2, 1, 3)),
         jnp.transpose(groups, (0, 2, 1, 3)), num_groups=entries.num_groups, interpret=interpret)
     out, m, l = out[:, :, :reps], m[:, :, :reps], l[:, :, :reps]
+    prefix_mass = (l > 0).astype(jnp.float32)  # the attention mass on the prefix (1 without a tail)
     if tail_keys is not None:
         q5 = query.reshape(batch, 1, kv_heads, reps, dim)
         scores, ok = key_scores(q5, PackedKeys(tail_keys, tail_positions), q_positions[:, None], sliding_window)
@@ -156,5 +157,9 @@ def packed_decode_attention(query: jax.Array, q_positions: jax.Array, layer: Pac
         prefix_scale = l * jnp.exp(m - top)  # prefix out is normalised: undo with its l
         tail_scale = jnp.exp(m_tail - top)  # tail_out is unnormalised
         total = prefix_scale + l_tail * tail_scale
-        out = (out * prefix_scale + tail_out * tail_scale) / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+        total = jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+        out = (out * prefix_scale + tail_out * tail_scale) / total
+        prefix_mass = prefix_scale / total
+    if layer.value_mean is not None:  # entries are stored centred (pack_cache fill="mean")
+        out = out + prefix_mass * layer.value_mean[:, :, None, :].astype(jnp.float32)
     return out.reshape(batch, num_heads, dim).astype(query.dtype)
