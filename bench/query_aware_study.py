@@ -20,6 +20,7 @@ Ours (masks from subtoken_jax, answers generated from the packed cache):
   predictor   the shipped predictor (subtoken_jax/predictors/smollm2-135m-instruct) as the token selector
               and the group scorer, same split
   V+mean      variant V with dropped groups read as the context's mean value (value_fill="mean")
+  V+mean+pca  and values rotated to their principal axes on WikiText-2 valid (value_basis.calibration)
 kvpress's (bench/kvpress_study.py, in the bench venv): SnapKV, ExpectedAttention, StreamingLLM, TOVA,
 key-norm, AdaKV(SnapKV), at the same share of the context's tokens.
 
@@ -59,6 +60,10 @@ VARIANTS = {
 # not as zero, so low-weight partially kept tokens stop pulling the read-out towards 0
 VARIANTS.update({f"{name}+mean": {**overrides, "value_fill": "mean"} for name, overrides in list(VARIANTS.items())
                  if name != "tokens"})
+# and values in their principal axes, fitted on WikiText-2 *valid* (the haystacks are from test)
+CALIBRATION = os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "valid.txt")
+VARIANTS.update({f"{name}+pca": {**VARIANTS[name], "value_basis.calibration": CALIBRATION}
+                 for name in ("groups+mean", "snapkv+groups+mean")})
 KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv")
 SEED = 2026
 BENCH_PYTHON = os.path.join(ROOT, ".venv-bench", "bin", "python")

@@ -67,6 +67,11 @@ def get_config() -> ConfigDict:
     # what a dropped value group of a kept token reads as in the packed cache: "zero" (the method as built) or
     # "mean" (the context's mean value of that layer and KV head; generation tasks only)
     c.value_fill = "zero"
+    # value groups in a better basis: the base model's values rotated (exactly, folded into v_proj / o_proj) to
+    # their principal axes fitted on a calibration text file (keep it disjoint from the evaluation texts)
+    c.value_basis = ConfigDict()
+    c.value_basis.calibration = ""  # "" = the model's own basis
+    c.value_basis.tokens = 2048
 
     c.selectors = ConfigDict()  # token selector settings
     c.selectors.snapkv_kernel_size = 5

@@ -158,6 +158,7 @@ RULES = {
     "mmlu.num_shots": count(0),
     "mmlu.max_examples": count(0, "0 = all"),
     "diagnostic.value_budget": fraction(),
+    "value_basis.tokens": count(2),
 }
 
 # Mesh axes: -1 (all remaining devices) or a positive size.

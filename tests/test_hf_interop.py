@@ -134,3 +134,30 @@ def test_unknown_architecture_and_shape_mismatch(tiny_hf, tmp_path):
         subtoken_jax.load_pretrained(_edit_config(folder, tmp_path, "shape", intermediate_size=48))
     with pytest.raises(subtoken_jax.ConfigError, match="must divide head_dim=8"):
         subtoken_jax.load_pretrained(folder, value_groups=3)
+
+
+def test_value_basis_rotation_keeps_logits_and_survives_export(tmp_path):
+    """PCA value rotation folded into v_proj / o_proj: transformers' own model gives the same logits before
+    and after (Qwen2: a v bias to rotate too, and GQA: 2 query heads per KV head), and the rotated values are
+    ordered by variance (what makes the first groups of a token the ones worth keeping)."""
+    import transformers
+
+    from hf_fixtures import build_tiny_hf_model
+    from subtoken_jax.selectors import capture_prefill_state
+    from subtoken_jax.value_basis import fit_value_rotations, rotate_value_basis
+
+    folder = str(tmp_path / "qwen2")
+    torch_model = build_tiny_hf_model("qwen2", folder)
+    model, params, tokenizer = subtoken_jax.load_pretrained(folder)
+    ids = _tokens()
+    rotated = rotate_value_basis(model.config, params, fit_value_rotations(model, params, ids))
+    reference = _torch_logits(torch_model, ids)
+    np.testing.assert_allclose(np.asarray(model.apply({"params": rotated}, jnp.asarray(ids))), reference,
+                               atol=1e-4, rtol=0)
+    values = np.asarray(capture_prefill_state(model, rotated, jnp.asarray(ids), window=1).values[0], np.float64)
+    v = values.reshape(-1, *values.shape[2:])
+    variance = (v - v.mean(0)).var(0)  # [Hkv, D]
+    assert np.all(np.diff(variance, axis=-1) <= 1e-5 * variance.max()), variance  # largest-variance axes first
+    out = save_pretrained(str(tmp_path / "rotated"), model.config, rotated, tokenizer=tokenizer)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(_torch_logits(reloaded, ids), reference, atol=1e-4, rtol=0)

@@ -64,6 +64,9 @@ def validate(config: ConfigDict) -> None:
                                        tuple(config.combined.token_fractions))
     if config.generation not in ("packed", "masked"):
         raise ConfigError(f"generation must be 'packed' or 'masked', got {config.generation!r}")
+    if "value_basis" in config and config.value_basis.calibration:
+        if not os.path.isfile(config.value_basis.calibration):
+            raise ConfigError(f"value_basis.calibration={config.value_basis.calibration!r} is not a file")
     fill = config.get("value_fill", "zero")
     if fill not in packed_cache.FILLS:
         raise ConfigError(f"value_fill={fill!r}: choose one of {', '.join(packed_cache.FILLS)}")
@@ -200,7 +203,23 @@ def load_models(config: ConfigDict, source: Source):
         finally:
             manager.close()
         routed_model, routed_params = DecoderLM(source.routed_cfg), combine_params(restored.trainable, frozen)
+    calibration = config.get("value_basis", {}).get("calibration", "") if "value_basis" in config else ""
+    if calibration:  # after the routed model took the unrotated base: its adapters were trained on that basis
+        base_params = rotated_value_basis(base_model, base_params, source.tokenizer, calibration,
+                                          config.value_basis.tokens)
+        source.notes.append(f"values of the base model rotated to their principal axes on {calibration} "
+                            f"({config.value_basis.tokens} tokens; subtoken_jax/value_basis.py); routed unrotated")
     return base_model, base_params, routed_model, routed_params
+
+
+def rotated_value_basis(model: DecoderLM, params, tokenizer, path: str, tokens: int):
+    """params with PCA value rotations fitted on the first `tokens` tokens of a text file (same model function)."""
+    from subtoken_jax.value_basis import fit_value_rotations, rotate_value_basis
+
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read(max(64, tokens) * 16)  # ample characters for `tokens` tokens
+    ids = tokenizer.encode(text)[: min(tokens, model.config.max_position_embeddings)]
+    return rotate_value_basis(model.config, params, fit_value_rotations(model, params, jnp.asarray([ids])))
 
 
 # ----------------------------------------------------------------------------- batching helpers
