@@ -207,13 +207,12 @@ def test_trained_predictor_as_value_group_scorer(workdir, tmp_path):
     result = predictor_lib.run(pc, str(folder))
     assert np.isfinite(result["loss"]) and (folder / "config.json").exists()
 
-    overrides = {"tasks": ("needle",), "methods": ("full", "subtoken", "combined"), "budgets": (1.0, 0.75, 0.5),
+    overrides = {"tasks": ("needle",), "methods": ("full", "subtoken", "combined"), "budgets": (1.0, 0.75),
                  "subtoken.scorer": "predictor", "combined.scorer": "predictor", "predictor.workdir": str(folder),
                  "needle.lengths": (80,), "needle.depths": (0.5,), "needle.samples": 2, "batch_size": 2}
     records = runner.run(_config(**overrides), str(workdir))["records"]
     rows = {(r["method"], r["budget"]): r for r in records}
-    assert set(rows) == {("full", 1.0), ("subtoken", 1.0), ("subtoken", 0.75), ("combined", 1.0), ("combined", 0.75),
-                         ("combined", 0.5)}
+    assert set(rows) == {("full", 1.0), ("subtoken", 1.0), ("subtoken", 0.75), ("combined", 1.0), ("combined", 0.75)}
     assert rows["subtoken", 0.75]["key_fraction"] == 1.0 and rows["subtoken", 0.75]["value_fraction"] <= 0.5 + 1e-6
     for (method, budget), r in rows.items():
         assert r["kv_budget"] <= budget + r["index_fraction"] + 1e-6, r
@@ -260,6 +259,10 @@ def test_hugging_face_folder(hf_folder, mmlu_csv, tmp_path):
     ({"tasks": ("needle",), "haystack": "/nonexistent/prose.txt"}, "haystack='/nonexistent/prose.txt' is not a file"),
     ({"tasks": ("multi_key",), "multi_needle.samples": 0}, "config.multi_needle.samples=0: must be an integer >= 1"),
     ({"tasks": ("multi_key",), "multi_needle.lengths": ()}, "multi_needle.lengths is empty"),
+    ({"tasks": ("needle",), "value_fill": "median"}, "value_fill='median': choose one of zero, mean"),
+    ({"tasks": ("perplexity", "needle"), "value_fill": "mean"}, "perplexity score through the masked dense cache"),
+    ({"tasks": ("needle",), "value_fill": "mean", "generation": "masked"}, "generation=masked score through"),
+    ({"tasks": ("needle",), "value_basis.calibration": "/nonexistent.txt"}, "is not a file"),
     ({"combined.selector": "predictor"}, "the predictor (scorer or selector) needs predictor.workdir"),
 ])
 def test_bad_inputs_fail_before_compute(workdir, overrides, message):
