@@ -19,6 +19,8 @@ Ours (masks from subtoken_jax, answers generated from the packed cache):
               never tuned on these prompts
   predictor   the shipped predictor (subtoken_jax/predictors/smollm2-135m-instruct) as the token selector
               and the group scorer, same split
+  groups(snapkv), snapkv+groups(snapkv)
+              the groups scored by SnapKV's pooled question attention (kernel 5) x group norm
   V+mean      variant V with dropped groups read as the context's mean value (value_fill="mean")
   V+mean+pca  and values rotated to their principal axes on WikiText-2 valid (value_basis.calibration)
 kvpress's (bench/kvpress_study.py, in the bench venv): SnapKV, ExpectedAttention, StreamingLLM, TOVA,
@@ -56,6 +58,11 @@ VARIANTS = {
     "predictor+groups": {"methods": ("combined",), "combined.selector": "predictor", "combined.scorer": "predictor"},
     "groups(predictor)": {"methods": ("subtoken",), "subtoken.scorer": "predictor"},
 }
+# step 2: the groups scored by SnapKV's pooled question attention (the answer copies the tokens after those the
+# question attends to; SnapKV keeps them as neighbours, the plain attention score does not)
+VARIANTS.update({"groups(snapkv)": {"methods": ("subtoken",), "subtoken.scorer": "snapkv"},
+                 "snapkv+groups(snapkv)": {"methods": ("combined",), "combined.selector": "snapkv",
+                                           "combined.scorer": "snapkv"}})
 # step 2 fix: a dropped group of a kept token reads as the context's mean value (pack_cache fill="mean"),
 # not as zero, so low-weight partially kept tokens stop pulling the read-out towards 0
 VARIANTS.update({f"{name}+mean": {**overrides, "value_fill": "mean"} for name, overrides in list(VARIANTS.items())

@@ -16,7 +16,8 @@ named [selector:tau/]fill[+pca][@scope][~pool][!oracle][#layer]:
            v' = unrotate(fill(rotate(v)))
   @scope   the budget is allocated over all (layer, head) pairs ("global", the default), per layer, or
            per KV head
-  ~pool    the question's attention max-pooled over +-2 tokens first (SnapKV's kernel 5)
+  ~pool    the question's attention average-pooled over +-2 tokens first (SnapKV's kernel 5; the "snapkv"
+           value-group scorer)
   !oracle  scored with the attention of the question *and the full-cache answer*: an upper bound for any
            predictor of the attention to come
   #layer   only that layer's values are pruned (--per-layer VARIANT runs it for every layer)
@@ -39,7 +40,6 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
@@ -88,7 +88,7 @@ def split_tokens(name: str, budget: float):
 
 def parse_variant(name: str):
     """"mean+pca@head~pool" -> (fill, rotate, scope, pool): fill zero|mean, pca rotation, allocation scope
-    (global default), and ~pool = the question's attention max-pooled over +-2 tokens (SnapKV's kernel 5).
+    (global default), and ~pool = the question's attention average-pooled over +-2 tokens (SnapKV's kernel 5).
     A trailing "!oracle" scores with the attention of the question *and the full-cache answer* (an upper
     bound for any predictor of future attention; see main)."""
     name = name.split("!")[0]
@@ -109,8 +109,10 @@ def variant_values(state, rotations, variant, rho, token_masks=None):
         count = jnp.maximum(real.sum(axis=1, keepdims=True), 1)
         mean = (v * real).sum(axis=1, keepdims=True) / count if fill == "mean" else jnp.zeros_like(v[:, :1])
         attention = window_attention(state, layer)  # [B, Hkv, S]: the question's attention, mean over its heads
-        if pool:
-            attention = jax.lax.reduce_window(attention, -jnp.inf, jax.lax.max, (1, 1, 5), (1, 1, 1), "SAME")
+        if pool:  # the library's "snapkv" scorer: SnapKV's average pooling over 5 tokens
+            from subtoken_jax.selectors.snapkv import pool1d
+
+            attention = pool1d(attention, 5, "avg")
         residual = (v - mean).reshape(v.shape[:3] + (groups, -1))
         score = jnp.transpose(attention, (0, 2, 1))[..., None] * jnp.linalg.norm(residual, axis=-1)
         bases.append(v)

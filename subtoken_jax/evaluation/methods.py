@@ -39,7 +39,9 @@ from subtoken_jax.selectors import (SCOPES, TOKEN_SELECTORS, PrefillState, alloc
 
 TOKEN_METHODS = tuple(TOKEN_SELECTORS)
 METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "routed")
-SCORERS = ("attention", "expected", "predictor")  # predictor: a trained ValueGroupPredictor (predictor.workdir)
+# attention: the question's attention x group norm; snapkv: that attention pooled like SnapKV's (kernel 5);
+# expected: closed-form expected attention; predictor: a trained ValueGroupPredictor (predictor.workdir)
+SCORERS = ("attention", "snapkv", "expected", "predictor")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,8 @@ from subtoken_jax.errors import InputError
 from subtoken_jax.selectors.base import PrefillState, window_attention
 from subtoken_jax.selectors.expected_attention import expected_attention_weights
 
-METHODS = ("attention", "expected")
+METHODS = ("attention", "snapkv", "expected")
+SNAPKV_KERNEL = 5  # SnapKV's (and kvpress's) pooling kernel, not tuned here
 
 
 def value_group_norms(values: jax.Array, groups: int) -> jax.Array:
@@ -35,11 +36,17 @@ def layer_value_group_scores(state: PrefillState, layer: int, method: str = "att
                              use_covariance: bool = True) -> jax.Array:
     """[B, S, Hkv, G] = attention on token j (mean over window queries and a group's heads) * ||v_{j,h,g}||.
 
-    method "attention": realised attention of the window (question) queries; "expected": the closed-form
-    expected attention of the next n_future queries (see expected_attention.py).
+    method "attention": realised attention of the window (question) queries; "snapkv": that attention
+    average-pooled over the 5 neighbouring tokens, as SnapKV scores tokens (an answer that copies a span
+    reads the tokens after the ones the question looked at, so their values must survive too);
+    "expected": the closed-form expected attention of the next n_future queries (see expected_attention.py).
     """
     if method == "attention":
         attn = window_attention(state, layer)
+    elif method == "snapkv":
+        from subtoken_jax.selectors.snapkv import pool1d
+
+        attn = pool1d(window_attention(state, layer), SNAPKV_KERNEL, "avg")
     elif method == "expected":
         attn = expected_attention_weights(state, layer, n_future, use_covariance)
     else:
