@@ -195,6 +195,24 @@ def test_selector_matches_brute_force(name, selector, in_context):
         np.testing.assert_array_equal(np.asarray(masks[layer]), expected)
 
 
+@pytest.mark.parametrize("method", ["attention", "snapkv"])
+def test_value_group_scores_match_brute_force(method):
+    """attention x group norm, and SnapKV's pooled attention (avg, kernel 5) x group norm, against numpy loops."""
+    state = random_state(seed=11)
+    kernel = 5 if method == "snapkv" else 1
+    for layer in range(state.num_layers):
+        attention = ref_pool(ref_window_attention(state, layer), kernel, "avg")  # [B, Hkv, S]
+        values = np.asarray(state.values[layer], np.float64)
+        batch, length, heads, dim = values.shape
+        groups = state.value_groups
+        expected = np.zeros((batch, length, heads, groups))
+        for b, t, h, g in np.ndindex(batch, length, heads, groups):
+            span = values[b, t, h, g * dim // groups:(g + 1) * dim // groups]
+            expected[b, t, h, g] = attention[b, h, t] * np.sqrt(np.sum(span ** 2))
+        ours = np.asarray(value_group_scorer(method)(state, layer))
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_snapkv_keeps_an_in_context_window():
     state = random_state(in_context=True, window=3)
     masks = SnapKV().masks(state, 0.5)  # 5 and 4 tokens kept, more than the window
