@@ -148,12 +148,15 @@ def main():
                         help="comma-separated [selector:tau/]fill[+pca][@global|layer|head][~pool][!oracle][#layer] "
                              "(see split_tokens, parse_variant; #L prunes layer L only)")
     parser.add_argument("--per-layer", default="", help="a variant to run once per layer, that layer only (#L)")
+    parser.add_argument("--haystack", default="", help="a prose file for the haystacks ('' = generated filler), e.g. "
+                                                      "../shared/data/wikitext-2/valid.txt (the study uses test.txt)")
     parser.add_argument("--out", default="bench/results/value_group_diagnosis.json")
     args = parser.parse_args()
     model, params, tokenizer = subtoken_jax.load_pretrained("smollm2-135m-instruct", value_groups=8)
     rotations = fit_rotations(model, params, tokenizer) if "pca" in args.variants else None
     cfg = ConfigDict({"lengths": (args.length,), "depths": tuple(np.linspace(0, 1, args.prompts)), "samples": 1})
-    prompts = tasks_lib.needle_prompts(cfg, tokenizer, seed=args.seed, bos=False, chat=True)
+    prompts = tasks_lib.needle_prompts(cfg, tokenizer, seed=args.seed, bos=False, chat=True,
+                                       haystack=tasks_lib.read_haystack(args.haystack))
     selectors = methods_lib.make_selectors(eval_config.get_config())
     variants = [v for v in args.variants.split(",") if v]
     if args.per_layer:
