@@ -13,10 +13,13 @@ import math
 import os
 from collections import defaultdict
 
-COMBINED = ("snapkv+groups", "expected_attention+groups", "streaming+groups", "predictor+groups")
-SELECTOR_OF = {"snapkv+groups": "snapkv", "expected_attention+groups": "expected_attention",
-               "streaming+groups": "streaming"}
 TOKEN_ONLY = ("snapkv", "expected_attention", "streaming", "key_norm")
+
+
+def selector_of(method: str):
+    """"snapkv+groups(snapkv)+mean" -> "snapkv": the token selector of a combination row (None: not one)."""
+    head, sep, _ = method.partition("+groups")
+    return head if sep and head else None
 
 
 def _ours(out_dir):
@@ -87,7 +90,8 @@ def claims(ours, theirs, tasks, lengths, budgets):
             if full is None:
                 continue
             head = f"- **{task}, {length} tokens** (full cache {full['accuracy']:.2f}, n={full['n']}):"
-            best = {b: max(((m, get(m, b)) for m in COMBINED if get(m, b)), key=lambda x: x[1]["accuracy"],
+            combined = sorted({k[2] for k in ours if k[:2] == (task, length) and selector_of(k[2])})
+            best = {b: max(((m, get(m, b)) for m in combined if get(m, b)), key=lambda x: x[1]["accuracy"],
                            default=(None, None)) for b in budgets}
             m, c = best.get(0.375, (None, None))
             if c is not None:
@@ -109,16 +113,16 @@ def claims(ours, theirs, tasks, lengths, budgets):
             if wins:
                 held = all(w.startswith("won") for w in wins)
                 head += f" (b) {'held' if held else 'not held'} ({'; '.join(wins)});"
-            pairs = []
-            for combo, selector in SELECTOR_OF.items():
-                for b in budgets:
-                    x, y = get(combo, b), get(selector, b)
-                    if x and y:
-                        pairs.append((combo, b, x["accuracy"] > y["accuracy"], x["accuracy"], y["accuracy"]))
-            if pairs:
-                held = [p for p in pairs if p[2]]
-                head += (f" (c) {'held' if len(held) == len(pairs) else 'not held'}: selector + groups beat the "
-                         f"selector alone in {len(held)} of {len(pairs)} (selector, budget) pairs.")
+            tallies = []
+            for combo in combined:
+                pairs = [(b, get(combo, b)["accuracy"], get(selector_of(combo), b)["accuracy"]) for b in budgets
+                         if get(combo, b) and get(selector_of(combo), b)]
+                if pairs:
+                    tallies.append((combo, sum(x > y for _, x, y in pairs), len(pairs)))
+            if tallies:
+                winners = [c for c, won, n in tallies if won == n]
+                head += (f" (c) {'held by ' + ', '.join(winners) if winners else 'not held'}: budgets where selector + "
+                         f"groups beat the selector alone: " + "; ".join(f"{c} {w}/{n}" for c, w, n in tallies) + ".")
             lines.append(head)
     return lines
 
@@ -149,12 +153,14 @@ def plot(path, task, lengths, summary, budgets):
 
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.2), squeeze=False)
     for ax, length in zip(axes[0], lengths):
-        methods = sorted({k[2] for k in summary if k[:2] == (task, length) and k[2] != "full"})
+        # the +mean / +pca rows are in the table; on the plot they would hide the curves they equal
+        methods = sorted({k[2] for k in summary if k[:2] == (task, length) and k[2] != "full"
+                          and "+mean" not in k[2]})
         for m in methods:
             pts = sorted((v["kv_budget"], v["accuracy"]) for k, v in summary.items()
                          if k[:2] == (task, length) and k[2] == m)
             style = "--" if m.startswith("kvpress:") else "-"
-            width = 2.4 if m in COMBINED else 1.2
+            width = 2.4 if selector_of(m) or m.startswith("groups") else 1.2
             ax.plot(*zip(*pts), style, marker="o", lw=width, ms=3, label=m)
         full = summary.get((task, length, "full", 1.0))
         if full:
