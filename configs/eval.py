@@ -81,7 +81,7 @@ def get_config() -> ConfigDict:
     c.selectors.n_future = 16  # expected attention (selector and value-group scorer): positions averaged
 
     c.subtoken = ConfigDict()
-    c.subtoken.scorer = "expected"  # expected | attention (realised attention of the question's queries) | predictor
+    c.subtoken.scorer = "expected"  # expected | attention (the question's attention) | snapkv (pooled) | predictor
 
     c.combined = ConfigDict()
     c.combined.selector = "snapkv"  # token selector keeping tau of the tokens

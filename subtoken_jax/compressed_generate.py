@@ -52,8 +52,10 @@ class Compression:
     (rho) of the survivors' value groups, so about tau * (1 + rho) / 2 of the KV bytes remain.
 
     selector: a token selector name (selectors.TOKEN_SELECTORS) or instance; scorer: a value-group
-    scoring method ("attention": the question's realised attention x group norm; "expected": closed-form
-    expected attention) or a (state, layer) -> [B, S, Hkv, G] callable such as a trained predictor's.
+    scoring method ("attention": the question's realised attention x group norm; "snapkv": that attention
+    pooled over 5 tokens as SnapKV pools it, which keeps the values of the tokens an answer copies after
+    the attended ones; "expected": closed-form expected attention) or a (state, layer) -> [B, S, Hkv, G]
+    callable such as a trained predictor's.
     scope: the value-group budget is shared per "head", per "layer" or "global"ly. window: the last
     context tokens that act as the observation window when no question is given. value_fill: a dropped
     group of a kept token reads as "zero" or as the context's "mean" value of its layer and KV head.
