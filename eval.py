@@ -14,6 +14,7 @@ import sys
 
 from absl import app, flags, logging
 from subtoken_jax import cli
+from subtoken_jax.errors import InputError
 
 _CONFIG = cli.define_config("config", "configs/eval.py", "Evaluation configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate (results go to WORKDIR/eval).",
@@ -33,7 +34,7 @@ def resolve_checkpoint(config, path: str):
         return None
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise cli.InputError(f"--checkpoint {path!r}: no config.json there; give a train.py workdir, a Hugging Face "
+        raise InputError(f"--checkpoint {path!r}: no config.json there; give a train.py workdir, a Hugging Face "
                          f"folder, a .gguf file or one of {', '.join(sorted(REGISTRY))}")
     meta = read_json_object(config_path, "give a train.py workdir or a Hugging Face folder")
     if "model_type" in meta:  # a Hugging Face folder

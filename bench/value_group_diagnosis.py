@@ -109,10 +109,10 @@ def variant_values(state, rotations, variant, rho, token_masks=None):
         count = jnp.maximum(real.sum(axis=1, keepdims=True), 1)
         mean = (v * real).sum(axis=1, keepdims=True) / count if fill == "mean" else jnp.zeros_like(v[:, :1])
         attention = window_attention(state, layer)  # [B, Hkv, S]: the question's attention, mean over its heads
-        if pool:  # the library's "snapkv" scorer: SnapKV's average pooling over 5 tokens
-            from subtoken_jax.selectors.snapkv import pool1d
+        if pool:  # the library's "snapkv" scorer: SnapKV's own pooling (kernel 5, avg)
+            from subtoken_jax.selectors.snapkv import SnapKV, pool1d
 
-            attention = pool1d(attention, 5, "avg")
+            attention = pool1d(attention, SnapKV.kernel_size, SnapKV.pooling)
         residual = (v - mean).reshape(v.shape[:3] + (groups, -1))
         score = jnp.transpose(attention, (0, 2, 1))[..., None] * jnp.linalg.norm(residual, axis=-1)
         bases.append(v)

@@ -76,7 +76,7 @@ def _step_files(folder: epath.Path, prefix: str = "") -> Dict[str, epath.Path]:
         relative = prefix + path.name
         if path.is_dir():
             files.update(_step_files(path, relative + "/"))
-        elif relative != CHECKSUMS and not relative.startswith(CHECKSUMS):
+        elif not relative.startswith(CHECKSUMS):  # the record itself and its .tmp
             files[relative] = path
     return files
 
@@ -509,7 +509,7 @@ class Checkpointer:
             if _looks_like_mismatch(e):
                 raise _MismatchError(f"{where} does not match the restore target: {_one_line(e)}") from e
             raise CheckpointError(f"{where} is corrupt or unreadable: {_one_line(e)}") from e
-        if not bool(_all_finite(result.trainable)):
+        if not bool(all_finite(result.trainable)):
             raise NonFiniteCheckpointError(
                 f"{where} holds non-finite parameters (NaN or inf) though its files are intact: the run that saved "
                 f"it had diverged. Move that step folder aside to resume from an older step, or start a new workdir")
@@ -558,7 +558,8 @@ class Checkpointer:
 
 
 @jax.jit
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
+    """Whether every floating leaf of a pytree is finite (integer leaves, e.g. optax counts, are skipped)."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.asarray(leaves)) if leaves else jnp.asarray(True)
 

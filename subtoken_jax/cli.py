@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ml_collections import config_flags
 
-from subtoken_jax.errors import CheckpointError, ConfigError, InputError  # noqa: F401 (cli.InputError)
+from subtoken_jax.errors import CheckpointError, ConfigError, InputError
 
 USER_ERRORS = (ConfigError, CheckpointError, InputError)
 
@@ -79,8 +79,3 @@ def config_value(holder, name: str = "config"):
             error = error.__cause__ or error.__context__
         sys.exit(f"error: {override_error(name, error, sys.argv)}")
     return config
-
-
-def exit_on_user_error(error: BaseException) -> None:
-    """The one-line exit train.py / eval.py use for errors that say what to fix."""
-    sys.exit(f"error: {error}")

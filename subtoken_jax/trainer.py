@@ -136,11 +136,6 @@ def _diverged(stage: str, what: str, step: int, manager, folder: str) -> NonFini
                               f"{manager.latest_step()}) is kept in {folder}. Lower the learning rate or check the data.")
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def run_stage(name: str, config: ConfigDict, workdir: str, model: DecoderLM, trainable, frozen, mesh,
               train_iter, eval_fn, *, budgets, base_fingerprint: Optional[Dict[str, Any]] = None):
     """Trains `trainable` (with `frozen` fixed) for config.<name>.steps; resumes from DIR/<name> if present."""
@@ -196,7 +191,7 @@ def run_stage(name: str, config: ConfigDict, workdir: str, model: DecoderLM, tra
             bar.set_postfix(loss=f"{metrics['ce']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                             rho=f"{metrics['value_budget']:.2f}")
         if done % config.checkpoint_every == 0 or done == stage.steps:
-            if not _all_finite(trainable):  # never overwrite good checkpoints with diverged params
+            if not ckpt_lib.all_finite(trainable):  # never overwrite good checkpoints with diverged params
                 raise _diverged(name, "parameters became non-finite", done, manager, folder)
             eval_loss = evaluate(model, combine_params(trainable, frozen), eval_fn, budget=1.0)["loss"]
             if not math.isfinite(eval_loss):
@@ -246,11 +241,11 @@ def run(config: ConfigDict, workdir: str) -> Dict[str, Any]:
     """
     validate_config(config)
     sharding_lib.maybe_initialize_distributed(config)
-    lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock:
+    primary = jax.process_index() == 0  # the process that locks and writes the workdir's record
+    with workdir_lib.WorkdirLock(workdir) if primary else contextlib.nullcontext():
         workdir_lib.check_same_run(config, workdir, has_checkpoints=any(
             has_checkpoint_steps(os.path.join(workdir, stage, "checkpoints")) for stage in STAGES))
-        if jax.process_index() == 0:
+        if primary:
             workdir_lib.write_config(config, workdir)
         return _run_stages(config, workdir)
 

@@ -203,7 +203,7 @@ def load_models(config: ConfigDict, source: Source):
         finally:
             manager.close()
         routed_model, routed_params = DecoderLM(source.routed_cfg), combine_params(restored.trainable, frozen)
-    calibration = config.get("value_basis", {}).get("calibration", "") if "value_basis" in config else ""
+    calibration = config.value_basis.calibration if "value_basis" in config else ""
     if calibration:  # after the routed model took the unrotated base: its adapters were trained on that basis
         base_params = rotated_value_basis(base_model, base_params, source.tokenizer, calibration,
                                           config.value_basis.tokens)

@@ -60,6 +60,8 @@ from subtoken_jax.selectors.allocate import SCOPES, allocate_value_groups
 from subtoken_jax.selectors.base import PrefillState, TokenSelector, capture_prefill_state, window_attention
 from subtoken_jax.selectors.subtoken import value_group_scores
 
+DATA_SOURCES = ("random_ids", "tasks")  # training prompts: associative recall over ids, or the text tasks
+
 _EPS = 1e-6
 _NEG = -1e30  # score of padded pairs (finite, so softmaxes over a unit stay NaN-free)
 
@@ -659,7 +661,7 @@ def prompt_batches(config, model: DecoderLM, tokenizer, seed: int, params=None) 
         if config.data.get("answers", "reference") == "model":
             return with_model_answers(batches, model, params, tokenizer, config.data.get("answer_tokens", 32))
         return batches
-    raise ConfigError(f"data.source={source!r} is unknown; choose random_ids or tasks")
+    raise ConfigError(f"data.source={source!r} is unknown; choose {' or '.join(DATA_SOURCES)}")
 
 
 def with_model_answers(batches: Iterator[Dict[str, np.ndarray]], model: DecoderLM, params, tokenizer,
@@ -753,8 +755,8 @@ def validate_run_config(config) -> None:
         section, key = field.split(".")
         if config[section][key] not in SCOPES:
             raise ConfigError(f"config.{field}={config[section][key]!r}: choose one of {SCOPES}")
-    if config.data.source not in ("random_ids", "tasks"):
-        raise ConfigError(f"config.data.source={config.data.source!r} is unknown; choose random_ids or tasks")
+    if config.data.source not in DATA_SOURCES:
+        raise ConfigError(f"config.data.source={config.data.source!r} is unknown; choose {' or '.join(DATA_SOURCES)}")
     if config.data.get("answers", "reference") not in ("reference", "model"):
         raise ConfigError(f"config.data.answers={config.data.answers!r}: choose reference or model")
     checkpoint = config.model.get("checkpoint", "")

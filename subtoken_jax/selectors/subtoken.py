@@ -18,9 +18,9 @@ import jax.numpy as jnp
 from subtoken_jax.errors import InputError
 from subtoken_jax.selectors.base import PrefillState, window_attention
 from subtoken_jax.selectors.expected_attention import expected_attention_weights
+from subtoken_jax.selectors.snapkv import SnapKV, pool1d
 
 METHODS = ("attention", "snapkv", "expected")
-SNAPKV_KERNEL = 5  # SnapKV's (and kvpress's) pooling kernel, not tuned here
 
 
 def value_group_norms(values: jax.Array, groups: int) -> jax.Array:
@@ -43,10 +43,8 @@ def layer_value_group_scores(state: PrefillState, layer: int, method: str = "att
     """
     if method == "attention":
         attn = window_attention(state, layer)
-    elif method == "snapkv":
-        from subtoken_jax.selectors.snapkv import pool1d
-
-        attn = pool1d(window_attention(state, layer), SNAPKV_KERNEL, "avg")
+    elif method == "snapkv":  # SnapKV's own pooling (kernel 5, avg: its and kvpress's defaults, not tuned here)
+        attn = pool1d(window_attention(state, layer), SnapKV.kernel_size, SnapKV.pooling)
     elif method == "expected":
         attn = expected_attention_weights(state, layer, n_future, use_covariance)
     else:
