@@ -71,8 +71,15 @@ VARIANTS.update({f"{name}+mean": {**overrides, "value_fill": "mean"} for name, o
 CALIBRATION = os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "valid.txt")
 VARIANTS.update({f"{name}+pca": {**VARIANTS[name], "value_basis.calibration": CALIBRATION}
                  for name in ("groups+mean", "snapkv+groups+mean")})
+# step 2, the split: tokens and groups from one byte budget, each (token, KV head) keeping its key and its k best
+# groups or nothing, k chosen by the squared read-out error it saves per byte (selectors.allocate_joint)
+VARIANTS.update({"joint(snapkv)": {"methods": ("joint",), "joint.scorer": "snapkv"},
+                 "joint(snapkv)+pca": {"methods": ("joint",), "joint.scorer": "snapkv",
+                                       "value_basis.calibration": CALIBRATION}})
 KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv")
 SEED = 2026
+# --dev: the development set every step-2 choice is made on before it runs on the study's prompts
+DEV_HAYSTACK, DEV_SEED = CALIBRATION, 1234
 BENCH_PYTHON = os.path.join(ROOT, ".venv-bench", "bin", "python")
 
 
@@ -80,10 +87,10 @@ def study_config(args, task: str, length: int):
     from configs import smollm2
 
     c = smollm2.get_config()
-    c.seed = SEED
+    c.seed = DEV_SEED if args.dev else SEED
     c.tasks = (task,)
     c.budgets = tuple(args.budgets)
-    c.haystack = HAYSTACK
+    c.haystack = DEV_HAYSTACK if args.dev else HAYSTACK
     c.allocation_scope = "head"
     c.batch_size = args.batch_size
     c.predictor.workdir = "smollm2-135m-instruct"
@@ -204,11 +211,14 @@ def main():
     parser.add_argument("--kvpress-threads", type=int, default=0, help="torch threads of kvpress's side (0: all)")
     parser.add_argument("--chunk", type=int, default=10, help="prompts per resumable cell")
     parser.add_argument("--batch-size", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "study"))
+    parser.add_argument("--out", default=None, help="default bench/results/study (--dev: bench/results/study_dev)")
+    parser.add_argument("--dev", action="store_true",
+                        help="the development set: haystacks from WikiText-2 valid, prompt seed 1234")
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-kvpress", action="store_true")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    args.out = args.out or os.path.join(ROOT, "bench", "results", "study_dev" if args.dev else "study")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")

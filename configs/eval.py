@@ -21,6 +21,9 @@ A budget b is the fraction of the context's KV bytes kept: keys + values (half e
                             tau (1 + rho) / 2 = b: rho = combined.value_fraction and tau = 2b / (1 + rho)
                             (tau capped at 1, then rho = 2b - 1); or, with combined.token_fractions, the
                             largest listed tau with rho = 2b/tau - 1 in (0, 1]
+  joint                     tokens and value groups from the one budget b: each (token, KV head) keeps its key
+                            and its k best groups (scored by joint.scorer) or nothing, k chosen per token by
+                            the squared read-out error it saves per byte (selectors.allocate_joint)
   routed                    the adapted model of WORKDIR/adapt, its router at value budget rho = 2b - 1
                             (fixed_k: rounded down to k/G)
 Counts are rounded down, so the realised bytes stay within b plus the index metadata.
@@ -88,6 +91,9 @@ def get_config() -> ConfigDict:
     c.combined.scorer = "attention"  # value-group scorer among the survivors (as subtoken.scorer)
     c.combined.value_fraction = 0.5  # rho; tau = 2b / (1 + rho), capped at 1 (then rho = 2b - 1)
     c.combined.token_fractions = ()  # if given: tau = the largest of these with rho = 2b/tau - 1 in (0, 1]
+
+    c.joint = ConfigDict()
+    c.joint.scorer = "snapkv"  # group scores (as subtoken.scorer) from which both tokens and groups are chosen
 
     c.predictor = ConfigDict()  # the learned value-group scorer (scorer = "predictor"; not for perplexity)
     c.predictor.workdir = ""  # folder written by train.py --config configs/predictor.py (config.json + params)

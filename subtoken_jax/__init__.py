@@ -1,6 +1,6 @@
 """subtoken-jax: sub-token (value-group) routing for LoRA adaptation and KV-cache compression."""
 
-from subtoken_jax.compressed_generate import Compression, compressed_generate
+from subtoken_jax.compressed_generate import Compression, JointCompression, compressed_generate
 from subtoken_jax.errors import CheckpointError, ConfigError, InputError
 from subtoken_jax.generate import generate
 from subtoken_jax.hf_export import save_pretrained
@@ -11,5 +11,5 @@ from subtoken_jax.model_config import LoRAConfig, ModelConfig
 from subtoken_jax.tokenization import ByteTokenizer, HFTokenizer
 
 __all__ = ["ByteTokenizer", "CheckpointError", "Compression", "ConfigError", "DecoderLM", "HFTokenizer", "InputError",
-           "KVCache", "LoRAConfig", "ModelConfig", "compressed_generate", "generate", "init_params", "load_pretrained",
-           "load_tokenizer", "save_pretrained"]
+           "JointCompression", "KVCache", "LoRAConfig", "ModelConfig", "compressed_generate", "generate", "init_params",
+           "load_pretrained", "load_tokenizer", "save_pretrained"]

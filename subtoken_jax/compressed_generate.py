@@ -8,8 +8,9 @@
    question_ids the question's queries are the observation window: query-aware compression).
 2. `compression(state) -> (token_keep_masks, group_masks)`: per-layer 0/1 masks (None, one array
    for all layers, or one per layer): tokens [B, P] / [B, P, Hkv], groups [B, P, Hkv, G].
-   `Compression` is the ready-made recipe (token selector, then value groups under a global budget);
-   any callable with that signature works.
+   `Compression` is the ready-made recipe (token selector, then value groups under a global budget),
+   `JointCompression` the one that spends a single byte budget on keys and groups per token; any
+   callable with that signature works.
 3. Pack every layer (`packed_cache.pack_cache`); the dense prefill arrays are dropped.
 4. The question (if any) runs token by token over the packed context, then the answer is decoded:
    `packed_decode_step` runs the decoder on one new token per row against the packed prefix plus a
@@ -42,8 +43,8 @@ from subtoken_jax.model_config import check_budget
 from subtoken_jax.packed_cache import (FILLS, LAYOUTS, FixedKValues, PackedCache, advance_tail, append_tail,
                                        pack_cache, packed_attention, write_tail_positions)
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
-from subtoken_jax.selectors import (SCOPES, TOKEN_SELECTORS, PrefillState, TokenSelector, capture_prefill_state,
-                                    combine, value_group_scorer)
+from subtoken_jax.selectors import (SCOPES, TOKEN_SELECTORS, PrefillState, TokenSelector, allocate_joint,
+                                    capture_prefill_state, combine, value_group_scorer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +95,33 @@ class Compression:
             selector = TOKEN_SELECTORS[self.selector]() if isinstance(self.selector, str) else self.selector
         scorer = value_group_scorer(self.scorer) if isinstance(self.scorer, str) else self.scorer
         return combine(state, selector, self.token_fraction, scorer, self.value_fraction, scope=self.scope)
+
+
+@dataclasses.dataclass(frozen=True)
+class JointCompression:
+    """Query-aware compression to kv_budget of the context's KV bytes with no fixed token / group split.
+
+    Every (token, KV head) keeps its key and its k best value groups, or nothing; k is chosen per token
+    by the squared read-out error it saves per byte (`selectors.allocate_joint`), so tokens the question
+    relies on keep whole values, tokens whose value energy sits in a few groups keep those, and the rest
+    are evicted. scorer, scope, window and value_fill as in `Compression`; "snapkv" scores (the question's
+    pooled attention x group norm) by default.
+    """
+
+    kv_budget: float = 0.375
+    scorer: Union[str, Callable[[PrefillState, int], jax.Array]] = "snapkv"
+    scope: str = "head"
+    window: int = 8
+    value_fill: str = "zero"
+
+    def __post_init__(self):
+        check_budget(self.kv_budget, "kv_budget")
+        Compression(scorer=self.scorer, scope=self.scope, window=self.window, value_fill=self.value_fill)  # checks
+
+    def __call__(self, state: PrefillState):
+        scorer = value_group_scorer(self.scorer) if isinstance(self.scorer, str) else self.scorer
+        scores = [scorer(state, layer) for layer in range(state.num_layers)]
+        return allocate_joint(scores, self.kv_budget, scope=self.scope, positions=state.positions)
 
 
 def _embed(module, ids):

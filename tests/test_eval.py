@@ -175,14 +175,18 @@ def test_packed_generation_equals_masked_dense(workdir, tmp_path):
     answers = {}
     for generation in ("packed", "masked"):
         config = _config(**SMALL, tasks=("variable_tracking",), budgets=(0.75, 0.375),
-                         methods=("snapkv", "subtoken", "combined"), generation=generation)
+                         methods=("snapkv", "subtoken", "combined", "joint"), generation=generation)
         config.diagnostic.enabled = False
         out = tmp_path / generation
-        runner.run(config, str(out), str(workdir))
+        records = runner.run(config, str(out), str(workdir))["records"]
         answers[generation] = [(e["task"], e["method"], e["budget"], e["prediction"])
                                for e in map(json.loads, open(out / "eval" / "examples.jsonl"))]
-    # 2 prompts x 5 plans (snapkv and combined at both budgets; subtoken only fits b = 0.75)
-    assert len(answers["packed"]) == 10
+        for r in records:  # joint reports its realised split; its keys + values stay within the budget
+            if r["method"] == "joint":
+                kv = r["kv_budget"] - r["index_fraction"]
+                assert kv <= r["budget"] + 1e-6 and r["tau"] == pytest.approx(r["key_fraction"]), r
+    # 2 prompts x 7 plans (snapkv, combined and joint at both budgets; subtoken only fits b = 0.75)
+    assert len(answers["packed"]) == 14
     assert answers["packed"] == answers["masked"]
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from subtoken_jax import Compression, ConfigError, InputError, KVCache, ModelConfig, generate, init_params
+from subtoken_jax import Compression, ConfigError, InputError, JointCompression, KVCache, ModelConfig, generate, init_params
 from subtoken_jax.selectors import capture_prefill_state, pad_to_capacity
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -45,6 +45,7 @@ def masked_dense_answer(model, params, context, question, mask, masks, new_token
 @pytest.mark.parametrize("compression", [
     Compression(token_fraction=0.5, value_fraction=0.5, selector="snapkv", scorer="attention"),
     Compression(token_fraction=0.75, value_fraction=0.25, selector="key_norm", scorer="expected", scope="head"),
+    JointCompression(kv_budget=0.375),  # per-(token, head) keys and group counts
 ])
 def test_query_aware_compression_equals_masked_dense(setup, compression):
     model, params, context, question, mask = setup
@@ -94,6 +95,8 @@ def test_bad_inputs(setup):
         Compression(selector="nope")
     with pytest.raises(InputError, match="scope"):
         Compression(scope="nope")
+    with pytest.raises(ConfigError, match="kv_budget"):
+        JointCompression(kv_budget=1.5)
     with pytest.raises(InputError, match="only with compression"):
         generate(model, params, context, max_new_tokens=2, layout="global")
     with pytest.raises(InputError, match="max_position_embeddings"):

@@ -2,6 +2,7 @@
 expected attention against realised attention on a tiny random model."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from subtoken_jax import InputError, KVCache, ModelConfig, init_params
 from subtoken_jax.layers import rope_inverse_frequencies
 from subtoken_jax.selectors import (H2O, SCOPES, TOKEN_SELECTORS, ExpectedAttention, KeyNorm, PrefillState,
                                     RandomSelector, SnapKV, StreamingLLM, accumulated_attention,
-                                    allocate_value_groups, capture_prefill_state, combine, kv_bytes_fraction,
+                                    allocate_joint, allocate_value_groups, capture_prefill_state, combine, kv_bytes_fraction,
                                     pad_to_capacity, select_tokens, value_group_scorer, value_group_scores,
                                     window_attention)
 from subtoken_jax.selectors.expected_attention import expected_attention_weights
@@ -314,6 +315,58 @@ def test_allocator_keeps_exactly_the_top_budget(data, layers, batch, length, hea
     np.testing.assert_array_equal(kept, np.round(np.float32(budget) * count.astype(np.float32)))
     for ours, ref in zip(masks, ref_allocate(scores, budget, scope, valid)):
         np.testing.assert_array_equal(ours, ref)
+
+
+def _best_utility(energy, limit):
+    """Brute force over every (evict, keep 1..G best groups) choice per token: the most utility within limit."""
+    length, groups = energy.shape
+    cumulative = np.concatenate([np.zeros((length, 1)), np.cumsum(-np.sort(-energy, axis=1), axis=1)], axis=1)
+    best = 0.0
+    for ks in itertools.product(range(groups + 1), repeat=length):
+        if sum(groups + k for k in ks if k) <= limit:
+            best = max(best, sum(cumulative[i, k] for i, k in enumerate(ks)))
+    return best
+
+
+def test_joint_allocation_is_optimal_for_the_bytes_it_spends():
+    """Brute force on 5 tokens x 2 groups: within budget, and no choice of (evict / keep k groups) per token
+    spending at most the same bytes saves more squared read-out error (the Lagrangian's guarantee)."""
+    rng = np.random.default_rng(3)
+    for budget in (0.25, 0.375, 0.5, 0.75, 1.0):
+        for _ in range(4):
+            scores = (rng.random((1, 5, 1, 2)) ** 3).astype(np.float32)
+            tokens, groups = allocate_joint([jnp.asarray(scores)], budget)
+            t, g = np.asarray(tokens[0])[0, :, 0], np.asarray(groups[0])[0, :, 0]
+            cost = 2 * t.sum() + g.sum()  # a key costs G = 2 group units
+            assert cost <= budget * 2 * 2 * 5 + 1e-6
+            assert np.all(g.sum(1)[t == 0] == 0) and np.all(g.sum(1)[t == 1] >= 1)
+            energy = np.square(scores[0, :, 0])
+            assert (energy * g).sum() >= _best_utility(energy, cost) - 1e-6
+            lowest_kept = np.where(g == 1, energy, np.inf).min(1)
+            highest_dropped = np.where(g == 0, energy, -np.inf).max(1)
+            assert np.all(lowest_kept >= highest_dropped)  # a token keeps its best groups
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_joint_allocation_budget_per_scope_unit_and_padding(scope):
+    rng = np.random.default_rng(4)
+    layers, batch, length, heads, groups = 2, 2, 6, 2, 4
+    scores = [jnp.asarray(rng.random((batch, length, heads, groups)), jnp.float32) for _ in range(layers)]
+    positions = np.tile(np.arange(length), (batch, 1)).astype(np.int32)
+    positions[1, :2] = -1
+    budget = jnp.asarray([0.5, 0.3], jnp.float32)  # one per row
+    tokens, group_masks = allocate_joint(scores, budget, scope=scope, positions=jnp.asarray(positions))
+    cost = np.stack([groups * np.asarray(t) + np.asarray(g).sum(-1) for t, g in zip(tokens, group_masks)])
+    assert not np.any(cost[:, positions < 0])  # padding never kept
+    axes = {"head": (2,), "layer": (2, 3), "global": (0, 2, 3)}[scope]
+    spent = cost.sum(axis=axes)
+    real = (positions >= 0).sum(1)
+    per_item = {"head": 1, "layer": heads, "global": heads * layers}[scope]
+    limit = np.asarray(budget)[:, None] * 2 * groups * real[:, None] * per_item if scope == "head" else \
+        np.asarray(budget) * 2 * groups * real * per_item
+    assert np.all(spent <= np.broadcast_to(limit, spent.shape) + 1e-4)
+    # generic scores: one price leaves less than one whole token (key + all groups) unspent per unit
+    assert np.all(spent > np.broadcast_to(limit, spent.shape) - 2 * groups)
 
 
 def test_allocator_rejects_unknown_scope():

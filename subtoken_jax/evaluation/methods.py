@@ -34,11 +34,11 @@ from subtoken_jax.errors import ConfigError
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import ModelConfig
-from subtoken_jax.selectors import (SCOPES, TOKEN_SELECTORS, PrefillState, allocate_value_groups, kv_bytes_fraction,
-                                    pad_to_capacity, value_group_scorer)
+from subtoken_jax.selectors import (SCOPES, TOKEN_SELECTORS, PrefillState, allocate_joint, allocate_value_groups,
+                                    kv_bytes_fraction, pad_to_capacity, value_group_scorer)
 
 TOKEN_METHODS = tuple(TOKEN_SELECTORS)
-METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "routed")
+METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "joint", "routed")
 # attention: the question's attention x group norm; snapkv: that attention pooled like SnapKV's (kernel 5);
 # expected: closed-form expected attention; predictor: a trained ValueGroupPredictor (predictor.workdir)
 SCORERS = ("attention", "snapkv", "expected", "predictor")
@@ -50,8 +50,8 @@ class Plan:
 
     method: str
     budget: float  # requested fraction of KV bytes
-    token_fraction: float  # tau
-    value_fraction: float  # rho, among the kept tokens
+    token_fraction: Optional[float]  # tau (None: decided per token, as "joint" does; reported as realised)
+    value_fraction: Optional[float]  # rho, among the kept tokens
 
 
 def combined_split(budget: float, value_fraction: float, token_fractions: Sequence[float] = ()) -> Tuple[float, float]:
@@ -81,6 +81,8 @@ def plan_method(method: str, budget: float, config, model_cfg: Optional[ModelCon
         return (Plan(method, 1.0, 1.0, 1.0), "") if budget == 1.0 else (None, "full is evaluated at budget 1 only")
     if method in TOKEN_METHODS:
         return Plan(method, budget, budget, 1.0), ""
+    if method == "joint":  # tokens and groups from one byte budget (allocate_joint): no fixed split
+        return Plan(method, budget, None, None), ""
     if method == "combined":
         tau, rho = combined_split(budget, config.combined.value_fraction, tuple(config.combined.token_fractions))
         return Plan(method, budget, tau, rho), ""
@@ -136,7 +138,14 @@ def uses_predictor(config) -> bool:
     """Whether a configured method scores value groups (or, as combined.selector, tokens) with the trained
     predictor."""
     return (("subtoken" in config.methods and config.subtoken.scorer == "predictor")
+            or ("joint" in config.methods and config.joint.scorer == "predictor")
             or ("combined" in config.methods and "predictor" in (config.combined.scorer, config.combined.selector)))
+
+
+def _group_scorer(name: str, config, scorers: Optional[Dict[str, Callable]]) -> Callable:
+    if scorers and name in scorers:
+        return scorers[name]
+    return value_group_scorer(name, n_future=config.selectors.n_future)
 
 
 def build_masks(state: PrefillState, plan: Plan, config, selectors: Dict[str, object],
@@ -149,6 +158,11 @@ def build_masks(state: PrefillState, plan: Plan, config, selectors: Dict[str, ob
     tokens, groups = real_masks(state)
     if plan.method == "full":
         return tokens, groups
+    if plan.method == "joint":
+        scorer = _group_scorer(config.joint.scorer, config, scorers)
+        scores = [scorer(state, layer) for layer in range(state.num_layers)]
+        return committed(allocate_joint(committed(scores), plan.budget, scope=config.allocation_scope,
+                                        positions=state.positions))
     real_count = np.asarray(jnp.sum(state.positions >= 0, axis=1))
     if plan.method in TOKEN_METHODS or plan.method == "combined":
         name = plan.method if plan.method in TOKEN_METHODS else config.combined.selector
@@ -163,10 +177,7 @@ def build_masks(state: PrefillState, plan: Plan, config, selectors: Dict[str, ob
     per_token = {"head": 1, "layer": state.num_kv_heads, "global": state.num_kv_heads * state.num_layers}[scope]
     rho = floor_fraction(plan.value_fraction, kept_tokens * per_token * state.value_groups)
     rho = committed(jnp.asarray(rho)[:, None] if scope == "head" else jnp.asarray(rho))
-    if scorers and scorer_cfg.scorer in scorers:
-        scorer = scorers[scorer_cfg.scorer]
-    else:
-        scorer = value_group_scorer(scorer_cfg.scorer, n_future=config.selectors.n_future)
+    scorer = _group_scorer(scorer_cfg.scorer, config, scorers)
     scores = [scorer(state, layer) for layer in range(state.num_layers)]
     groups = allocate_value_groups(committed(scores), rho, scope=scope, positions=state.positions,
                                    token_keep_masks=tokens if plan.method == "combined" else None)
@@ -294,7 +305,9 @@ def check_method_config(config) -> None:
         raise ConfigError(f"unknown method(s) {unknown or '(none given)'}; choose from: {', '.join(METHODS)}")
     if config.allocation_scope not in SCOPES:
         raise ConfigError(f"allocation_scope={config.allocation_scope!r} is unknown; choose one of {SCOPES}")
-    for section in ("subtoken", "combined"):
+    for section in ("subtoken", "combined", "joint"):
+        if section not in config:
+            continue
         if config[section].scorer not in SCORERS:
             raise ConfigError(f"{section}.scorer={config[section].scorer!r} is unknown; choose one of {SCORERS}")
     if uses_predictor(config) and not config.get("predictor", {}).get("workdir"):

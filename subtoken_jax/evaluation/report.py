@@ -25,8 +25,13 @@ FIELDS = ("task", "method", "budget", "kv_budget", "key_fraction", "value_fracti
           "metric", "value", "num_examples")
 
 
-def record(task: str, method: str, budget: float, accounting: Dict[str, float], tau: float, rho: float, metric: str,
+def record(task: str, method: str, budget: float, accounting: Dict[str, float], tau, rho, metric: str,
            value: float, num_examples: int) -> dict:
+    """tau / rho None (a method that splits per token): the realised key fraction and values per kept key."""
+    if tau is None:
+        tau = accounting["keys"]
+    if rho is None:
+        rho = accounting["values"] / max(accounting["keys"], 1e-12)
     return {"task": task, "method": method, "budget": float(budget), "kv_budget": float(accounting["total"]),
             "key_fraction": float(accounting["keys"]), "value_fraction": float(accounting["values"]),
             "index_fraction": float(accounting["index"]), "tau": float(tau), "rho": float(rho), "metric": metric,

@@ -6,7 +6,7 @@
     model.apply(..., token_keep_mask=pad_to_capacity(keep, L), value_group_mask=pad_to_capacity(groups, L))
 """
 
-from subtoken_jax.selectors.allocate import SCOPES, allocate_value_groups, combine, kv_bytes_fraction
+from subtoken_jax.selectors.allocate import SCOPES, allocate_joint, allocate_value_groups, combine, kv_bytes_fraction
 from subtoken_jax.selectors.base import (PrefillState, TokenSelector, accumulated_attention, budget_count,
                                          capture_prefill_state, pad_to_capacity, select_tokens, window_attention)
 from subtoken_jax.selectors.expected_attention import (ExpectedAttention, expected_attention_weights,
@@ -23,7 +23,7 @@ TOKEN_SELECTORS = {"snapkv": SnapKV, "h2o": H2O, "streaming": StreamingLLM, "key
                    "random": RandomSelector, "expected_attention": ExpectedAttention}
 
 __all__ = ["SCOPES", "TOKEN_SELECTORS", "ExpectedAttention", "H2O", "KeyNorm", "PrefillState", "RandomSelector",
-           "SnapKV", "StreamingLLM", "TokenSelector", "accumulated_attention", "allocate_value_groups",
+           "SnapKV", "StreamingLLM", "TokenSelector", "accumulated_attention", "allocate_joint", "allocate_value_groups",
            "budget_count", "capture_prefill_state", "combine", "expected_attention_weights", "future_statistics",
            "kv_bytes_fraction", "layer_value_group_scores", "pad_to_capacity", "pool1d", "query_statistics",
            "select_tokens", "value_group_norms", "value_group_scorer", "value_group_scores", "window_attention"]

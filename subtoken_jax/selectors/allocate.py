@@ -99,6 +99,84 @@ def allocate_value_groups(scores: Sequence[jax.Array], budget, *, scope: str = "
     return tuple(m.astype(jnp.float32) for m in masks)
 
 
+def _joint_choice(utility: jax.Array, valid: jax.Array, lam: jax.Array):
+    """Per item: (groups kept k in 0..G, its cost) maximising U(k) - lam * cost(k); k = 0 evicts the token.
+
+    utility [U, M, G]: U(k) for k = 1..G; valid [U, M]; lam [U, 1]. A kept token costs its key (G units: a
+    key is as large as a value) plus one unit per kept group.
+    """
+    groups = utility.shape[-1]
+    cost = groups + jnp.arange(1, groups + 1, dtype=jnp.float32)
+    gain = utility - lam[..., None] * cost
+    take = valid & (jnp.max(gain, axis=-1) > 0)
+    kept = jnp.where(take, jnp.argmax(gain, axis=-1) + 1, 0)
+    return kept, jnp.where(take, groups + kept, 0).astype(jnp.float32)
+
+
+@jax.jit
+def _joint_keep(scores: jax.Array, valid: jax.Array, budget: jax.Array) -> jax.Array:
+    """Groups kept per item [U, M] (0 = evicted), each unit's cost within budget [U] * 2G * its valid items.
+
+    U(k), an item's utility with k groups, is the sum of its k largest squared scores: the squared
+    read-out error those groups avoid. Every item takes the k maximising U(k) - lam * cost(k) (the
+    Lagrangian of "most utility for the bytes"); lam, found by bisection over its float32 bits (cost falls
+    as lam grows), is the smallest whose total cost fits. An item whose best groups hold most of its
+    energy keeps just those; one whose energy is spread keeps all or nothing, as its key costs a value.
+    """
+    groups = scores.shape[-1]
+    energy = jnp.sort(jnp.square(jnp.nan_to_num(scores.astype(jnp.float32))), axis=-1)[..., ::-1]
+    utility = jnp.cumsum(energy, axis=-1)
+    limit = budget.reshape(-1, 1) * 2 * groups * jnp.sum(valid, axis=-1, keepdims=True)
+
+    def halve(_, bounds):  # invariant: lam = hi fits; the answer lies in (lo, hi]
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        cost = _joint_choice(utility, valid, jax.lax.bitcast_convert_type(mid, jnp.float32))[1]
+        ok = jnp.sum(cost, axis=-1, keepdims=True) <= limit
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    start = (jnp.zeros(limit.shape, jnp.uint32), jnp.full(limit.shape, 0x7F800000, jnp.uint32))  # +inf keeps none
+    _, hi = jax.lax.fori_loop(0, 32, halve, start)  # non-negative floats order as their bits
+    return _joint_choice(utility, valid, jax.lax.bitcast_convert_type(hi, jnp.float32))[0]
+
+
+def allocate_joint(scores: Sequence[jax.Array], budget, *, scope: str = "head", positions=None
+                   ) -> Tuple[Tuple[jax.Array, ...], Tuple[jax.Array, ...]]:
+    """Tokens and value groups from one KV-bytes budget: per-layer (token masks [B, S, Hkv], group masks [B, S, Hkv, G]).
+
+    scores: per layer [B, S, Hkv, G], a group's expected contribution to the read-out (e.g. the question's
+    attention on the token x the group's norm). Instead of a fixed split (tau of the tokens, rho of their
+    groups), each (token, KV head) keeps its key and its k best groups, or nothing, for the k that buys the
+    most squared read-out error per byte under one price per scope unit (`_joint_keep`): the split adapts to
+    each token. budget is the fraction of the context's key + value bytes kept (index metadata aside);
+    scope as in allocate_value_groups.
+    """
+    if scope not in SCOPES:
+        raise InputError(f"unknown allocation scope {scope!r}; choose one of {SCOPES}")
+    if isinstance(budget, (int, float)):
+        check_budget(budget)
+    scores = [jnp.asarray(s, jnp.float32) for s in scores]
+    b, n, h, g = scores[0].shape
+    real = jnp.ones((b, n), bool) if positions is None else jnp.asarray(positions) >= 0
+    stacked = jnp.stack(scores)  # [L, B, S, Hkv, G]
+    layers = stacked.shape[0]
+    valid = jnp.broadcast_to(real[None, :, :, None], stacked.shape[:4])
+    # items of one unit on axis 1: head -> (layer, row, head); layer -> (layer, row); global -> row
+    order = {"head": (0, 1, 3, 2, 4), "layer": (0, 1, 2, 3, 4), "global": (1, 0, 2, 3, 4)}[scope]
+    moved_s, moved_v = jnp.transpose(stacked, order), jnp.transpose(valid, order[:4])
+    row_budget = jnp.broadcast_to(jnp.asarray(budget, jnp.float32).reshape(-1), (b,))
+    unit_budget = {"head": jnp.broadcast_to(row_budget[None, :, None], (layers, b, h)),
+                   "layer": jnp.broadcast_to(row_budget[None, :], (layers, b)), "global": row_budget}[scope]
+    units = unit_budget.size
+    kept = _joint_keep(moved_s.reshape(units, -1, g), moved_v.reshape(units, -1), unit_budget.reshape(units))
+    inverse = tuple(int(i) for i in np.argsort(order[:4]))
+    kept = jnp.transpose(kept.reshape(moved_v.shape), inverse)  # [L, B, S, Hkv]
+    rank = jnp.argsort(jnp.argsort(-stacked, axis=-1, stable=True), axis=-1, stable=True)  # 0 = best group
+    groups = (rank < kept[..., None]).astype(jnp.float32)
+    tokens = (kept > 0).astype(jnp.float32)
+    return tuple(tokens[i] for i in range(layers)), tuple(groups[i] for i in range(layers))
+
+
 def combine(state: PrefillState, token_selector: Optional[TokenSelector], token_fraction,
             subtoken_scores_fn: Callable[[PrefillState, int], jax.Array], value_budget, scope: str = "head"):
     """Token eviction then value-group allocation: returns (token keep masks, value-group masks), per layer.
