@@ -20,9 +20,9 @@ def main(argv):
     config = cli.config_value(_CONFIG)
     try:
         if config.get("task") == "predictor":  # the query-aware value-group predictor (configs/predictor.py)
-            from subtoken_jax.selectors import predictor
+            from subtoken_jax import predictor_training
 
-            result = predictor.run(config, _WORKDIR.value)
+            result = predictor_training.run(config, _WORKDIR.value)
             print(" ".join(f"{k}={float(v):.4f}" for k, v in result.items()))
             print(f"results: {_WORKDIR.value}/predictor_eval.json")
             return

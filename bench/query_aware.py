@@ -244,7 +244,7 @@ def main():
 
     from subtoken_jax import trainer
     from subtoken_jax.evaluation import runner
-    from subtoken_jax.selectors import predictor as predictor_lib
+    from subtoken_jax import predictor_training
 
     if not args.skip_train:
         previous = ""  # each phase warm-starts from the previous one's parameters; finished phases resume at once
@@ -255,7 +255,7 @@ def main():
             timings[f"train_{variant or 'main'}_s"] = time.time() - t
             previous = folder
         t = time.time()
-        print("predictor:", predictor_lib.run(predictor_config(workdir, args.quick, lengths), predictor_dir),
+        print("predictor:", predictor_training.run(predictor_config(workdir, args.quick, lengths), predictor_dir),
               flush=True)
         timings["train_predictor_s"] = time.time() - t
     with open(os.path.join(predictor_dir, "predictor_eval.json")) as fh:

@@ -78,6 +78,7 @@ VARIANTS.update({"joint(snapkv)": {"methods": ("joint",), "joint.scorer": "snapk
                                        "value_basis.calibration": CALIBRATION}})
 KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv")
 SEED = 2026
+NEEDLE_DEPTHS = tuple(float(d) for d in np.linspace(0, 1, 10))
 # --dev: the development set every step-2 choice is made on before it runs on the study's prompts
 DEV_HAYSTACK, DEV_SEED = CALIBRATION, 1234
 BENCH_PYTHON = os.path.join(ROOT, ".venv-bench", "bin", "python")
@@ -95,13 +96,26 @@ def study_config(args, task: str, length: int):
     c.batch_size = args.batch_size
     c.predictor.workdir = "smollm2-135m-instruct"
     c.needle.lengths = (length,)
-    c.needle.depths = tuple(float(d) for d in np.linspace(0, 1, args.prompts))
-    c.needle.samples = 1
+    c.needle.depths = NEEDLE_DEPTHS
+    c.needle.samples = -(-args.prompts // len(NEEDLE_DEPTHS))
     c.multi_needle.lengths = (length,)
     c.multi_needle.samples = args.prompts
     c.variable_tracking.lengths = (length,)
     c.variable_tracking.samples = args.prompts
     return c
+
+
+def study_prompts(task: str, config, tokenizer, bos: bool, chat: bool, count: int):
+    """The first `count` prompts of a task, in an order that does not depend on count: needles go round the
+    10 depths sample by sample (prompt i: depth i mod 10, sample i // 10), so a study grown from 10 to 100
+    prompts keeps its first cells; the other tasks' samples are seeded one by one already."""
+    from subtoken_jax.evaluation import tasks as tasks_lib
+
+    prompts = tasks_lib.build_prompts(task, config, tokenizer, bos, chat)
+    if task == "needle":  # build_prompts lists them depth-major: index = depth * samples + sample
+        samples = config.needle.samples
+        prompts = [prompts[j * samples + s] for s in range(samples) for j in range(len(NEEDLE_DEPTHS))]
+    return prompts[:count]
 
 
 def with_overrides(config, overrides):
@@ -126,21 +140,21 @@ def atomic_json(path: str, payload) -> None:
 
 def ensure_prompts(args):
     """Writes OUT/prompts/<task>_<length>.jsonl (token ids) for every cell that lacks it; tokenizer only."""
-    from subtoken_jax.evaluation import tasks as tasks_lib
     from subtoken_jax.pretrained import load_tokenizer
 
     tokenizer = None
     for length in args.lengths:
         for task in args.tasks:
-            if os.path.exists(os.path.join(args.out, "prompts", f"{task}_{length}.jsonl")):
+            path = os.path.join(args.out, "prompts", f"{task}_{length}.jsonl")
+            if os.path.exists(path) and sum(1 for _ in open(path)) >= args.prompts:
                 continue
             tokenizer = tokenizer or load_tokenizer("smollm2-135m-instruct")
-            prompts = tasks_lib.build_prompts(task, study_config(args, task, length), tokenizer, False, True)
+            prompts = study_prompts(task, study_config(args, task, length), tokenizer, False, True, args.prompts)
             write_prompts(args, task, length, prompts, tokenizer)
 
 
 def run_ours(args):
-    from subtoken_jax.evaluation import runner, tasks as tasks_lib
+    from subtoken_jax.evaluation import kinds, runner
 
     cells = os.path.join(args.out, "cells")
     os.makedirs(cells, exist_ok=True)
@@ -162,11 +176,11 @@ def run_ours(args):
                         loaded = (source, runner.load_models(config, source)[:2])
                     source, (model, params) = loaded
                     if prompts is None:
-                        prompts = tasks_lib.build_prompts(task, config, source.tokenizer, source.bos, source.chat)
+                        prompts = study_prompts(task, config, source.tokenizer, source.bos, source.chat, args.prompts)
                     plans, _ = runner.make_plans(config, source)
                     evaluator = runner.Evaluator(config, source, model, params, None, None, plans)
                     t0 = time.perf_counter()
-                    records, examples = evaluator.evaluate_prompts(task, prompts[start:start + args.chunk])
+                    records, examples = kinds.kind_of(task).evaluate(evaluator, task, prompts[start:start + args.chunk])
                     for r in records + examples:
                         r["method"] = label(variant, r["method"])
                     atomic_json(path, {"records": records, "examples": examples,

@@ -17,7 +17,10 @@ TOKEN_ONLY = ("snapkv", "expected_attention", "streaming", "key_norm")
 
 
 def selector_of(method: str):
-    """"snapkv+groups(snapkv)+mean" -> "snapkv": the token selector of a combination row (None: not one)."""
+    """The token selector of a combination row (None: not one): "snapkv+groups(snapkv)+mean" -> "snapkv";
+    "joint(snapkv)" -> "snapkv" (tokens and groups both chosen from SnapKV's pooled attention)."""
+    if method.startswith("joint(") and ")" in method:
+        return method[len("joint("):method.index(")")]
     head, sep, _ = method.partition("+groups")
     return head if sep and head else None
 

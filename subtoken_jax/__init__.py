@@ -1,6 +1,7 @@
 """subtoken-jax: sub-token (value-group) routing for LoRA adaptation and KV-cache compression."""
 
-from subtoken_jax.compressed_generate import Compression, JointCompression, compressed_generate
+from subtoken_jax.compressed_generate import compressed_generate
+from subtoken_jax.compression import Compression, JointCompression
 from subtoken_jax.errors import CheckpointError, ConfigError, InputError
 from subtoken_jax.generate import generate
 from subtoken_jax.hf_export import save_pretrained

@@ -196,13 +196,14 @@ class Attention(nn.Module):
         self.sow("routing", "value_budget", realised_budget(mask, valid))
         return mask, stats
 
-    def __call__(self, x, positions, *, cache: Optional[dict] = None, cache_index=None, value_group_mask=None,
-                 token_keep_mask=None, value_budget=None, deterministic: bool = True):
+    def __call__(self, x, positions, *, cache=None, value_group_mask=None, token_keep_mask=None, value_budget=None,
+                 deterministic: bool = True):
         """x [B, T, E]; positions [B, T] (negative = padding).
 
-        Without a cache, attends over x itself. With a cache (a layer view from KVCache.layer, of
-        capacity L), writes this chunk at cache_index and attends over all L slots; explicit masks
-        then cover the L slots. A routed model computes its own value-group mask unless one is given.
+        Without a cache, attends over x itself. With a layer cache (`layer_caches`: a dense slice of a
+        KVCache, or a packed, compressed prefix with a dense tail), writes this chunk into it and attends
+        over everything it holds; explicit masks then cover a dense cache's slots (a packed cache carries
+        its compression). A routed model computes its own value-group mask unless one is given.
         Returns (output [B, T, E], updated layer cache or None).
         """
         cfg = self.config
@@ -211,32 +212,24 @@ class Attention(nn.Module):
         key, value = self.project_kv(x, positions, deterministic)
         # KV selectors read the (rotated) queries of a prefill: apply with mutable=["prefill"] to get them
         self.sow("prefill", "queries", query)
-        routed_mask = None
-        if cfg.routing.enabled and value_group_mask is None:
-            stats = None if cache is None else cache["route_stats"]
-            routed_mask, stats = self.route(x, value, positions, value_budget, stats)
-        kv_positions = positions
-        new_cache = None
+        routed_mask = stats = None
+        if cfg.routing.enabled and value_group_mask is None and (cache is None or cache.routed):
+            routed_mask, stats = self.route(x, value, positions, value_budget,
+                                            None if cache is None else cache.route_stats)
         if cache is not None:
-            write = lambda old, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-                old, new.astype(old.dtype), cache_index, axis=1)
-            key, value = write(cache["keys"], key), write(cache["values"], value)
-            kv_positions = write(cache["positions"], positions)
-            new_cache = {"keys": key, "values": value, "positions": kv_positions}
-            if "group_mask" in cache:
-                if routed_mask is not None:
-                    routed_mask = write(cache["group_mask"], routed_mask)
-                    new_cache["route_stats"] = stats
-                else:
-                    new_cache["route_stats"] = cache["route_stats"]
-                new_cache["group_mask"] = routed_mask if routed_mask is not None else cache["group_mask"]
-        batch, keys = key.shape[0], key.shape[1]
-        check_mask(value_group_mask, "value_group_mask", batch=batch, keys=keys, kv_heads=cfg.num_kv_heads,
-                   groups=cfg.value_groups, layer=self.layer_index)
-        check_mask(token_keep_mask, "token_keep_mask", batch=batch, keys=keys, kv_heads=cfg.num_kv_heads,
-                   layer=self.layer_index)
-        allowed = attention_allowed(positions, kv_positions, sliding_window=cfg.sliding_window(self.layer_index),
-                                    token_keep_mask=token_keep_mask)
-        mask = value_group_mask if value_group_mask is not None else routed_mask
-        out = attend(query, key.astype(query.dtype), value.astype(query.dtype), allowed, value_group_mask=mask)
-        return self.o(out, deterministic=deterministic), new_cache
+            cache = cache.write(key, value, positions, group_mask=routed_mask, route_stats=stats)
+        slots = key.shape[1] if cache is None else cache.mask_slots  # what explicit masks cover (None: none allowed)
+        if slots is not None:
+            check_mask(value_group_mask, "value_group_mask", batch=key.shape[0], keys=slots, kv_heads=cfg.num_kv_heads,
+                       groups=cfg.value_groups, layer=self.layer_index)
+            check_mask(token_keep_mask, "token_keep_mask", batch=key.shape[0], keys=slots, kv_heads=cfg.num_kv_heads,
+                       layer=self.layer_index)
+        window = cfg.sliding_window(self.layer_index)
+        if cache is None:
+            allowed = attention_allowed(positions, positions, sliding_window=window, token_keep_mask=token_keep_mask)
+            mask = value_group_mask if value_group_mask is not None else routed_mask
+            out = attend(query, key.astype(query.dtype), value.astype(query.dtype), allowed, value_group_mask=mask)
+        else:
+            out = cache.attend(query, positions, sliding_window=window, value_group_mask=value_group_mask,
+                               token_keep_mask=token_keep_mask, layer=self.layer_index)
+        return self.o(out, deterministic=deterministic), cache

@@ -20,6 +20,7 @@ from flax import traverse_util
 from safetensors import safe_open
 
 from subtoken_jax.errors import CheckpointError
+from subtoken_jax.json_files import read_json_object
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import LoRAConfig, ModelConfig
 
@@ -123,8 +124,6 @@ def hf_parameter_layout(cfg: ModelConfig) -> Iterator[Tuple[str, Tuple[str, ...]
 def _safetensors_files(path: str):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        from subtoken_jax.workdir import read_json_object
-
         weight_map = read_json_object(index, "a safetensors shard index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no weight_map; is it a safetensors shard index?")
@@ -146,8 +145,6 @@ def read_hf_config(path: str) -> Dict[str, Any]:
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model folder?")
-    from subtoken_jax.workdir import read_json_object
-
     return read_json_object(config_path, "a Hugging Face model folder's config.json")
 
 

@@ -1,7 +1,8 @@
 """An explicit KV cache pytree for incremental decoding.
 
 Plain arrays, no hidden module state: a cache can be inspected, compressed between prefill and
-decode, sharded, or passed across jit boundaries like any other pytree.
+decode, sharded, or passed across jit boundaries like any other pytree. `layer_caches` gives the
+per-layer view the attention layers write to and read from.
 """
 
 from __future__ import annotations
@@ -44,23 +45,6 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.positions.shape[1]
-
-    def layer(self, i: int) -> dict:
-        """Layer i's view: {"keys", "values", "positions"[, "group_mask", "route_stats"]}."""
-        view = {"keys": self.keys[i], "values": self.values[i], "positions": self.positions}
-        if self.group_masks is not None:
-            view["group_mask"] = self.group_masks[i]
-            view["route_stats"] = self.route_stats[i]
-        return view
-
-    @classmethod
-    def from_layers(cls, layers, index) -> "KVCache":
-        """Reassembles a cache from the per-layer views returned by the attention layers."""
-        routed = "group_mask" in layers[0]
-        return cls(keys=tuple(l["keys"] for l in layers), values=tuple(l["values"] for l in layers),
-                   positions=layers[-1]["positions"], index=index,
-                   group_masks=tuple(l["group_mask"] for l in layers) if routed else None,
-                   route_stats=tuple(l["route_stats"] for l in layers) if routed else None)
 
     def nbytes(self) -> int:
         """Bytes held by the cache arrays (keys, values, positions)."""

@@ -2,15 +2,17 @@
 
     logits = model.apply({"params": params}, input_ids)
     logits, cache = model.apply({"params": params}, ids, cache=cache)       # incremental decoding
+    logits, packed = model.apply({"params": params}, ids, cache=packed)     # from a compressed PackedCache
 
 Optional inputs route inside tokens: `value_group_mask` (per layer [B, S, Hkv, G], 1 keep / 0 drop)
 and `token_keep_mask` (per layer or shared, [B, S] or [B, S, Hkv]), where S is the number of key
-slots attended to (the sequence itself, or the cache capacity when decoding).
+slots attended to (the sequence itself, or the cache capacity when decoding). A `PackedCache`
+(packed_cache.pack_cache) carries its compression and takes no masks; new tokens go to its dense tail.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import flax.linen as nn
 import jax
@@ -19,10 +21,14 @@ import jax.numpy as jnp
 from subtoken_jax.attention import Attention
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids
+from subtoken_jax import layer_caches
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.layers import MLP, RMSNorm
 from subtoken_jax.model_config import ModelConfig, check_budget
+from subtoken_jax.packed_cache import PackedCache
 from subtoken_jax.value_groups import per_layer
+
+Cache = Union[KVCache, PackedCache]
 
 
 class DecoderBlock(nn.Module):
@@ -30,13 +36,12 @@ class DecoderBlock(nn.Module):
     layer_index: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, *, cache=None, cache_index=None, value_group_mask=None,
-                 token_keep_mask=None, value_budget=None, deterministic: bool = True):
+    def __call__(self, x, positions, *, cache=None, value_group_mask=None, token_keep_mask=None, value_budget=None,
+                 deterministic: bool = True):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.weights_dtype, name=name)  # noqa: E731
         attn_out, new_cache = Attention(cfg, self.layer_index, name="attn")(
-            norm("attn_norm")(x), positions, cache=cache, cache_index=cache_index,
-            value_group_mask=value_group_mask, token_keep_mask=token_keep_mask, value_budget=value_budget,
+            norm("attn_norm")(x), positions, cache=cache, value_group_mask=value_group_mask, token_keep_mask=token_keep_mask, value_budget=value_budget,
             deterministic=deterministic)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x), deterministic=deterministic)
@@ -70,28 +75,30 @@ class DecoderLM(nn.Module):
                                     kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                              ("embed", "vocab")))
 
-    def __call__(self, input_ids, *, positions=None, attention_mask=None, cache: Optional[KVCache] = None,
+    def __call__(self, input_ids, *, positions=None, attention_mask=None, cache: Optional[Cache] = None,
                  value_group_mask=None, token_keep_mask=None, value_budget=None, deterministic: bool = True):
         """input_ids [B, T] -> logits [B, T, vocab] (float32); with a cache, returns (logits, new cache).
 
-        value_budget: fraction of value groups a routed model keeps (default: config.routing.budget).
-        Apply with mutable=["routing"] to get the routing pytree (scores, masks, realised budgets).
+        cache: a dense KVCache or a compressed PackedCache (see layer_caches). value_budget: fraction of
+        value groups a routed model keeps (default: config.routing.budget). Apply with
+        mutable=["routing"] to get the routing pytree (scores, masks, realised budgets).
         """
         cfg = self.config
         check_ids(input_ids)
         limit = cfg.max_position_embeddings
         if cache is None and input_ids.shape[1] > limit:
             raise InputError(f"{input_ids.shape[1]} tokens exceed the model's max_position_embeddings={limit}")
-        if cache is not None and cache.capacity > limit:
+        if isinstance(cache, KVCache) and cache.capacity > limit:
             raise InputError(f"a KV cache of capacity {cache.capacity} exceeds the model's max_position_embeddings="
                              f"{limit}")
-        if cache is not None and input_ids.shape[1] > cache.capacity:
-            raise InputError(f"{input_ids.shape[1]} tokens do not fit a KV cache of capacity {cache.capacity}")
+        if cache is not None and input_ids.shape[1] > layer_caches.room(cache):
+            raise InputError(f"{input_ids.shape[1]} tokens do not fit a {type(cache).__name__} with room for "
+                             f"{layer_caches.room(cache)}")
         if positions is None:
-            offset = 0 if cache is None else cache.index
-            if cache is not None and attention_mask is None:
-                # continue from the last real position of each row (left-padded prompts included)
-                offset = jnp.max(cache.positions, axis=1, keepdims=True) + 1
+            offset = 0
+            if cache is not None:  # a KVCache prefilled with a padding mask counts from its write index
+                offset = cache.index if isinstance(cache, KVCache) and attention_mask is not None else \
+                    layer_caches.next_positions(cache)
             positions = default_positions(input_ids, attention_mask, offset)
         if value_budget is None:
             value_budget = cfg.default_value_budget
@@ -104,10 +111,10 @@ class DecoderLM(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         new_layers = []
         for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else cache.layer(i)
-            x, layer_cache = block(x, positions, cache=layer_cache, cache_index=None if cache is None else cache.index,
-                                   value_group_mask=vg_masks[i], token_keep_mask=keep_masks[i],
-                                   value_budget=value_budget, deterministic=deterministic)
+            layer_cache = None if cache is None else layer_caches.layer_view(cache, i)
+            x, layer_cache = block(x, positions, cache=layer_cache, value_group_mask=vg_masks[i],
+                                   token_keep_mask=keep_masks[i], value_budget=value_budget,
+                                   deterministic=deterministic)
             new_layers.append(layer_cache)
         x = self.final_norm(x)
         if cfg.tie_word_embeddings:
@@ -117,7 +124,7 @@ class DecoderLM(nn.Module):
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is None:
             return logits
-        return logits, KVCache.from_layers(new_layers, cache.index + input_ids.shape[1])
+        return logits, layer_caches.reassemble(cache, new_layers)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8):

@@ -23,7 +23,8 @@ Keys (`PackedKeys`): without token selection they stay as cached, [B, T, Hkv, D]
 compacted to [B, Hkv, Tk, D] with their positions [B, Hkv, Tk] (-1 = empty slot).
 
 Decoding appends new tokens uncompressed to a small dense tail (`PackedCache.tail_*`); attention
-takes one softmax over prefix and tail keys together (`packed_attention`).
+takes one softmax over prefix and tail keys together (`packed_attention`). `DecoderLM` decodes from a
+PackedCache like from a KVCache (layer_caches.PackedLayerCache is the per-layer view it uses).
 """
 
 from __future__ import annotations
@@ -129,13 +130,16 @@ class PackedCache:
     tail_values: Tuple[jax.Array, ...]  # per layer [B, L, Hkv, D]
     tail_positions: jax.Array  # [B, L] int32, -1 = empty
     tail_index: jax.Array  # scalar int32: next tail slot to write
+    prefix_end: jax.Array  # [B] int32: the position after the prefix's last real token (evicted ones included)
+    impl: str = flax.struct.field(pytree_node=False, default="auto")  # fixed-K decode attention (kernels/)
 
     @property
     def tail_capacity(self) -> int:
         return self.tail_positions.shape[1]
 
     @classmethod
-    def with_empty_tail(cls, layers: Sequence[PackedLayer], tail_capacity: int, dtype=None) -> "PackedCache":
+    def with_empty_tail(cls, layers: Sequence[PackedLayer], tail_capacity: int, prefix_end: jax.Array,
+                        dtype=None) -> "PackedCache":
         layers = tuple(layers)
         first = layers[0].keys
         batch = first.keys.shape[0]
@@ -146,7 +150,7 @@ class PackedCache:
         return cls(layers=layers, tail_keys=tuple(jnp.zeros(shape, dtype) for _ in layers),
                    tail_values=tuple(jnp.zeros(shape, dtype) for _ in layers),
                    tail_positions=jnp.full((batch, tail_capacity), -1, jnp.int32),
-                   tail_index=jnp.zeros((), jnp.int32))
+                   tail_index=jnp.zeros((), jnp.int32), prefix_end=jnp.asarray(prefix_end, jnp.int32))
 
 
 # ----------------------------------------------------------------------------- host-side sizing
@@ -362,9 +366,8 @@ def unpack_dense(packed: Union[FixedKValues, PackedLayer], positions: Optional[j
 # ----------------------------------------------------------------------------- byte accounting
 
 _KINDS = {"keys": "keys", "tail_keys": "keys", "values": "values", "tail_values": "values", "value_mean": "values",
-          "tokens": "indices",
-          "groups": "indices", "positions": "positions", "tail_positions": "positions", "count": "counts",
-          "tail_index": "counts"}
+          "tokens": "indices", "groups": "indices", "positions": "positions", "tail_positions": "positions",
+          "prefix_end": "positions", "count": "counts", "tail_index": "counts"}
 
 
 def cache_nbytes(packed, by_kind: bool = False) -> Union[int, Dict[str, int]]:
@@ -545,7 +548,8 @@ def pack_cache(keys: Sequence[jax.Array], values: Sequence[jax.Array], positions
         layer_values = values[i] if mean is None else values[i] - mean[:, None].astype(values[i].dtype)
         layers.append(_pack_layer(layout, keys[i], layer_values, positions, token_keep_masks[i], group_masks[i],
                                   capacity[i], key_capacity[i], k[i]).replace(value_mean=mean))
-    return PackedCache.with_empty_tail(layers, max(int(tail_capacity), 1), dtype=values[0].dtype)
+    prefix_end = jnp.max(positions, axis=1).astype(jnp.int32) + 1
+    return PackedCache.with_empty_tail(layers, max(int(tail_capacity), 1), prefix_end, dtype=values[0].dtype)
 
 
 def context_value_mean(values: jax.Array, positions: jax.Array) -> jax.Array:
@@ -563,23 +567,3 @@ def _pack_layer(layout, keys, values, positions, token_keep_mask, group_mask, ca
             group_mask = jnp.ones(values.shape[:3] + (1,), jnp.float32)
         return pack_fixed_k_layer(keys, values, positions, group_mask, k, token_keep_mask, key_capacity=key_capacity)
     raise InputError(f"unknown packed layout {layout!r}; choose from {', '.join(LAYOUTS)}")
-
-
-def append_tail(cache: PackedCache, layer: int, keys: jax.Array, values: jax.Array) -> PackedCache:
-    """Writes one chunk's keys/values [B, Tn, Hkv, D] of `layer` at the tail index (positions: `advance_tail`)."""
-    def write(old, new):
-        return jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), cache.tail_index, axis=1)
-
-    tail_keys = cache.tail_keys[:layer] + (write(cache.tail_keys[layer], keys),) + cache.tail_keys[layer + 1:]
-    tail_values = cache.tail_values[:layer] + (write(cache.tail_values[layer], values),) + cache.tail_values[layer + 1:]
-    return cache.replace(tail_keys=tail_keys, tail_values=tail_values)
-
-
-def write_tail_positions(cache: PackedCache, positions: jax.Array) -> PackedCache:
-    """Records positions [B, Tn] of the chunk about to be appended at the tail index."""
-    return cache.replace(tail_positions=jax.lax.dynamic_update_slice_in_dim(
-        cache.tail_positions, positions.astype(jnp.int32), cache.tail_index, 1))
-
-
-def advance_tail(cache: PackedCache, n: int) -> PackedCache:
-    return cache.replace(tail_index=cache.tail_index + n)

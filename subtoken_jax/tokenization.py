@@ -1,15 +1,25 @@
 """Tokenizers: Hugging Face `tokenizer.json` (via the `tokenizers` library) and a byte-level one.
 
-Both expose encode(text) -> list[int], decode(ids) -> str, vocab_size, bos_id, eos_id, pad_id.
+Both expose encode(text) -> list[int], decode(ids) -> str, vocab_size, bos_id, eos_id, pad_id;
+`Tokenizer` is the part of that the data pipelines and task generators rely on.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Protocol, Sequence
 
 from subtoken_jax.errors import CheckpointError, InputError
+
+
+class Tokenizer(Protocol):
+    """What the pipelines and task generators need from a tokenizer (ByteTokenizer and HFTokenizer both fit)."""
+
+    eos_id: Optional[int]
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
 
 
 class ByteTokenizer:

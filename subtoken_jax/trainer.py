@@ -30,17 +30,16 @@ from subtoken_jax import data as data_lib
 from subtoken_jax import sharding as sharding_lib
 from subtoken_jax import workdir as workdir_lib
 from subtoken_jax.config_checks import check_ranges
-from subtoken_jax.errors import CheckpointError, ConfigError
+from subtoken_jax.errors import ConfigError
 from subtoken_jax.hf_import import add_fresh_lora
-from subtoken_jax.pretrained import load_pretrained, load_tokenizer, pretrained_config
 from subtoken_jax.lora import combine_params, is_adapter_path, split_params
 from subtoken_jax.model import DecoderLM
-from subtoken_jax.model_config import LoRAConfig, ModelConfig, RoutingConfig, check_budget
+from subtoken_jax.model_config import ModelConfig, RoutingConfig, check_budget
 from subtoken_jax.objectives import LossWeights, eval_step, train_step
-from subtoken_jax.tokenization import ByteTokenizer
+from subtoken_jax.workdir import (adapted_model_config, base_model_config, has_checkpoint_steps, load_base,
+                                  load_workdir_base, make_tokenizer)
 
 STAGES = ("pretrain", "adapt")
-_MODEL_KEYS = ("checkpoint",)  # config.model fields that are not ModelConfig fields
 
 
 # ----------------------------------------------------------------------------- config -> typed objects
@@ -68,25 +67,6 @@ def validate_config(config: ConfigDict) -> None:
     if "adapt" in config.stages:
         adapted_model_config(config, base)  # checks lora and routing fields
     data_lib.check_data_config(config.data)
-
-
-def base_model_config(config: ConfigDict) -> ModelConfig:
-    if config.model.checkpoint:
-        return pretrained_config(config.model.checkpoint, dtype=config.model.dtype,
-                                 param_dtype=config.model.param_dtype, value_groups=config.model.value_groups)
-    fields = {k: v for k, v in config.model.to_dict().items() if k not in _MODEL_KEYS}
-    return ModelConfig.from_dict(fields)
-
-
-def adapted_model_config(config: ConfigDict, base: ModelConfig) -> ModelConfig:
-    lora = dict(config.adapt.lora.to_dict())
-    lora["targets"] = tuple(lora["targets"])
-    return base.replace(lora=LoRAConfig(**lora), routing=RoutingConfig(**config.adapt.routing.to_dict()))
-
-
-def make_tokenizer(config: ConfigDict):
-    source = config.model.checkpoint or (config.tokenizer if config.tokenizer != "byte" else "")
-    return load_tokenizer(source) if source else ByteTokenizer()
 
 
 def make_optimizer(stage: ConfigDict, total_steps: int, grad_clip: float) -> optax.GradientTransformation:
@@ -273,9 +253,7 @@ def _run_stages(config: ConfigDict, workdir: str) -> Dict[str, Any]:
 
     with sharding_lib.use_mesh(mesh):
         if config.model.checkpoint:
-            _, base_params, _ = load_pretrained(config.model.checkpoint, config.model.dtype,
-                                                param_dtype=config.model.param_dtype,
-                                                value_groups=config.model.value_groups, with_tokenizer=False)
+            base_params, _ = load_base(config.model.checkpoint, base_cfg)
             base_model = DecoderLM(base_cfg)
         elif config.pretrain.get("init_from", ""):  # warm start (a resumed stage overrides it)
             init_from = config.pretrain.init_from
@@ -322,66 +300,6 @@ def budget_table(config, base_cfg, adapted_cfg, base_params, adapted_params, eva
             result = evaluate(model, params, eval_fn, budget)
             rows.append({"method": method, "budget": float(budget), **result})
     return rows
-
-
-def has_checkpoint_steps(folder: str) -> bool:
-    """Whether a checkpoint folder holds at least one saved step."""
-    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
-
-
-def restore_base_params(model: DecoderLM, folder: str):
-    """(params, step) of the latest checkpoint of a pretrain stage (its `checkpoints` folder), on one device."""
-    abstract = jax.eval_shape(
-        lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    manager = ckpt_lib.Checkpointer(folder, create=False)
-    try:
-        restored = manager.restore(trainable=target)
-    finally:
-        manager.close()
-    return restored.trainable, restored.step
-
-
-def load_workdir_base(workdir: str):
-    """(DecoderLM, params, tokenizer, training config, step) of the base a train.py workdir trained.
-
-    The base is the pretrain stage's latest checkpoint (DIR/pretrain/checkpoints), or the Hugging Face
-    folder the workdir adapted (its model.checkpoint; step None).
-    """
-    config = read_workdir_config(workdir)
-    if config is None:
-        raise CheckpointError(f"{workdir} has no config.json (train.py writes it); is it a training workdir?")
-    tokenizer = make_tokenizer(config)
-    if config.model.checkpoint:
-        model, params, _ = load_pretrained(config.model.checkpoint, config.model.dtype,
-                                           param_dtype=config.model.param_dtype,
-                                           value_groups=config.model.value_groups, with_tokenizer=False)
-        return model, params, tokenizer, config, None
-    model = DecoderLM(base_model_config(config))
-    params, step = restore_base_params(model, pretrain_checkpoints(workdir))
-    return model, params, tokenizer, config, step
-
-
-def read_workdir_config(workdir: str) -> Optional[ConfigDict]:
-    """The training config a train.py workdir recorded (DIR/config.json), or None when it has none."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return None
-    record = workdir_lib.read_json_object(path, "train.py writes it: is this a training workdir?")
-    missing = [key for key in ("model", "stages", "data", "seq_len") if key not in record]
-    if missing or not isinstance(record["model"], dict):
-        raise CheckpointError(f"{path} is not a train.py record (it lacks {missing or ['a model section']}); "
-                              f"is {workdir} a training workdir?")
-    return ConfigDict(record)
-
-
-def pretrain_checkpoints(workdir: str) -> str:
-    """DIR/pretrain/checkpoints of a train.py workdir; a CheckpointError when it holds no checkpoint."""
-    folder = os.path.join(workdir, "pretrain", "checkpoints")
-    if not has_checkpoint_steps(folder):
-        raise CheckpointError(f"{folder} holds no checkpoint: run the pretrain stage of train.py first")
-    return folder
 
 
 def format_summary(summary: Dict[str, Any]) -> str:

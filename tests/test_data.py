@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ml_collections import ConfigDict
 
-from subtoken_jax import data
+from subtoken_jax import data, synthetic_tasks
 from subtoken_jax.errors import ConfigError, InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +85,7 @@ def test_packing_shifts_targets_and_covers_every_token(documents, seq_len):
 
 def test_answer_only_mask_covers_answer_and_eos():
     tok = Bytes()
-    example = data.make_associative_recall_example(np.random.default_rng(0), 60, tok)
+    example = synthetic_tasks.make_associative_recall_example(np.random.default_rng(0), 60, tok)
     for answer_only in (True, False):
         row = data.qa_lm_example(example, tokenizer=tok, seq_len=64, answer_only_loss=answer_only)
         scored = row["targets"][row["loss_mask"] > 0].tolist()
@@ -170,17 +170,17 @@ def test_tfds_builder_round_trip_in_file_order(tmp_path):
 
 # slack: the longest filler sentence ("The crooked mountain overlooks the patient library.") in each tokenizer
 @pytest.mark.parametrize("tokenizer,slack", [(Bytes(), 56), (Words(), 8)], ids=["bytes", "words"])
-@pytest.mark.parametrize("task", sorted(data.TASKS))
+@pytest.mark.parametrize("task", sorted(synthetic_tasks.TASKS))
 def test_synthetic_lengths_follow_the_tokenizer(task, tokenizer, slack):
     for seed, num_tokens in enumerate((300, 1500)):
-        example = data.TASKS[task](np.random.default_rng(seed), num_tokens, tokenizer)
+        example = synthetic_tasks.TASKS[task](np.random.default_rng(seed), num_tokens, tokenizer)
         assert example["text"] == example["context"] + example["question"] + example["answer"]
-        assert num_tokens - slack <= data.example_length(example, tokenizer) <= num_tokens
+        assert num_tokens - slack <= synthetic_tasks.example_length(example, tokenizer) <= num_tokens
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 0.8, 1.0])
 def test_needle_sits_at_requested_depth(depth):
-    example = data.make_needle_example(np.random.default_rng(7), 3000, Bytes(), depth=depth)
+    example = synthetic_tasks.make_needle_example(np.random.default_rng(7), 3000, Bytes(), depth=depth)
     value = example["answer"].strip()
     key = re.search(r"magic number for (\w+)\?", example["question"]).group(1)
     needle = f"The magic number for {key} is {value}."
@@ -199,7 +199,7 @@ def _variables_with_value(context, value):
 
 @pytest.mark.parametrize("seed,num_tokens,chains,length", [(0, 2000, 3, 4), (1, 500, 2, 3), (2, 110, 2, 3)])
 def test_variable_tracking_answer_matches_brute_force(seed, num_tokens, chains, length):
-    example = data.make_variable_tracking_example(np.random.default_rng(seed), num_tokens, Bytes(),
+    example = synthetic_tasks.make_variable_tracking_example(np.random.default_rng(seed), num_tokens, Bytes(),
                                                   num_chains=chains, chain_length=length)
     value = re.search(r"value (\d+)\?", example["question"]).group(1)
     holders, assigned = _variables_with_value(example["context"], value)
@@ -211,7 +211,7 @@ def test_variable_tracking_answer_matches_brute_force(seed, num_tokens, chains, 
 
 def test_associative_recall_answer_is_the_queried_pair():
     for seed in range(5):
-        example = data.make_associative_recall_example(np.random.default_rng(seed), 400, Bytes())
+        example = synthetic_tasks.make_associative_recall_example(np.random.default_rng(seed), 400, Bytes())
         key = re.search(r"value of (\w+)\?", example["question"]).group(1)
         pairs = dict(line.split(": ") for line in example["context"].split("\n"))
         assert len(pairs) == example["context"].count("\n") + 1  # keys are unique
@@ -219,7 +219,7 @@ def test_associative_recall_answer_is_the_queried_pair():
 
 
 def test_copy_answer_repeats_the_context():
-    example = data.make_copy_example(np.random.default_rng(0), 200, Bytes())
+    example = synthetic_tasks.make_copy_example(np.random.default_rng(0), 200, Bytes())
     assert example["answer"] == " " + example["context"] and re.fullmatch(r"[a-z0-9 ]+", example["context"])
 
 
@@ -253,7 +253,7 @@ def test_packed_synthetic_sequences():
 
 def test_synthetic_source_is_a_pure_function_of_seed_and_index():
     def source(seed, stream=0):
-        return data.SyntheticTasks(["needle", "associative_recall"], 200, Bytes(), seed=seed, length=10,
+        return synthetic_tasks.SyntheticTasks(["needle", "associative_recall"], 200, Bytes(), seed=seed, length=10,
                                    stream=stream)
 
     assert source(0)[3] == source(0)[3] and source(0)[3]["task"] == "associative_recall"
@@ -302,25 +302,25 @@ def test_pad_rows_left_and_right():
 def test_multi_needle_answer_matches_the_context(kind, expected):
     keys_n, values_n, asked_n = expected
     for seed in range(4):
-        example = data.make_multi_needle_example(np.random.default_rng(seed), 1200, Bytes(), **kind)
+        example = synthetic_tasks.make_multi_needle_example(np.random.default_rng(seed), 1200, Bytes(), **kind)
         found = re.findall(r"magic numbers? for (\w+) is (\d{7})\.", example["context"])  # brute force: read it
         assert len(found) == keys_n * values_n and len({k for k, _ in found}) == keys_n
         asked = re.search(r"for (.+)\?", example["query"]).group(1).split(" and ")
         assert len(asked) == asked_n
         assert example["answer"].split() == [v for k, v in found if k in asked]  # in context order
-        assert data.example_length(example, Bytes()) <= 1200
+        assert synthetic_tasks.example_length(example, Bytes()) <= 1200
 
 
 def test_prose_haystack_is_real_text_in_order():
     text = ("= Title =\n The cat , a small animal , sat @-@ down .\n It was n't happy . Nor was the dog 's owner !\n"
             " Short . The <unk> of it all was a mystery to everyone around .\n")
-    sentences = data.prose_sentences(text)
+    sentences = synthetic_tasks.prose_sentences(text)
     assert sentences == ["The cat, a small animal, sat-down.", "Nor was the dog's owner!"]
     long_text = " ".join(f"Sentence number {i} is here." for i in range(200))
-    haystack = data.prose_sentences(long_text)
-    example = data.make_needle_example(np.random.default_rng(3), 600, Bytes(), depth=0.5, haystack=haystack)
+    haystack = synthetic_tasks.prose_sentences(long_text)
+    example = synthetic_tasks.make_needle_example(np.random.default_rng(3), 600, Bytes(), depth=0.5, haystack=haystack)
     numbers = [int(n) for n in re.findall(r"Sentence number (\d+)", example["context"])]
     assert len(numbers) > 10 and all((b - a) % 200 == 1 for a, b in zip(numbers, numbers[1:]))  # consecutive
     assert "magic number" in example["context"] and "The " not in example["context"].replace("The magic", "")
     with pytest.raises(ConfigError, match="no sentences"):
-        data.make_needle_example(np.random.default_rng(0), 300, Bytes(), haystack=[])
+        synthetic_tasks.make_needle_example(np.random.default_rng(0), 300, Bytes(), haystack=[])

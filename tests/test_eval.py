@@ -196,10 +196,11 @@ def full_count(records, task):
 
 def test_trained_predictor_as_value_group_scorer(workdir, tmp_path):
     """subtoken / combined with scorer "predictor": a ValueGroupPredictor trained (2 steps) on the workdir's base
-    with text-task prompts, saved by predictor.run, loaded by eval; bad predictor settings fail in one line."""
+    with text-task prompts, saved by predictor_training.run, loaded by eval; bad predictor settings fail in one line."""
     from configs import predictor as predictor_config
     from subtoken_jax.errors import ConfigError, InputError
     from subtoken_jax.evaluation import runner
+    from subtoken_jax import predictor_training
     from subtoken_jax.selectors import predictor as predictor_lib
 
     pc = predictor_config.get_config()
@@ -208,7 +209,7 @@ def test_trained_predictor_as_value_group_scorer(workdir, tmp_path):
     pc.train.update(dict(steps=2, batch_size=2, scope="global"))
     pc.eval.update(dict(batches=1, scope="global"))
     folder = tmp_path / "predictor"
-    result = predictor_lib.run(pc, str(folder))
+    result = predictor_training.run(pc, str(folder))
     assert np.isfinite(result["loss"]) and (folder / "config.json").exists()
 
     overrides = {"tasks": ("needle",), "methods": ("full", "subtoken", "combined"), "budgets": (1.0, 0.75),

@@ -1,11 +1,15 @@
 """subtoken_jax.generate(..., compression=...): packed-cache generation against the masked dense KV-cache path."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from subtoken_jax import Compression, ConfigError, InputError, JointCompression, KVCache, ModelConfig, generate, init_params
+from subtoken_jax.attention import Attention
+from subtoken_jax.layer_caches import PackedLayerCache, layer_view
+from subtoken_jax.packed_cache import pack_cache
 from subtoken_jax.selectors import capture_prefill_state, pad_to_capacity
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -121,3 +125,67 @@ def test_left_padded_question_equals_unpadded(setup):
     dense_padded = generate(model, params, context, attention_mask=mask, question_ids=padded, question_mask=q_mask,
                             max_new_tokens=NEW)
     np.testing.assert_array_equal(dense_padded[1], dense[0])
+
+
+class _UsersModel(nn.Module):
+    """Someone else's Flax model: its own embedding and head around one of our Attention layers."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, ids, positions, cache, **masks):
+        x = nn.Embed(self.config.vocab_size, self.config.hidden_size)(ids)
+        out, cache = Attention(self.config)(x, positions, cache=cache, **masks)
+        return nn.Dense(self.config.vocab_size)(x + out), cache
+
+
+def test_a_users_own_flax_model_decodes_from_the_packed_cache():
+    """The cache protocol of layer_caches: a model that is not DecoderLM, built on our Attention, reads a
+    packed compressed prefix (global layout, per-head token eviction) exactly as its dense cache under masks."""
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                      value_groups=4, max_position_embeddings=32)
+    context_len, question_len, batch = 10, 3, 2
+    model = _UsersModel(cfg)
+    context = jax.random.randint(jax.random.key(0), (batch, context_len), 0, cfg.vocab_size)
+    question = jax.random.randint(jax.random.key(1), (batch, question_len), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(context_len + question_len), (batch, context_len + question_len))
+    capacity = context_len + question_len
+    dense = layer_view(KVCache.create(cfg.replace(num_layers=1), batch, capacity), 0)
+    params = model.init(jax.random.key(2), context, positions[:, :context_len], dense)["params"]
+    _, dense = model.apply({"params": params}, context, positions[:, :context_len], dense)
+    rng = np.random.default_rng(0)
+    token_keep = rng.random((batch, context_len, cfg.num_kv_heads)) < 0.6
+    groups = (rng.random((batch, context_len, cfg.num_kv_heads, cfg.value_groups)) < 0.5) & token_keep[..., None]
+    packed = pack_cache([dense.keys[:, :context_len]], [dense.values[:, :context_len]], positions[:, :context_len],
+                        [jnp.asarray(token_keep, jnp.float32)], [jnp.asarray(groups, jnp.float32)],
+                        tail_capacity=question_len)
+    packed_logits, packed_layer = model.apply({"params": params}, question, positions[:, context_len:],
+                                              layer_view(packed, 0))
+    pad = lambda m: jnp.concatenate([jnp.asarray(m, jnp.float32), jnp.ones((batch, question_len) + m.shape[2:])], 1)  # noqa
+    dense_logits, _ = model.apply({"params": params}, question, positions[:, context_len:], dense,
+                                  token_keep_mask=pad(token_keep), value_group_mask=pad(groups))
+    np.testing.assert_allclose(packed_logits, dense_logits, atol=1e-5)
+    assert isinstance(packed_layer, PackedLayerCache) and int(packed_layer.index) == question_len
+    with pytest.raises(InputError, match="holds its compression"):
+        model.apply({"params": params}, question, positions[:, context_len:], layer_view(packed, 0),
+                    token_keep_mask=pad(token_keep))
+
+
+def test_recipes_round_kept_counts_down(setup):
+    """Compression's one rounding rule (what eval measures too): floor(tau * n) tokens per (row, head), at
+    least one, then floor(rho * kept pairs) per head; JointCompression spends at most its budget per head."""
+    model, params, context, question, mask = setup
+    state = capture_prefill_state(model, params, context, question, context_mask=mask)
+    real = np.asarray(mask).sum(1)  # 16 and 12 real tokens
+    tokens, groups = Compression(token_fraction=0.3, value_fraction=0.3, scope="head")(state)
+    for t, g in zip(tokens, groups):
+        kept = np.asarray(t).sum(1)  # [B, Hkv]
+        np.testing.assert_array_equal(kept, np.floor(0.3 * real)[:, None].repeat(CONFIG.num_kv_heads, 1))
+        pairs = kept * CONFIG.value_groups
+        np.testing.assert_array_equal(np.asarray(g).sum((1, 3)), np.floor(np.float32(0.3) * pairs + 1e-6))
+    tokens, _ = Compression(token_fraction=0.01, value_fraction=1.0)(state)
+    assert np.all(np.asarray(tokens[0]).sum(1) == 1)  # at least one token
+    tokens, groups = JointCompression(kv_budget=0.3)(state)
+    for t, g in zip(tokens, groups):
+        spent = CONFIG.value_groups * np.asarray(t).sum(1) + np.asarray(g).sum((1, 3))  # key = G group units
+        assert np.all(spent <= 0.3 * 2 * CONFIG.value_groups * real[:, None] + 1e-4)

@@ -236,7 +236,7 @@ def test_bytes_are_real_and_a_37_5_percent_budget_costs_37_5_percent():
     assert fixed_parts["values"] == values.nbytes // 2
     assert fixed_parts["indices"] == batch * length * kv_heads * 4  # one uint8 per kept group
     # a whole PackedCache with its tail counts every array too
-    cache = PackedCache.with_empty_tail([layer, fixed], tail_capacity=16)
+    cache = PackedCache.with_empty_tail([layer, fixed], tail_capacity=16, prefix_end=jnp.full((batch,), length))
     assert cache_nbytes(cache) == sum(x.nbytes for x in jax.tree.leaves(cache))
 
 

@@ -9,9 +9,10 @@ import pytest
 from configs import predictor as predictor_config
 from subtoken_jax import ConfigError, DecoderLM, ModelConfig, init_params
 from subtoken_jax.selectors import allocate_value_groups, capture_prefill_state, combine, value_group_norms
-from subtoken_jax.selectors.predictor import (ValueGroupPredictor, associative_recall_prompts, evaluate_predictor,
-                                              init_predictor, listwise_loss, make_predictor, predictor_example,
-                                              predictor_scorer, predictor_scores, question_summary, train_predictor)
+from subtoken_jax.predictor_training import (associative_recall_prompts, evaluate_predictor, listwise_loss,
+                                             predictor_example, train_predictor)
+from subtoken_jax.selectors.predictor import (ValueGroupPredictor, init_predictor, make_predictor, predictor_scorer,
+                                              predictor_scores, question_summary)
 
 VOCAB, BATCH, CONTEXT = 64, 16, 32
 BUDGET = 0.25

@@ -11,6 +11,8 @@ import pytest
 
 from configs import predictor_smollm2
 from gguf_fixtures import smollm2_path
+from subtoken_jax import predictor_training
+from subtoken_jax.errors import InputError
 from subtoken_jax.selectors import predictor as predictor_lib
 from subtoken_jax.selectors.subtoken import value_group_scores
 
@@ -26,9 +28,9 @@ def held_out():
     config = predictor_smollm2.get_config()
     config.train.batch_size = 2
     config.data.lengths = (512,)
-    model, params, tokenizer = predictor_lib.base_model(config)
-    batch = next(predictor_lib.prompt_batches(config, model, tokenizer, HELD_OUT_SEED, params))
-    state, targets = predictor_lib.predictor_example(model, params, batch)
+    model, params, tokenizer = predictor_training.base_model(config)
+    batch = next(predictor_training.prompt_batches(config, model, tokenizer, HELD_OUT_SEED, params))
+    state, targets = predictor_training.predictor_example(model, params, batch)
     return model, state, targets
 
 
@@ -40,7 +42,7 @@ def test_shipped_predictor_loads_by_name_and_checks_the_base(held_out):
     assert len(scores) == model.config.num_layers
     real = np.asarray(state.positions) >= 0
     assert all(np.all(np.isfinite(np.asarray(s)[real])) for s in scores)
-    with pytest.raises(predictor_lib.InputError, match="trained for a base of 30 layers"):
+    with pytest.raises(InputError, match="trained for a base of 30 layers"):
         predictor_lib.load_predictor("smollm2-135m-instruct", dataclasses.replace(model.config, num_layers=4))
 
 
@@ -51,7 +53,7 @@ def test_shipped_predictor_beats_the_closed_form_groups(held_out):
     for name, scores in (("predictor", predictor_lib.predictor_scores(predictor, params, state)),
                          ("attention", value_group_scores(state, "attention")),
                          ("expected", value_group_scores(state, "expected"))):
-        mass[name] = predictor_lib.selection_quality(scores, targets, BUDGET, state.positions, "head")
+        mass[name] = predictor_training.selection_quality(scores, targets, BUDGET, state.positions, "head")
     print({k: {m: round(v, 3) for m, v in q.items()} for k, q in mass.items()})
     assert mass["predictor"]["mass"] > mass["expected"]["mass"] + 0.01
     assert mass["predictor"]["recall"] > mass["expected"]["recall"] + 0.03

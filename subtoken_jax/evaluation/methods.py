@@ -1,4 +1,5 @@
-"""KV-compression methods at a KV-bytes budget: how each splits the budget, builds its masks, and the decode.
+"""KV-compression methods at a KV-bytes budget: how each splits the budget, which public recipe builds its masks
+(subtoken_jax.compression), and the decode.
 
 The budget b is the fraction of the context's KV bytes kept. Keys and values are half the bytes each,
 so a method keeping a fraction tau of the tokens and, among them, a fraction rho of the value groups
@@ -13,10 +14,11 @@ kept (token, head) when tokens are evicted, a 1-bit flag per value group when gr
                       trained ValueGroupPredictor (subtoken.scorer = "predictor", predictor.workdir)
   combined            combined.selector keeps tau of the tokens, then rho of the survivors' value groups
                       with tau * (1 + rho) / 2 = b (see combined_split)
+  joint               tokens and groups from the one budget b, split per (token, KV head) (JointCompression)
   routed              the adapted model's query-independent router at value_budget rho = 2b - 1
 
-Kept counts are rounded down (floor(fraction * n), at least one token), so the kept bytes never exceed
-b plus the index metadata; with b = 1 every method builds exactly the masks of `full`.
+Kept counts are rounded down by the recipes (compression.floor_budget: at least one token), so the kept
+bytes never exceed b plus the index metadata; with b = 1 every method builds exactly the masks of `full`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subtoken_jax import packed_cache
+from subtoken_jax.compression import Compression, JointCompression
 from subtoken_jax.errors import ConfigError
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import ModelConfig
-from subtoken_jax.selectors import (SCOPES, TOKEN_SELECTORS, PrefillState, allocate_joint, allocate_value_groups,
-                                    kv_bytes_fraction, pad_to_capacity, value_group_scorer)
+from subtoken_jax.selectors import SCOPES, TOKEN_SELECTORS, PrefillState, pad_to_capacity, value_group_scorer
 
 TOKEN_METHODS = tuple(TOKEN_SELECTORS)
 METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "joint", "routed")
@@ -119,13 +122,6 @@ def make_selectors(config) -> Dict[str, object]:
     return {name: cls(**kwargs.get(name, {})) for name, cls in TOKEN_SELECTORS.items()}
 
 
-def floor_fraction(fraction: float, counts, minimum: int = 0) -> np.ndarray:
-    """Per row: the fraction f' with round(f' * n) = max(floor(fraction * n), minimum) (n = counts, > 0)."""
-    counts = np.asarray(counts, np.float64)
-    kept = np.maximum(np.floor(fraction * counts + 1e-9), minimum)
-    return np.where(counts > 0, np.minimum(kept, counts) / np.maximum(counts, 1.0), 1.0).astype(np.float32)
-
-
 def real_masks(state: PrefillState) -> Tuple[Tuple[jax.Array, ...], Tuple[jax.Array, ...]]:
     """The masks of no compression: every real token and all its value groups (padding 0)."""
     real = (state.positions >= 0).astype(jnp.float32)
@@ -148,59 +144,33 @@ def _group_scorer(name: str, config, scorers: Optional[Dict[str, Callable]]) -> 
     return value_group_scorer(name, n_future=config.selectors.n_future)
 
 
+def recipe(plan: Plan, config, selectors: Dict[str, object], scorers: Optional[Dict[str, Callable]] = None):
+    """The public compression recipe (subtoken_jax.compression) a plan runs, or None for the full cache.
+
+    selectors: token selectors by name, configured (make_selectors); scorers: value-group scorers by name
+    that value_group_scorer does not build, e.g. {"predictor": predictor_scorer(...)}.
+    """
+    scope = config.allocation_scope
+    if plan.method == "full":
+        return None
+    if plan.method == "joint":
+        return JointCompression(plan.budget, scorer=_group_scorer(config.joint.scorer, config, scorers), scope=scope)
+    if plan.method in TOKEN_METHODS:
+        return Compression(plan.budget, 1.0, selector=selectors[plan.method], scope=scope)
+    section = config.combined if plan.method == "combined" else config.subtoken
+    selector = selectors[config.combined.selector] if plan.method == "combined" else "snapkv"
+    return Compression(plan.token_fraction, plan.value_fraction, selector=selector,
+                       scorer=_group_scorer(section.scorer, config, scorers), scope=scope)
+
+
 def build_masks(state: PrefillState, plan: Plan, config, selectors: Dict[str, object],
                 scorers: Optional[Dict[str, Callable]] = None):
-    """Per-layer context masks (token keep [B, S, Hkv], value groups [B, S, Hkv, G]) of a query-aware method.
-
-    scorers: value-group scorers by name ((state, layer) -> [B, S, Hkv, G]) that value_group_scorer does not
-    build, e.g. {"predictor": predictor_scorer(...)}.
-    """
-    tokens, groups = real_masks(state)
-    if plan.method == "full":
-        return tokens, groups
-    if plan.method == "joint":
-        scorer = _group_scorer(config.joint.scorer, config, scorers)
-        scores = [scorer(state, layer) for layer in range(state.num_layers)]
-        return committed(allocate_joint(committed(scores), plan.budget, scope=config.allocation_scope,
-                                        positions=state.positions))
-    real_count = np.asarray(jnp.sum(state.positions >= 0, axis=1))
-    if plan.method in TOKEN_METHODS or plan.method == "combined":
-        name = plan.method if plan.method in TOKEN_METHODS else config.combined.selector
-        tau = floor_fraction(plan.token_fraction, real_count, minimum=1)
-        tokens = committed(selectors[name].masks(state, committed(jnp.asarray(tau))))
-        if plan.method in TOKEN_METHODS:
-            return tokens, groups
-    scorer_cfg = config.combined if plan.method == "combined" else config.subtoken
-    scope = config.allocation_scope
-    # valid pairs per allocation unit; every layer and KV head keeps the same number of tokens per row
-    kept_tokens = np.asarray(jnp.sum(tokens[0][:, :, 0], axis=1))
-    per_token = {"head": 1, "layer": state.num_kv_heads, "global": state.num_kv_heads * state.num_layers}[scope]
-    rho = floor_fraction(plan.value_fraction, kept_tokens * per_token * state.value_groups)
-    rho = committed(jnp.asarray(rho)[:, None] if scope == "head" else jnp.asarray(rho))
-    scorer = _group_scorer(scorer_cfg.scorer, config, scorers)
-    scores = [scorer(state, layer) for layer in range(state.num_layers)]
-    groups = allocate_value_groups(committed(scores), rho, scope=scope, positions=state.positions,
-                                   token_keep_masks=tokens if plan.method == "combined" else None)
-    return tokens, committed(groups)
-
-
-def kv_accounting(token_masks, group_masks, positions, model_cfg: ModelConfig,
-                  rows: Optional[int] = None) -> Dict[str, float]:
-    """kv_bytes_fraction of context masks (of the first `rows` rows); a mask that keeps everything is not
-    stored (no metadata)."""
-    positions = np.asarray(positions)[:rows]
-    real = positions >= 0
-    tokens = [np.asarray(t, bool)[:rows] for t in token_masks]
-    groups = [np.asarray(g, bool)[:rows] for g in group_masks]
-    keep = [t & real[..., None] for t in tokens]
-    all_tokens = all(np.array_equal(k, np.broadcast_to(real[..., None], k.shape)) for k in keep)
-    all_groups = all(np.array_equal(g & k[..., None], np.broadcast_to(k[..., None], g.shape))
-                     for g, k in zip(groups, keep))
-    if all_tokens and all_groups:
-        return {"total": 1.0, "keys": 1.0, "values": 1.0, "index": 0.0}
-    return kv_bytes_fraction(None if all_tokens else tokens, None if all_groups else groups,
-                             model_cfg.value_groups, head_dim=model_cfg.resolved_head_dim,
-                             dtype_bytes=float(jnp.dtype(model_cfg.compute_dtype).itemsize), positions=positions)
+    """Per-layer context masks (token keep [B, S, Hkv], value groups [B, S, Hkv, G]) of a query-aware method:
+    those of its public recipe (`recipe`), so eval measures what `generate(..., compression=...)` does."""
+    compression = recipe(plan, config, selectors, scorers)
+    if compression is None:
+        return real_masks(state)
+    return committed(compression(state))
 
 
 # ----------------------------------------------------------------------------- caches and decoding
@@ -318,3 +288,21 @@ def check_method_config(config) -> None:
                           f"{', '.join(TOKEN_SELECTORS)} or predictor")
     if not 0 < config.combined.value_fraction <= 1:
         raise ConfigError(f"combined.value_fraction={config.combined.value_fraction} must be in (0, 1]")
+
+
+def _bucket(n: int, limit: int) -> int:
+    """n rounded up to a power of two, at most limit."""
+    return min(limit, 1 << max(0, int(n) - 1).bit_length())
+
+
+def packed_sizes(token_masks, group_masks, state) -> Tuple[int, int]:
+    """(capacity, key_capacity) of a packed cache holding every layer under these masks, one for all layers
+    and rounded up to powers of two: every distinct size is a new compilation of the packed decode, and
+    with sizes per layer and batch an eval grid compiles hundreds of programs (on CPU it ran the process
+    out of mappable memory)."""
+    width, heads, groups = state.keys[0].shape[1], state.num_kv_heads, state.value_groups
+    positions = np.asarray(state.positions)
+    tokens = [np.asarray(t) for t in token_masks] if token_masks is not None else [None] * len(group_masks)
+    capacity = max(packed_cache.global_capacity_of(np.asarray(g), positions, t) for g, t in zip(group_masks, tokens))
+    keys = max(packed_cache.key_capacity_of(t, positions, heads) for t in tokens)
+    return _bucket(capacity, width * groups), _bucket(keys, width)

@@ -17,7 +17,6 @@ Order of work (every bad input fails with one line before any model compute):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -26,22 +25,19 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
-from tqdm.auto import tqdm
 
-from subtoken_jax import checkpoint as ckpt_lib
-from subtoken_jax import data as data_lib
 from subtoken_jax import packed_cache
-from subtoken_jax.compressed_generate import generate_from_state
 from subtoken_jax.config_checks import check_ranges
-from subtoken_jax.errors import CheckpointError, ConfigError, InputError
+from subtoken_jax.errors import CheckpointError, ConfigError
+from subtoken_jax.evaluation import kinds
 from subtoken_jax.evaluation import methods as methods_lib
 from subtoken_jax.evaluation import plots as plots_lib
 from subtoken_jax.evaluation import report as report_lib
 from subtoken_jax.evaluation import tasks as tasks_lib
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import ModelConfig, check_budget
-from subtoken_jax.selectors import capture_prefill_state
 from subtoken_jax.selectors import predictor as predictor_lib
+from subtoken_jax import workdir as workdir_lib
 from subtoken_jax.workdir import WorkdirLock
 
 # ----------------------------------------------------------------------------- config checks
@@ -115,11 +111,10 @@ class Source:
 
 
 def resolve_source(config: ConfigDict, workdir: str) -> Source:
-    from subtoken_jax import trainer  # the training config -> model config helpers
     from subtoken_jax.pretrained import load_tokenizer, pretrained_config, resolve_checkpoint
 
     notes: List[str] = []
-    train_cfg = trainer.read_workdir_config(workdir)
+    train_cfg = workdir_lib.read_workdir_config(workdir)
     pretrain_dir = ""
     if config.model.checkpoint:
         hf_folder = config.model.checkpoint
@@ -133,19 +128,19 @@ def resolve_source(config: ConfigDict, workdir: str) -> Source:
         if train_cfg is None:
             raise CheckpointError(f"{workdir} has no config.json (train.py writes it); is it a training workdir? "
                                   "Or set model.checkpoint to a Hugging Face folder")
-        base_cfg = trainer.base_model_config(train_cfg)
-        tokenizer = trainer.make_tokenizer(train_cfg)
+        base_cfg = workdir_lib.base_model_config(train_cfg)
+        tokenizer = workdir_lib.make_tokenizer(train_cfg)
         hf_folder = train_cfg.model.checkpoint
         if hf_folder:
             resolve_checkpoint(hf_folder)  # the base the workdir adapted must still be there
         else:
-            pretrain_dir = trainer.pretrain_checkpoints(workdir)
+            pretrain_dir = workdir_lib.pretrain_checkpoints(workdir)
     routed_cfg, adapt_dir = None, os.path.join(workdir, "adapt", "checkpoints")
     if "routed" in config.methods:
-        if train_cfg is None or not trainer.has_checkpoint_steps(adapt_dir):
+        if train_cfg is None or not workdir_lib.has_checkpoint_steps(adapt_dir):
             notes.append(f"routed: skipped, {adapt_dir} holds no adapted model")
         else:
-            routed_cfg = trainer.adapted_model_config(train_cfg, base_cfg)
+            routed_cfg = workdir_lib.adapted_model_config(train_cfg, base_cfg)
             if not routed_cfg.routing.enabled:
                 notes.append("routed: skipped, the adapted model has routing.mode='none'")
                 routed_cfg = None
@@ -176,33 +171,15 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
 
 def load_models(config: ConfigDict, source: Source):
     """(base model, base params, routed model or None, routed params or None)."""
-    from subtoken_jax import trainer
-    from subtoken_jax.hf_import import add_fresh_lora
-    from subtoken_jax.pretrained import load_pretrained
-    from subtoken_jax.lora import combine_params, is_adapter_path, split_params
-
     base_model = DecoderLM(source.base_cfg)
-    if source.hf_folder:
-        cfg = source.base_cfg
-        _, base_params, _ = load_pretrained(source.hf_folder, cfg.dtype, param_dtype=cfg.param_dtype,
-                                            value_groups=cfg.value_groups, with_tokenizer=False)
-    else:
-        base_params, step = trainer.restore_base_params(base_model, source.pretrain_dir)
-        planned = source.train_cfg.get("pretrain", {}).get("steps")
-        if planned and step < planned:
-            source.notes.append(f"the pretrain stage is unfinished: evaluated its step {step} of {planned}")
+    base_params, step = workdir_lib.load_base(source.hf_folder, source.base_cfg, source.pretrain_dir)
+    planned = source.train_cfg.get("pretrain", {}).get("steps") if source.train_cfg and not source.hf_folder else None
+    if planned and step < planned:
+        source.notes.append(f"the pretrain stage is unfinished: evaluated its step {step} of {planned}")
     routed_model = routed_params = None
     if source.routed_cfg is not None:
-        seed = source.train_cfg.get("seed", 0)
-        params = add_fresh_lora(source.routed_cfg, base_params, seed)
-        trainable, frozen = split_params(params, is_adapter_path)
-        fingerprint = ckpt_lib.fingerprint(frozen, source=source.train_cfg.model.checkpoint or "pretrain stage")
-        manager = ckpt_lib.Checkpointer(source.adapt_dir, create=False)
-        try:
-            restored = manager.restore(trainable=trainable, base_fingerprint=fingerprint)
-        finally:
-            manager.close()
-        routed_model, routed_params = DecoderLM(source.routed_cfg), combine_params(restored.trainable, frozen)
+        routed_model = DecoderLM(source.routed_cfg)
+        routed_params = workdir_lib.restore_adapter(source.routed_cfg, base_params, source.train_cfg, source.adapt_dir)
     calibration = config.value_basis.calibration if "value_basis" in config else ""
     if calibration:  # after the routed model took the unrotated base: its adapters were trained on that basis
         base_params = rotated_value_basis(base_model, base_params, source.tokenizer, calibration,
@@ -225,47 +202,12 @@ def rotated_value_basis(model: DecoderLM, params, tokenizer, path: str, tokens: 
 # ----------------------------------------------------------------------------- batching helpers
 
 
-def _bucket(n: int, limit: int) -> int:
-    """n rounded up to a power of two, at most limit."""
-    return min(limit, 1 << max(0, int(n) - 1).bit_length())
-
-
-def packed_sizes(token_masks, group_masks, state) -> Tuple[int, int]:
-    """(capacity, key_capacity) of a packed cache holding every layer under these masks, one for all layers
-    and rounded up to powers of two: every distinct size is a new compilation of the packed decode, and
-    with sizes per layer and batch an eval grid compiles hundreds of programs (on CPU it ran the process
-    out of mappable memory)."""
-    width, heads, groups = state.keys[0].shape[1], state.num_kv_heads, state.value_groups
-    positions = np.asarray(state.positions)
-    tokens = [np.asarray(t) for t in token_masks] if token_masks is not None else [None] * len(group_masks)
-    capacity = max(packed_cache.global_capacity_of(np.asarray(g), positions, t) for g, t in zip(group_masks, tokens))
-    keys = max(packed_cache.key_capacity_of(t, positions, heads) for t in tokens)
-    return _bucket(capacity, width * groups), _bucket(keys, width)
-
-
 def _decode_text(tokenizer, ids) -> str:
     ids = [int(i) for i in ids]
     eos = getattr(tokenizer, "eos_id", None)
     if eos is not None and eos in ids:
         ids = ids[:ids.index(eos)]
     return tokenizer.decode(ids)
-
-
-class _Accumulator:
-    """Per (method, budget): scores and byte fractions, weighted by real context tokens."""
-
-    def __init__(self):
-        self.values: List[float] = []
-        self.weight = 0.0
-        self.bytes = {"total": 0.0, "keys": 0.0, "values": 0.0, "index": 0.0}
-
-    def add_bytes(self, accounting: Dict[str, float], real_tokens: float) -> None:
-        for key in self.bytes:
-            self.bytes[key] += accounting[key] * real_tokens
-        self.weight += real_tokens
-
-    def accounting(self) -> Dict[str, float]:
-        return {k: v / max(self.weight, 1e-9) for k, v in self.bytes.items()}
 
 
 @dataclasses.dataclass
@@ -292,7 +234,7 @@ class Evaluator:
 
     # ----------------------------------------------------------- per plan: masks and the cache they apply to
 
-    def _masks_and_cache(self, plan, state, context, context_mask, capacity, need_cache: bool = True):
+    def plan_masks_and_cache(self, plan, state, context, context_mask, capacity, need_cache: bool = True):
         """(model, params, cache, context token masks, context group masks) of one plan (cache None unless
         need_cache: packed generation builds its own)."""
         if plan.method == "routed":
@@ -305,7 +247,15 @@ class Evaluator:
         cache = methods_lib.cache_from_state(state, self.base_model.config, capacity) if need_cache else None
         return self.base_model, self.base_params, cache, tokens, groups
 
-    def _maybe_diagnose(self, state, context, context_mask, rows: int, capacity: int):
+    def masks_and_cache(self, plan, batch, need_cache: bool = True):
+        """plan_masks_and_cache over a prompt batch (kinds.prompt_batches.PromptBatch)."""
+        return self.plan_masks_and_cache(plan, batch.state, batch.context, batch.context_mask, batch.capacity,
+                                         need_cache)
+
+    def decode(self, ids) -> str:
+        return _decode_text(self.source.tokenizer, ids)
+
+    def maybe_diagnose(self, state, context, context_mask, rows: int, capacity: int):
         """Keeps the value-group masks of the first batch for plots.value_group_diagnostic."""
         if self.diagnostic is not None or not self.config.diagnostic.enabled:
             return
@@ -327,137 +277,6 @@ class Evaluator:
                  "maps: the first sequence")
         self.diagnostic = (masks, layer, head, title)
 
-    # ----------------------------------------------------------- tasks
-
-    def evaluate_prompts(self, task: str, prompts: List[tasks_lib.Prompt]):
-        """needle / variable_tracking (greedy generation, exact match) and mmlu (letter log-likelihood)."""
-        tok = self.source.tokenizer
-        size = min(self.config.batch_size, len(prompts))
-        batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-        acc = {(p.method, p.budget): _Accumulator() for p in self.plans}
-        examples = []
-        options = tasks_lib.choice_tokens(tok) if task == "mmlu" else None
-        if options is not None:
-            lengths = tuple(len(o) for o in options)
-            padded = np.zeros((len(options), max(lengths)), np.int32)
-            for k, o in enumerate(options):
-                padded[k, :len(o)] = o
-            options_ids = methods_lib.committed(jnp.asarray(padded))
-            shared = len(set(lengths)) == 1 and len({tuple(o[:-1]) for o in options}) == 1
-        # one generation length per task (not per batch): fewer compilations
-        extra = max(lengths) if options is not None else max(p.answer_tokens for p in prompts) + \
-            self.config.extra_new_tokens
-        bar = tqdm(total=len(batches) * len(self.plans), desc=task, dynamic_ncols=True)
-        for batch in batches:
-            rows = len(batch)  # a short last batch repeats its last prompt: one compilation for all batches
-            padded_batch = batch + [batch[-1]] * (size - rows)
-            context, context_mask = data_lib.pad_rows([p.context for p in padded_batch], self.pad_id,
-                                                      self.config.pad_multiple)
-            question, question_mask = data_lib.pad_rows([p.question for p in padded_batch], self.pad_id, 8)
-            context, context_mask, question, question_mask = methods_lib.committed(
-                (jnp.asarray(context), jnp.asarray(context_mask), jnp.asarray(question), jnp.asarray(question_mask)))
-            state = methods_lib.committed(capture_prefill_state(
-                self.base_model, self.base_params, context, question, context_mask=context_mask,
-                question_mask=question_mask, with_attention=self.with_attention))
-            real_tokens = float((context_mask[:rows] > 0).sum())
-            capacity = context.shape[1] + question.shape[1] + extra
-            self._maybe_diagnose(state, context, context_mask, rows, capacity)
-            for plan in self.plans:
-                packed = options is None and plan.method != "routed" and self.config.generation == "packed"
-                model, params, cache, tokens, groups = self._masks_and_cache(plan, state, context, context_mask,
-                                                                             capacity, need_cache=not packed)
-                acc[plan.method, plan.budget].add_bytes(
-                    methods_lib.kv_accounting(tokens, groups, state.positions, model.config, rows), real_tokens)
-                t_masks, g_masks = methods_lib.widen_masks(tokens, groups, capacity)
-                if options is not None:
-                    loglik = np.asarray(methods_lib.choice_loglik(model, params, cache, question,
-                                                                  state.query_positions, t_masks, g_masks,
-                                                                  options_ids, lengths, shared))
-                    for prompt, row in zip(batch, loglik):
-                        predicted = tasks_lib.LETTERS[int(np.argmax(row))]
-                        correct = predicted == prompt.answer
-                        acc[plan.method, plan.budget].values.append(float(correct))
-                        examples.append({"task": task, "method": plan.method, "budget": plan.budget,
-                                         "prediction": predicted, "answer": prompt.answer, "correct": bool(correct),
-                                         "loglik": [round(float(v), 5) for v in row], **prompt.info})
-                else:
-                    if packed:
-                        capacity_, key_capacity_ = packed_sizes(tokens, groups, state)
-                        out, _ = generate_from_state(model, params, state, (tokens, groups), max_new_tokens=extra,
-                                                     question_ids=question, question_mask=question_mask,
-                                                     capacity=capacity_, key_capacity=key_capacity_,
-                                                     value_fill=self.config.get("value_fill", "zero"))
-                    else:
-                        out = methods_lib.greedy_answer(model, params, cache, question, state.query_positions,
-                                                        t_masks, g_masks, extra)
-                    out = np.asarray(out)
-                    for prompt, row in zip(batch, out):
-                        text = _decode_text(tok, row)
-                        correct = tasks_lib.score(task, text, prompt.answer, self.source.chat)
-                        acc[plan.method, plan.budget].values.append(float(correct))
-                        examples.append({"task": task, "method": plan.method, "budget": plan.budget,
-                                         "prediction": text, "answer": prompt.answer, "correct": bool(correct),
-                                         **prompt.info})
-                bar.update()
-        bar.close()
-        metric = tasks_lib.METRICS[task]
-        records = [report_lib.record(task, p.method, p.budget, acc[p.method, p.budget].accounting(), p.token_fraction,
-                                     p.value_fraction, metric, float(np.mean(acc[p.method, p.budget].values)),
-                                     len(prompts)) for p in self.plans]
-        return records, examples
-
-    def evaluate_perplexity(self, sequences: np.ndarray):
-        """Perplexity of each chunk's continuation after its compressed prefix.
-
-        A chunk of L + 1 tokens gives inputs x[0:L] and targets x[1:L+1]. The first P = prefix_fraction * L
-        inputs are the context: prefilled, captured and compressed (query-aware selectors observe the last
-        perplexity.window context tokens, as there is no question); the remaining L - P inputs then run over
-        the compressed cache (their own KV uncompressed), and the reported perplexity is exp(mean NLL) of
-        their targets x[P+1:L+1]. The routed model routes the prefix at the budget's value fraction the same
-        way; `full` keeps the prefix whole, so all methods score the same tokens.
-        """
-        cfg = self.config.perplexity
-        length = sequences.shape[1] - 1
-        prefix = tasks_lib.prefix_length(length, cfg.prefix_fraction)
-        acc = {(p.method, p.budget): _Accumulator() for p in self.plans}
-        nll = {(p.method, p.budget): [0.0, 0.0] for p in self.plans}
-        size = min(self.config.batch_size, len(sequences))
-        batches = [sequences[i:i + size] for i in range(0, len(sequences), size)]
-        bar = tqdm(total=len(batches) * len(self.plans), desc="perplexity", dynamic_ncols=True)
-        for batch in batches:
-            rows = len(batch)  # a short last batch repeats its last sequence: one compilation for all batches
-            batch = np.concatenate([batch, np.repeat(batch[-1:], size - rows, axis=0)])
-            inputs, targets = batch[:, :length], batch[:, 1:]
-            context, context_mask = inputs[:, :prefix], np.ones((len(batch), prefix), np.int32)
-            context, context_mask = methods_lib.committed((jnp.asarray(context), jnp.asarray(context_mask)))
-            inputs, targets = methods_lib.committed((jnp.asarray(inputs), jnp.asarray(targets)))
-            state = methods_lib.committed(capture_prefill_state(
-                self.base_model, self.base_params, context, None, window=min(cfg.window, prefix),
-                with_attention=self.with_attention))
-            self._maybe_diagnose(state, context, context_mask, rows, length)
-            positions = methods_lib.committed(
-                jnp.broadcast_to(jnp.arange(prefix, length, dtype=jnp.int32), (len(batch), length - prefix)))
-            for plan in self.plans:
-                model, params, cache, tokens, groups = self._masks_and_cache(plan, state, context, context_mask,
-                                                                             length)
-                acc[plan.method, plan.budget].add_bytes(
-                    methods_lib.kv_accounting(tokens, groups, state.positions, model.config, rows),
-                    float(rows * prefix))
-                t_masks, g_masks = methods_lib.widen_masks(tokens, groups, length)
-                total, count = methods_lib.continuation_nll(model, params, cache, inputs[:, prefix:], positions,
-                                                            targets[:, prefix:], t_masks, g_masks)
-                nll[plan.method, plan.budget][0] += float(jnp.sum(total[:rows]))
-                nll[plan.method, plan.budget][1] += float(jnp.sum(count[:rows]))
-                bar.update()
-        bar.close()
-        records = []
-        for p in self.plans:
-            total, count = nll[p.method, p.budget]
-            ppl = math.exp(min(total / max(count, 1.0), 50.0))
-            records.append(report_lib.record("perplexity", p.method, p.budget, acc[p.method, p.budget].accounting(),
-                                             p.token_fraction, p.value_fraction, "perplexity", ppl, len(sequences)))
-        return records, []
-
 
 # ----------------------------------------------------------------------------- the whole evaluation
 
@@ -477,21 +296,6 @@ def make_plans(config: ConfigDict, source: Source) -> Tuple[List[methods_lib.Pla
     return plans, notes
 
 
-def check_lengths(task: str, inputs, source: Source, config: ConfigDict) -> None:
-    limit = source.base_cfg.max_position_embeddings
-    if task == "perplexity":
-        if config.perplexity.seq_len > limit:
-            raise InputError(f"perplexity.seq_len={config.perplexity.seq_len} exceeds the model's "
-                             f"max_position_embeddings={limit}")
-        return
-    extra = max(len(o) for o in tasks_lib.choice_tokens(source.tokenizer)) if task == "mmlu" else None
-    for prompt in inputs:
-        answer = extra if extra is not None else prompt.answer_tokens + config.extra_new_tokens
-        if prompt.prompt_tokens + answer > limit:
-            raise InputError(f"{task}: a prompt of {prompt.prompt_tokens} tokens plus {answer} answer tokens exceeds "
-                             f"the model's max_position_embeddings={limit}; use shorter {task} inputs")
-
-
 def run(config: ConfigDict, workdir: str, source_dir: Optional[str] = None) -> Dict[str, Any]:
     """Evaluates the configured grid; returns {"records", "notes", "paths", "markdown"}.
 
@@ -501,12 +305,10 @@ def run(config: ConfigDict, workdir: str, source_dir: Optional[str] = None) -> D
     validate(config)
     source = resolve_source(config, source_dir or workdir)
     inputs = {}
-    for task in config.tasks:
-        if task == "perplexity":
-            inputs[task] = tasks_lib.perplexity_sequences(config.perplexity, source.tokenizer)
-        else:
-            inputs[task] = tasks_lib.build_prompts(task, config, source.tokenizer, source.bos, source.chat)
-        check_lengths(task, inputs[task], source, config)
+    for task in config.tasks:  # every task's inputs built and checked before any model is loaded
+        kind = kinds.kind_of(task)
+        inputs[task] = kind.inputs(task, config, source)
+        kind.check_lengths(task, inputs[task], source, config)
     plans, notes = make_plans(config, source)
     out_dir = os.path.join(workdir, "eval")
     with WorkdirLock(out_dir):  # one eval writing WORKDIR/eval at a time
@@ -520,10 +322,7 @@ def _evaluate(config, source, inputs, plans, notes, out_dir) -> Dict[str, Any]:
     evaluator = Evaluator(config, source, base_model, base_params, routed_model, routed_params, plans)
     records, examples = [], []
     for task in config.tasks:
-        if task == "perplexity":
-            rows, more = evaluator.evaluate_perplexity(inputs[task])
-        else:
-            rows, more = evaluator.evaluate_prompts(task, inputs[task])
+        rows, more = kinds.kind_of(task).evaluate(evaluator, task, inputs[task])
         records += rows
         examples += more
         jax.clear_caches()  # a task's compiled programs are not reused by the next (different shapes)

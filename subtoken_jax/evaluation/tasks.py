@@ -4,10 +4,10 @@ Every prompt is a context followed by a question; KV compression applies to the 
 
   perplexity         packed text chunks of perplexity.seq_len + 1 tokens; the first prefix_fraction
                      of each chunk is the (compressible) context, the rest is the continuation whose
-                     next-token perplexity is reported (see runner.evaluate_perplexity)
-  needle             needle in a haystack over needle.lengths x needle.depths (data.make_needle_example);
+                     next-token perplexity is reported (see kinds/perplexity.py)
+  needle             needle in a haystack over needle.lengths x needle.depths (synthetic_tasks.make_needle_example);
                      exact match = the needle's number is contained in the first generated line
-  variable_tracking  RULER-style chains (data.make_variable_tracking_example); exact match = every
+  variable_tracking  RULER-style chains (synthetic_tasks.make_variable_tracking_example); exact match = every
                      expected variable name appears as a word in the first generated line
   mmlu               MMLU-format CSV rows (question, A, B, C, D, answer letter); the context is the
                      subject header, optional few-shot rows and the question with its options, the
@@ -26,9 +26,10 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from subtoken_jax import data as data_lib
+from subtoken_jax import synthetic_tasks
 from subtoken_jax.errors import ConfigError, InputError
 
-# RULER-style needle variants (data.make_multi_needle_example): distractor keys, several values per key, and
+# RULER-style needle variants (synthetic_tasks.make_multi_needle_example): distractor keys, several values per key, and
 # two facts far apart that the answer must both recall.
 MULTI_NEEDLE = {"multi_key": dict(num_keys=4), "multi_value": dict(num_values=2),
                 "two_needles": dict(num_keys=2, asked=2)}
@@ -126,13 +127,13 @@ def chat_split(tokenizer, document: str, query: str) -> Tuple[List[int], List[in
 
 
 def read_haystack(path: str) -> Optional[List[str]]:
-    """Sentences of the text file `path` for needle haystacks (data.prose_sentences); "" = generated filler."""
+    """Sentences of the text file `path` for needle haystacks (synthetic_tasks.prose_sentences); "" = generated filler."""
     if not path:
         return None
     if not os.path.isfile(path):
         raise ConfigError(f"haystack={path!r} is not a file: give a text file of prose, or '' for generated filler")
     with open(path, encoding="utf-8") as fh:
-        sentences = data_lib.prose_sentences(fh.read())
+        sentences = synthetic_tasks.prose_sentences(fh.read())
     if len(sentences) < 10:
         raise ConfigError(f"haystack={path!r} holds only {len(sentences)} sentences of prose; give a longer text")
     return sentences
@@ -146,7 +147,7 @@ def needle_prompts(cfg, tokenizer, seed: int, bos: bool, chat: bool = False,
         for j, depth in enumerate(cfg.depths):
             for s in range(cfg.samples):
                 rng = np.random.default_rng([seed, 11, i, j, s])
-                example = data_lib.make_needle_example(rng, int(length), tokenizer, depth=float(depth),
+                example = synthetic_tasks.make_needle_example(rng, int(length), tokenizer, depth=float(depth),
                                                        haystack=haystack)
                 prompts.append(_qa_prompt(example, tokenizer, bos, {"length": int(length), "depth": float(depth)},
                                           chat))
@@ -159,7 +160,7 @@ def variable_tracking_prompts(cfg, tokenizer, seed: int, bos: bool, chat: bool =
     for i, length in enumerate(cfg.lengths):
         for s in range(cfg.samples):
             rng = np.random.default_rng([seed, 13, i, s])
-            example = data_lib.make_variable_tracking_example(rng, int(length), tokenizer, num_chains=cfg.num_chains,
+            example = synthetic_tasks.make_variable_tracking_example(rng, int(length), tokenizer, num_chains=cfg.num_chains,
                                                               chain_length=cfg.chain_length, haystack=haystack)
             prompts.append(_qa_prompt(example, tokenizer, bos, {"length": int(length)}, chat))
     return prompts
@@ -174,7 +175,7 @@ def multi_needle_prompts(task: str, cfg, tokenizer, seed: int, bos: bool, chat: 
     for i, length in enumerate(cfg.lengths):
         for s in range(cfg.samples):
             rng = np.random.default_rng([seed, stream, i, s])
-            example = data_lib.make_multi_needle_example(rng, int(length), tokenizer, haystack=haystack,
+            example = synthetic_tasks.make_multi_needle_example(rng, int(length), tokenizer, haystack=haystack,
                                                          **MULTI_NEEDLE[task])
             prompts.append(_qa_prompt(example, tokenizer, bos, {"length": int(length)}, chat))
     return prompts

@@ -1,0 +1,161 @@
+"""Compression recipes: a captured prefill state in, per-layer token and value-group masks out.
+
+    masks = Compression(token_fraction=0.5, value_fraction=0.5, selector="snapkv", scorer="snapkv")(state)
+    masks = JointCompression(kv_budget=0.375)(state)          # one byte budget, split per token
+    kv = realised_kv_bytes(*masks, state.positions, model.config)["total"]
+
+The one place that says how a budget becomes kept counts (`floor_budget`: counts round *down*, so a
+recipe never keeps more than it was asked for, and a row keeps at least one token), how a value-group
+budget is shared (scope "head" / "layer" / "global") and what a result costs: `kv_budget` the nominal
+fraction of key + value bytes, `realised_kv_bytes` what the masks really keep, index metadata included.
+`generate(..., compression=...)` and eval.py's methods both run these recipes, so eval measures the
+public API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from subtoken_jax.errors import InputError
+from subtoken_jax.model_config import ModelConfig, check_budget
+from subtoken_jax.packed_cache import FILLS
+from subtoken_jax.selectors import (SCOPES, TOKEN_SELECTORS, PrefillState, TokenSelector, allocate_joint,
+                                    allocate_value_groups, kv_bytes_fraction, value_group_scorer)
+
+Scorer = Union[str, Callable[[PrefillState, int], jax.Array]]
+
+
+def floor_budget(fraction, counts, minimum: int = 0) -> jax.Array:
+    """Per row: the fraction f' with round(f' * n) = clip(floor(fraction * n), minimum, n) for n = counts.
+
+    Selectors and the allocator keep round(f * n); passing them f' makes them keep the floor instead.
+    Rows with n = 0 get 1.0 (nothing to keep either way)."""
+    counts = jnp.asarray(counts, jnp.float32)
+    kept = jnp.minimum(jnp.maximum(jnp.floor(jnp.asarray(fraction, jnp.float32) * counts + 1e-6), minimum), counts)
+    return jnp.where(counts > 0, kept / jnp.maximum(counts, 1.0), 1.0)
+
+
+def _check_common(scorer, scope: str, window: int, value_fill: str) -> None:
+    if isinstance(scorer, str):
+        value_group_scorer(scorer)  # raises on an unknown name
+    if scope not in SCOPES:
+        raise InputError(f"unknown allocation scope {scope!r}; choose from {', '.join(SCOPES)}")
+    if window < 1:
+        raise InputError(f"window must be >= 1, got {window}")
+    if value_fill not in FILLS:
+        raise InputError(f"unknown value_fill {value_fill!r}; choose from {', '.join(FILLS)}")
+
+
+def _scorer(scorer: Scorer) -> Callable[[PrefillState, int], jax.Array]:
+    return value_group_scorer(scorer) if isinstance(scorer, str) else scorer
+
+
+def _all_real(state: PrefillState) -> Tuple[jax.Array, ...]:
+    real = (state.positions >= 0).astype(jnp.float32)
+    return tuple(jnp.broadcast_to(real[..., None], k.shape[:3]) for k in state.keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compression:
+    """Query-aware compression of the context: keep token_fraction (tau) of its tokens, then value_fraction
+    (rho) of the survivors' value groups, so about tau * (1 + rho) / 2 of the KV bytes remain.
+
+    selector: a token selector name (selectors.TOKEN_SELECTORS) or instance; scorer: a registered value-group
+    scorer (selectors.scorers: "attention": the question's realised attention x group norm; "snapkv": that
+    attention pooled over 5 tokens as SnapKV pools it, which keeps the values of the tokens an answer copies
+    after the attended ones; "expected": closed-form expected attention) or a (state, layer) -> [B, S, Hkv, G]
+    callable such as a trained predictor's.
+    scope: the value-group budget is shared per "head", per "layer" or "global"ly. window: the last
+    context tokens that act as the observation window when no question is given. value_fill: a dropped
+    group of a kept token reads as "zero" or as the context's "mean" value of its layer and KV head.
+    Counts round down (`floor_budget`); every row keeps at least one token.
+    """
+
+    token_fraction: float = 1.0
+    value_fraction: float = 1.0
+    selector: Union[str, TokenSelector] = "snapkv"
+    scorer: Scorer = "attention"
+    scope: str = "global"
+    window: int = 8
+    value_fill: str = "zero"  # what a dropped group reads as in the packed cache: "zero" | "mean" (pack_cache)
+
+    def __post_init__(self):
+        check_budget(self.token_fraction, "token_fraction")
+        check_budget(self.value_fraction, "value_fraction")
+        if isinstance(self.selector, str) and self.selector not in TOKEN_SELECTORS:
+            raise InputError(f"unknown token selector {self.selector!r}; choose from {', '.join(TOKEN_SELECTORS)}")
+        _check_common(self.scorer, self.scope, self.window, self.value_fill)
+
+    @property
+    def kv_budget(self) -> float:
+        """Fraction of the context's key + value bytes kept (before index metadata)."""
+        return self.token_fraction * (1.0 + self.value_fraction) / 2.0
+
+    def __call__(self, state: PrefillState):
+        real = jnp.sum(state.positions >= 0, axis=1)
+        tokens = _all_real(state)
+        if self.token_fraction < 1.0:
+            selector = TOKEN_SELECTORS[self.selector]() if isinstance(self.selector, str) else self.selector
+            tokens = selector.masks(state, floor_budget(self.token_fraction, real, minimum=1))
+        if self.value_fraction >= 1.0:  # every group of every kept token: nothing to score
+            return tokens, tuple(jnp.broadcast_to(t[..., None], t.shape + (state.value_groups,)) for t in tokens)
+        # valid pairs per allocation unit (every layer and KV head keeps the same number of tokens per row)
+        kept = jnp.sum(tokens[0][:, :, 0], axis=1)
+        per_token = {"head": 1, "layer": state.num_kv_heads, "global": state.num_kv_heads * state.num_layers}
+        rho = floor_budget(self.value_fraction, kept * per_token[self.scope] * state.value_groups)
+        scorer = _scorer(self.scorer)
+        scores = [scorer(state, layer) for layer in range(state.num_layers)]
+        groups = allocate_value_groups(scores, rho[:, None] if self.scope == "head" else rho, scope=self.scope,
+                                       positions=state.positions, token_keep_masks=tokens)
+        return tokens, groups
+
+
+@dataclasses.dataclass(frozen=True)
+class JointCompression:
+    """Query-aware compression to kv_budget of the context's KV bytes with no fixed token / group split.
+
+    Every (token, KV head) keeps its key and its k best value groups, or nothing; k is chosen per token
+    by the squared read-out error it saves per byte (`selectors.allocate_joint`), so tokens the question
+    relies on keep whole values, tokens whose value energy sits in a few groups keep those, and the rest
+    are evicted. scorer, scope, window and value_fill as in `Compression`; "snapkv" scores (the question's
+    pooled attention x group norm) by default. Each scope unit spends at most kv_budget of its bytes.
+    """
+
+    kv_budget: float = 0.375
+    scorer: Scorer = "snapkv"
+    scope: str = "head"
+    window: int = 8
+    value_fill: str = "zero"
+
+    def __post_init__(self):
+        check_budget(self.kv_budget, "kv_budget")
+        _check_common(self.scorer, self.scope, self.window, self.value_fill)
+
+    def __call__(self, state: PrefillState):
+        scorer = _scorer(self.scorer)
+        scores = [scorer(state, layer) for layer in range(state.num_layers)]
+        return allocate_joint(scores, self.kv_budget, scope=self.scope, positions=state.positions)
+
+
+def realised_kv_bytes(token_masks, group_masks, positions, model_cfg: ModelConfig,
+                      rows: Optional[int] = None) -> Dict[str, float]:
+    """What per-layer context masks really keep (of the first `rows` rows): kv_bytes_fraction with the model's
+    head_dim, dtype and G; a mask that keeps everything is not stored (no metadata)."""
+    positions = np.asarray(positions)[:rows]
+    real = positions >= 0
+    tokens = [np.asarray(t, bool)[:rows] for t in token_masks]
+    groups = [np.asarray(g, bool)[:rows] for g in group_masks]
+    keep = [t & real[..., None] for t in tokens]
+    all_tokens = all(np.array_equal(k, np.broadcast_to(real[..., None], k.shape)) for k in keep)
+    all_groups = all(np.array_equal(g & k[..., None], np.broadcast_to(k[..., None], g.shape))
+                     for g, k in zip(groups, keep))
+    if all_tokens and all_groups:
+        return {"total": 1.0, "keys": 1.0, "values": 1.0, "index": 0.0}
+    return kv_bytes_fraction(None if all_tokens else tokens, None if all_groups else groups,
+                             model_cfg.value_groups, head_dim=model_cfg.resolved_head_dim,
+                             dtype_bytes=float(jnp.dtype(model_cfg.compute_dtype).itemsize), positions=positions)

@@ -1,0 +1,154 @@
+"""One layer's KV cache as `Attention` sees it: a small protocol with a dense and a packed implementation.
+
+    layer_cache = layer_cache.write(key, value, positions)     # this chunk's keys/values [B, T, Hkv, D]
+    out = layer_cache.attend(query, positions, sliding_window=..., value_group_mask=..., token_keep_mask=...)
+
+`DenseLayerCache` is a slice of the dense `KVCache` (every slot, optional explicit masks, and the
+routing state of a query-independent routed model); `PackedLayerCache` is a compressed prefix
+(`packed_cache.PackedLayer`: compact keys, kept value groups) plus a dense tail that new tokens are
+written to, attended with one softmax over both. `Attention` only calls `write` and `attend`, so the
+decoder (`DecoderLM`), or anyone's Flax model built on our `Attention`, decodes from either cache.
+
+`layer_view(cache, i)` / `reassemble(cache, views)` go between a whole-model cache (`KVCache`,
+`PackedCache`) and its per-layer views; `next_positions(cache)` is where the next token of each row goes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from subtoken_jax.attention import attend, attention_allowed
+from subtoken_jax.errors import InputError
+from subtoken_jax.kernels.packed_decode import IMPLS, packed_decode_attention
+from subtoken_jax.kv_cache import KVCache
+from subtoken_jax.packed_cache import FixedKValues, PackedCache, PackedLayer, packed_attention
+
+
+def _write_at(old: jax.Array, new: jax.Array, index) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), index, axis=1)
+
+
+@flax.struct.dataclass
+class DenseLayerCache:
+    """Every slot of one layer: keys / values [B, L, Hkv, D], positions [B, L] (-1 empty), next slot `index`.
+
+    A routed model (config.routing) also keeps each cached token's value-group mask [B, L, Hkv, G] and
+    the adaptive router's running statistics [B, Hkv, 3]."""
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array
+    index: jax.Array
+    group_mask: Optional[jax.Array] = None
+    route_stats: Optional[jax.Array] = None
+
+    @property
+    def routed(self) -> bool:
+        return self.group_mask is not None
+
+    @property
+    def mask_slots(self) -> int:
+        """Explicit masks cover every slot."""
+        return self.keys.shape[1]
+
+    def write(self, key, value, positions, *, group_mask=None, route_stats=None) -> "DenseLayerCache":
+        """Writes a chunk at `index` (and, for a routed model, its routed group mask) and advances it."""
+        new = self.replace(keys=_write_at(self.keys, key, self.index), values=_write_at(self.values, value, self.index),
+                           positions=_write_at(self.positions, positions, self.index),
+                           index=self.index + key.shape[1])
+        if self.routed and group_mask is not None:
+            new = new.replace(group_mask=_write_at(self.group_mask, group_mask, self.index), route_stats=route_stats)
+        return new
+
+    def attend(self, query, q_positions, *, sliding_window=None, value_group_mask=None, token_keep_mask=None,
+               layer: int = 0):
+        """Attention of query [B, T, Hq, D] over every slot; explicit masks cover the L slots (the routed
+        masks of the cached tokens when value_group_mask is None)."""
+        allowed = attention_allowed(q_positions, self.positions, sliding_window=sliding_window,
+                                    token_keep_mask=token_keep_mask)
+        mask = value_group_mask if value_group_mask is not None else self.group_mask
+        return attend(query, self.keys.astype(query.dtype), self.values.astype(query.dtype), allowed,
+                      value_group_mask=mask)
+
+
+@flax.struct.dataclass
+class PackedLayerCache:
+    """One layer of a `PackedCache`: the packed prefix and the dense tail (keys / values [B, L, Hkv, D],
+    positions [B, L], next slot `index`). impl: the fixed-K prefix's single-token attention ("auto": the
+    Pallas kernel on GPU/TPU, XLA elsewhere; see kernels/packed_decode.py)."""
+
+    prefix: PackedLayer
+    tail_keys: jax.Array
+    tail_values: jax.Array
+    tail_positions: jax.Array
+    index: jax.Array
+    impl: str = flax.struct.field(pytree_node=False, default="auto")
+
+    routed = False  # value groups were chosen at pack time; a routed model's own router is not consulted
+    mask_slots = None  # explicit masks are not taken: the compression is in the prefix
+
+    def write(self, key, value, positions, **_) -> "PackedLayerCache":
+        """Appends a chunk to the dense tail (the prefix never changes) and advances the tail index."""
+        return self.replace(tail_keys=_write_at(self.tail_keys, key, self.index),
+                            tail_values=_write_at(self.tail_values, value, self.index),
+                            tail_positions=_write_at(self.tail_positions, positions, self.index),
+                            index=self.index + key.shape[1])
+
+    def attend(self, query, q_positions, *, sliding_window=None, value_group_mask=None, token_keep_mask=None,
+               layer: int = 0):
+        """One softmax over the packed prefix and the tail; the compression is already in the prefix."""
+        if value_group_mask is not None or token_keep_mask is not None:
+            raise InputError(f"layer {layer}: a packed cache holds its compression already; pass no value_group_mask "
+                             "or token_keep_mask with it")
+        tail = dict(tail_keys=self.tail_keys.astype(query.dtype), tail_values=self.tail_values.astype(query.dtype),
+                    tail_positions=self.tail_positions, sliding_window=sliding_window)
+        if isinstance(self.prefix.values, FixedKValues) and query.shape[1] == 1:  # the decode kernel's case
+            return packed_decode_attention(query[:, 0], q_positions[:, 0], self.prefix, impl=self.impl, **tail)[:, None]
+        return packed_attention(query, q_positions, self.prefix, **tail)
+
+
+LayerCache = Union[DenseLayerCache, PackedLayerCache]
+
+
+def layer_view(cache: Union[KVCache, PackedCache], i: int, impl: str = "auto") -> LayerCache:
+    """Layer i of a whole-model cache, as `Attention` takes it."""
+    if isinstance(cache, KVCache):
+        routed = cache.group_masks is not None
+        return DenseLayerCache(cache.keys[i], cache.values[i], cache.positions, cache.index,
+                               cache.group_masks[i] if routed else None, cache.route_stats[i] if routed else None)
+    if isinstance(cache, PackedCache):
+        if impl not in IMPLS:
+            raise InputError(f"unknown attention impl {impl!r}; choose from {', '.join(IMPLS)}")
+        return PackedLayerCache(cache.layers[i], cache.tail_keys[i], cache.tail_values[i], cache.tail_positions,
+                                cache.tail_index, impl)
+    raise InputError(f"cache must be a KVCache or a PackedCache, got {type(cache).__name__}")
+
+
+def reassemble(cache: Union[KVCache, PackedCache], views: Sequence[LayerCache]) -> Union[KVCache, PackedCache]:
+    """The whole-model cache after every layer wrote its chunk (positions and index from the last view)."""
+    last = views[-1]
+    if isinstance(cache, KVCache):
+        routed = cache.group_masks is not None
+        return cache.replace(keys=tuple(v.keys for v in views), values=tuple(v.values for v in views),
+                             positions=last.positions, index=last.index,
+                             group_masks=tuple(v.group_mask for v in views) if routed else None,
+                             route_stats=tuple(v.route_stats for v in views) if routed else None)
+    return cache.replace(tail_keys=tuple(v.tail_keys for v in views), tail_values=tuple(v.tail_values for v in views),
+                         tail_positions=last.tail_positions, tail_index=last.index)
+
+
+def room(cache: Union[KVCache, PackedCache]) -> int:
+    """Slots a chunk may fill: the dense cache's capacity, or the packed cache's tail capacity."""
+    return cache.capacity if isinstance(cache, KVCache) else cache.tail_capacity
+
+
+def next_positions(cache: Union[KVCache, PackedCache]) -> jax.Array:
+    """[B, 1] int32: each row's next position (after the last real cached token, left padding included)."""
+    if isinstance(cache, KVCache):
+        return jnp.max(cache.positions, axis=1, keepdims=True) + 1
+    prefix_end = cache.prefix_end[:, None]
+    return jnp.maximum(prefix_end, jnp.max(cache.tail_positions, axis=1, keepdims=True) + 1)

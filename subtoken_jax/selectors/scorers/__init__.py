@@ -1,0 +1,13 @@
+"""Value-group scorers, registered by name: one file, one scoring rule each (add one here to use it by name
+in `Compression(scorer=...)`, `JointCompression` and eval's `*.scorer` settings)."""
+
+from subtoken_jax.selectors.scorers.attention import QuestionAttention
+from subtoken_jax.selectors.scorers.base import ValueGroupScorer, value_group_norms
+from subtoken_jax.selectors.scorers.expected import ExpectedAttentionScores
+from subtoken_jax.selectors.scorers.snapkv import PooledQuestionAttention
+
+VALUE_GROUP_SCORERS = {"attention": QuestionAttention, "snapkv": PooledQuestionAttention,
+                       "expected": ExpectedAttentionScores}
+
+__all__ = ["VALUE_GROUP_SCORERS", "ExpectedAttentionScores", "PooledQuestionAttention", "QuestionAttention",
+           "ValueGroupScorer", "value_group_norms"]
