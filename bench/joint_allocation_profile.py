@@ -31,6 +31,7 @@ def main():
     parser.add_argument("--prompts", default=os.path.join(ROOT, "bench", "results", "study_dev", "prompts",
                                                           "needle_1024.jsonl"))
     parser.add_argument("--limit", type=int, default=10)
+    parser.add_argument("--value-groups", type=int, default=8, help="G, as configs/smollm2.py (head_dim 64)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "joint_allocation_profile.json"))
     args = parser.parse_args()
     if not os.path.isfile(args.prompts):
@@ -42,7 +43,7 @@ def main():
     from subtoken_jax import JointCompression, load_pretrained
     from subtoken_jax.selectors import capture_prefill_state
 
-    model, params, tokenizer = load_pretrained("smollm2-135m-instruct")
+    model, params, tokenizer = load_pretrained("smollm2-135m-instruct", value_groups=args.value_groups)
     rows = [json.loads(line) for line in open(args.prompts)][:args.limit]
     groups = model.config.value_groups
     layers = model.config.num_layers

@@ -75,7 +75,9 @@ VARIANTS.update({f"{name}+pca": {**VARIANTS[name], "value_basis.calibration": CA
 # groups or nothing, k chosen by the squared read-out error it saves per byte (selectors.allocate_joint)
 VARIANTS.update({"joint(snapkv)": {"methods": ("joint",), "joint.scorer": "snapkv"},
                  "joint(snapkv)+pca": {"methods": ("joint",), "joint.scorer": "snapkv",
-                                       "value_basis.calibration": CALIBRATION}})
+                                       "value_basis.calibration": CALIBRATION},
+                 # heads of a layer compete for the layer's bytes (head-adaptive, as AdaKV is for tokens)
+                 "joint(snapkv)@layer": {"methods": ("joint",), "joint.scorer": "snapkv", "allocation_scope": "layer"}})
 KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv")
 SEED = 2026
 NEEDLE_DEPTHS = tuple(float(d) for d in np.linspace(0, 1, 10))

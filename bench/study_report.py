@@ -11,6 +11,7 @@ import glob
 import json
 import math
 import os
+import re
 from collections import defaultdict
 
 TOKEN_ONLY = ("snapkv", "expected_attention", "streaming", "key_norm")
@@ -26,22 +27,24 @@ def selector_of(method: str):
 
 
 def _ours(out_dir):
-    rows = defaultdict(lambda: {"correct": 0, "n": 0, "kv": 0.0})
+    """{(task, length, method, budget): {prompt index: (correct, realised kv)}} of our cells."""
+    rows = defaultdict(dict)
     for path in sorted(glob.glob(os.path.join(out_dir, "cells", "*.json"))):
+        start = int(re.search(r"_\d+_(\d{4})_", os.path.basename(path)).group(1))  # <task>_<length>_<start>_<variant>
         with open(path) as fh:
             cell = json.load(fh)
         kv = {(r["method"], r["budget"]): r["kv_budget"] for r in cell["records"]}
-        for e in cell["examples"]:
+        seen = defaultdict(int)
+        for e in cell["examples"]:  # a cell lists each plan's answers in prompt order
             key = (e["task"], int(e["length"]), e["method"], float(e["budget"]))
-            rows[key]["correct"] += int(e["correct"])
-            rows[key]["n"] += 1
-            rows[key]["kv"] += kv[e["method"], e["budget"]]
+            rows[key][start + seen[key]] = (int(e["correct"]), kv[e["method"], e["budget"]])
+            seen[key] += 1
     return rows
 
 
 def _kvpress(out_dir):
     path = os.path.join(out_dir, "kvpress.jsonl")
-    rows = defaultdict(lambda: {"correct": 0, "n": 0, "kv": 0.0})
+    rows = defaultdict(dict)
     if not os.path.exists(path):
         return rows
     from subtoken_jax.evaluation import tasks as tasks_lib
@@ -60,18 +63,32 @@ def _kvpress(out_dir):
             text = tokenizer.decode(r["generated_ids"])
             method = "full" if r["press"] == "full" else f"kvpress:{r['press']}"
             key = (p["task"], int(p["length"]), method, float(r["budget"]))
-            rows[key]["correct"] += int(tasks_lib.score(p["task"], text, p["answer"], chat=True))
-            rows[key]["n"] += 1
             if r["press"].startswith("adakv"):  # AdaKV masks inside a full-size cache: its budget is the nominal one
-                rows[key]["kv"] += float(r["budget"])
+                kv = float(r["budget"])
             else:
-                rows[key]["kv"] += (r["kept_tokens"] - r["question_tokens"]) / r["context_tokens"]
+                kv = (r["kept_tokens"] - r["question_tokens"]) / r["context_tokens"]
+            rows[key][int(r["id"].rsplit("_", 1)[1])] = (int(tasks_lib.score(p["task"], text, p["answer"], chat=True)),
+                                                         kv)
     return rows
 
 
+def _cell(items, only=None):
+    """accuracy, n and mean realised bytes of {prompt: (correct, kv)}, over the prompts in `only` if given."""
+    picked = {i: v for i, v in items.items() if only is None or i in only}
+    if not picked:
+        return None
+    return {"accuracy": sum(c for c, _ in picked.values()) / len(picked), "n": len(picked),
+            "kv_budget": sum(k for _, k in picked.values()) / len(picked), "items": picked}
+
+
 def _summary(rows):
-    return {k: {"accuracy": v["correct"] / v["n"], "n": v["n"], "kv_budget": v["kv"] / v["n"]}
-            for k, v in rows.items() if v["n"]}
+    return {k: c for k, c in ((k, _cell(v)) for k, v in rows.items()) if c}
+
+
+def _on_common(a, b):
+    """Two cells compared on the prompts both have (a study grows cell by cell; kvpress's side may lag)."""
+    common = set(a["items"]) & set(b["items"])
+    return _cell(a["items"], common), _cell(b["items"], common)
 
 
 def _fmt(cell):
@@ -98,7 +115,8 @@ def claims(ours, theirs, tasks, lengths, budgets):
                            default=(None, None)) for b in budgets}
             m, c = best.get(0.375, (None, None))
             if c is not None:
-                ratio = c["accuracy"] / max(full["accuracy"], 1e-9)
+                c_common, full_common = _on_common(c, full)
+                ratio = c_common["accuracy"] / max(full_common["accuracy"], 1e-9)
                 head += (f" (a) {'held' if ratio >= 0.99 else 'not held'}: best combination at 0.375 ({m}) keeps "
                          f"{100 * ratio:.1f}% of full-cache accuracy;")
             wins = []
@@ -109,17 +127,18 @@ def claims(ours, theirs, tasks, lengths, budgets):
                 rivals = [(t, get(t, b)) for t in TOKEN_ONLY if get(t, b)]
                 rivals += [(k[2], v) for k, v in theirs.items() if k[:2] == (task, length) and k[3] == b
                            and k[2].startswith("kvpress:")]
-                if rivals:
-                    top = max(rivals, key=lambda x: x[1]["accuracy"])
-                    wins.append(f"b={b}: {m} {c['accuracy']:.2f} vs {top[0]} {top[1]['accuracy']:.2f}")
-                    wins[-1] = ("won " if c["accuracy"] > top[1]["accuracy"] else "lost ") + wins[-1]
+                if rivals:  # each rival on the prompts both have; the strongest (by its own accuracy there) is shown
+                    paired = [(t, *_on_common(c, r)) for t, r in rivals]
+                    top, mine, theirs_ = max(paired, key=lambda x: x[2]["accuracy"] - x[1]["accuracy"])
+                    wins.append(f"b={b}: {m} {mine['accuracy']:.2f} vs {top} {theirs_['accuracy']:.2f} (n={mine['n']})")
+                    wins[-1] = ("won " if mine["accuracy"] > theirs_["accuracy"] else "lost ") + wins[-1]
             if wins:
                 held = all(w.startswith("won") for w in wins)
                 head += f" (b) {'held' if held else 'not held'} ({'; '.join(wins)});"
             tallies = []
             for combo in combined:
-                pairs = [(b, get(combo, b)["accuracy"], get(selector_of(combo), b)["accuracy"]) for b in budgets
-                         if get(combo, b) and get(selector_of(combo), b)]
+                pairs = [(b, *(x["accuracy"] for x in _on_common(get(combo, b), get(selector_of(combo), b))))
+                         for b in budgets if get(combo, b) and get(selector_of(combo), b)]
                 if pairs:
                     tallies.append((combo, sum(x > y for _, x, y in pairs), len(pairs)))
             if tallies:
@@ -139,6 +158,7 @@ def agreement(ours, theirs, tasks, lengths, budgets):
                 for b in budgets:
                     a, t = ours.get((task, length, name, b)), theirs.get((task, length, f"kvpress:{name}", b))
                     if a and t:
+                        a, t = _on_common(a, t)
                         diffs.append((a["accuracy"] - t["accuracy"], _stderr(a, t), a["n"]))
         if diffs:
             within = sum(abs(d) <= 2 * max(s, 1e-9) for d, s, _ in diffs)
@@ -212,8 +232,9 @@ def write(out_dir, tasks, lengths, budgets):
     with open(os.path.join(out_dir, "study.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "study.json"), "w") as fh:
-        json.dump([{"task": k[0], "length": k[1], "method": k[2], "budget": k[3], **v} for k, v in both.items()]
-                  + [{"task": k[0], "length": k[1], "method": "full (transformers)", "budget": k[3], **v}
+        plain = lambda v: {x: y for x, y in v.items() if x != "items"}  # noqa: E731
+        json.dump([{"task": k[0], "length": k[1], "method": k[2], "budget": k[3], **plain(v)} for k, v in both.items()]
+                  + [{"task": k[0], "length": k[1], "method": "full (transformers)", "budget": k[3], **plain(v)}
                      for k, v in theirs.items() if k[2] == "full"], fh, indent=1)
     for task in tasks:
         if any(k[0] == task for k in both):

@@ -46,4 +46,5 @@ class MultipleChoice:
                                                "prediction": predicted, "answer": prompt.answer,
                                                "correct": bool(correct), "loglik": [round(float(v), 5) for v in row],
                                                **prompt.info})
+                batch.tick()
         return scores.records(task, len(prompts)), scores.examples

@@ -50,4 +50,5 @@ class Generation:
                     scores.add(plan, correct, {"task": task, "method": plan.method, "budget": plan.budget,
                                                "prediction": text, "answer": prompt.answer, "correct": bool(correct),
                                                **prompt.info})
+                batch.tick()
         return scores.records(task, len(prompts)), scores.examples

@@ -24,6 +24,10 @@ class PromptBatch:
     question_mask: jnp.ndarray
     state: PrefillState
     capacity: int  # context + question + answer slots
+    bar: object = None  # the task's progress bar: one tick per plan evaluated
+
+    def tick(self) -> None:
+        self.bar.update()
 
     @property
     def rows(self) -> int:
@@ -36,7 +40,7 @@ class PromptBatch:
 
 def prompt_batches(evaluator, task: str, prompts: List[tasks_lib.Prompt], answer_slots: int) -> Iterator[PromptBatch]:
     """Batches of config.batch_size prompts (a short last batch repeats its last prompt: one compilation for all
-    batches), with a progress bar over batches x plans."""
+    batches), with a progress bar over batches x plans (the caller ticks it per plan)."""
     config = evaluator.config
     size = min(config.batch_size, len(prompts))
     batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
@@ -53,6 +57,5 @@ def prompt_batches(evaluator, task: str, prompts: List[tasks_lib.Prompt], answer
                 question_mask=question_mask, with_attention=evaluator.with_attention))
             capacity = context.shape[1] + question.shape[1] + answer_slots
             evaluator.maybe_diagnose(state, context, context_mask, len(batch), capacity)
-            yield PromptBatch(batch, context, context_mask, question, question_mask, state, capacity)
-            bar.update(len(evaluator.plans))
+            yield PromptBatch(batch, context, context_mask, question, question_mask, state, capacity, bar)
 
