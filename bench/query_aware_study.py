@@ -77,7 +77,10 @@ VARIANTS.update({"joint(snapkv)": {"methods": ("joint",), "joint.scorer": "snapk
                  "joint(snapkv)+pca": {"methods": ("joint",), "joint.scorer": "snapkv",
                                        "value_basis.calibration": CALIBRATION},
                  # heads of a layer compete for the layer's bytes (head-adaptive, as AdaKV is for tokens)
-                 "joint(snapkv)@layer": {"methods": ("joint",), "joint.scorer": "snapkv", "allocation_scope": "layer"}})
+                 "joint(snapkv)@layer": {"methods": ("joint",), "joint.scorer": "snapkv", "allocation_scope": "layer"},
+                 # ablation: the same allocation with G = 1 is token selection ranked by attention^2 x value energy
+                 # (run it alone: a variant that changes the model reloads it in its own process)
+                 "joint_G1(snapkv)": {"methods": ("joint",), "joint.scorer": "snapkv", "model.value_groups": 1}})
 KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv")
 SEED = 2026
 NEEDLE_DEPTHS = tuple(float(d) for d in np.linspace(0, 1, 10))
@@ -160,7 +163,7 @@ def run_ours(args):
 
     cells = os.path.join(args.out, "cells")
     os.makedirs(cells, exist_ok=True)
-    loaded = None
+    loaded = {}  # by G: a variant may change the model's value groups
     for length in args.lengths:
         for task in args.tasks:
             base = study_config(args, task, length)
@@ -173,10 +176,11 @@ def run_ours(args):
                         continue
                     config = with_overrides(base, VARIANTS[variant])
                     runner.validate(config)
-                    if loaded is None:
+                    groups = config.model.value_groups
+                    if groups not in loaded:
                         source = runner.resolve_source(config, args.out)
-                        loaded = (source, runner.load_models(config, source)[:2])
-                    source, (model, params) = loaded
+                        loaded[groups] = (source, runner.load_models(config, source)[:2])
+                    source, (model, params) = loaded[groups]
                     if prompts is None:
                         prompts = study_prompts(task, config, source.tokenizer, source.bos, source.chat, args.prompts)
                     plans, _ = runner.make_plans(config, source)
