@@ -141,7 +141,7 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     packed = pack_cache(cast(state.keys), cast(state.values), state.positions, token_masks, group_masks,
                         layout=layout, tail_capacity=question_len + max_new_tokens - 1, capacity=capacity,
                         key_capacity=key_capacity, k=k, fill=value_fill).replace(impl=impl)
-    next_position = jnp.max(state.positions, axis=1).astype(jnp.int32) + 1
+    next_position = packed.prefix_end
     logits = first_logits
     if question_ids is not None:
         q_mask = jnp.ones((batch, question_len), jnp.int32) if question_mask is None else \

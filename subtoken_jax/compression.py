@@ -60,6 +60,16 @@ def _all_real(state: PrefillState) -> Tuple[jax.Array, ...]:
     return tuple(jnp.broadcast_to(real[..., None], k.shape[:3]) for k in state.keys)
 
 
+def _every_group(tokens, groups: int) -> Tuple[jax.Array, ...]:
+    return tuple(jnp.broadcast_to(t[..., None], t.shape + (groups,)) for t in tokens)
+
+
+def keep_everything(state: PrefillState):
+    """The masks of no compression: every real token and all its value groups (padding 0), per layer."""
+    tokens = _all_real(state)
+    return tokens, _every_group(tokens, state.value_groups)
+
+
 @dataclasses.dataclass(frozen=True)
 class Compression:
     """Query-aware compression of the context: keep token_fraction (tau) of its tokens, then value_fraction
@@ -103,7 +113,7 @@ class Compression:
             selector = TOKEN_SELECTORS[self.selector]() if isinstance(self.selector, str) else self.selector
             tokens = selector.masks(state, floor_budget(self.token_fraction, real, minimum=1))
         if self.value_fraction >= 1.0:  # every group of every kept token: nothing to score
-            return tokens, tuple(jnp.broadcast_to(t[..., None], t.shape + (state.value_groups,)) for t in tokens)
+            return tokens, _every_group(tokens, state.value_groups)
         # valid pairs per allocation unit (every layer and KV head keeps the same number of tokens per row)
         kept = jnp.sum(tokens[0][:, :, 0], axis=1)
         per_token = {"head": 1, "layer": state.num_kv_heads, "global": state.num_kv_heads * state.num_layers}

@@ -114,17 +114,17 @@ class PackedLayerCache:
 LayerCache = Union[DenseLayerCache, PackedLayerCache]
 
 
-def layer_view(cache: Union[KVCache, PackedCache], i: int, impl: str = "auto") -> LayerCache:
-    """Layer i of a whole-model cache, as `Attention` takes it."""
+def layer_view(cache: Union[KVCache, PackedCache], i: int) -> LayerCache:
+    """Layer i of a whole-model cache, as `Attention` takes it (a packed one with the cache's own `impl`)."""
     if isinstance(cache, KVCache):
         routed = cache.group_masks is not None
         return DenseLayerCache(cache.keys[i], cache.values[i], cache.positions, cache.index,
                                cache.group_masks[i] if routed else None, cache.route_stats[i] if routed else None)
     if isinstance(cache, PackedCache):
-        if impl not in IMPLS:
-            raise InputError(f"unknown attention impl {impl!r}; choose from {', '.join(IMPLS)}")
+        if cache.impl not in IMPLS:
+            raise InputError(f"unknown attention impl {cache.impl!r}; choose from {', '.join(IMPLS)}")
         return PackedLayerCache(cache.layers[i], cache.tail_keys[i], cache.tail_values[i], cache.tail_positions,
-                                cache.tail_index, impl)
+                                cache.tail_index, cache.impl)
     raise InputError(f"cache must be a KVCache or a PackedCache, got {type(cache).__name__}")
 
 

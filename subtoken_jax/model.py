@@ -18,10 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from subtoken_jax import layer_caches
 from subtoken_jax.attention import Attention
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids
-from subtoken_jax import layer_caches
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.layers import MLP, RMSNorm
 from subtoken_jax.model_config import ModelConfig, check_budget
@@ -41,8 +41,8 @@ class DecoderBlock(nn.Module):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.weights_dtype, name=name)  # noqa: E731
         attn_out, new_cache = Attention(cfg, self.layer_index, name="attn")(
-            norm("attn_norm")(x), positions, cache=cache, value_group_mask=value_group_mask, token_keep_mask=token_keep_mask, value_budget=value_budget,
-            deterministic=deterministic)
+            norm("attn_norm")(x), positions, cache=cache, value_group_mask=value_group_mask,
+            token_keep_mask=token_keep_mask, value_budget=value_budget, deterministic=deterministic)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x), deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache

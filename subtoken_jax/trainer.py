@@ -31,13 +31,12 @@ from subtoken_jax import sharding as sharding_lib
 from subtoken_jax import workdir as workdir_lib
 from subtoken_jax.config_checks import check_ranges
 from subtoken_jax.errors import ConfigError
-from subtoken_jax.hf_import import add_fresh_lora
-from subtoken_jax.lora import combine_params, is_adapter_path, split_params
+from subtoken_jax.lora import combine_params
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import ModelConfig, RoutingConfig, check_budget
 from subtoken_jax.objectives import LossWeights, eval_step, train_step
-from subtoken_jax.workdir import (adapted_model_config, base_model_config, has_checkpoint_steps, load_base,
-                                  load_workdir_base, make_tokenizer)
+from subtoken_jax.workdir import (adapted_model_config, base_model_config, fresh_adapter, has_checkpoint_steps,
+                                  load_base, load_workdir_base, make_tokenizer)
 
 STAGES = ("pretrain", "adapt")
 
@@ -270,9 +269,7 @@ def _run_stages(config: ConfigDict, workdir: str) -> Dict[str, Any]:
         if "adapt" in config.stages:
             adapted_cfg = adapted_model_config(config, base_cfg)
             adapted_model = DecoderLM(adapted_cfg)
-            params = add_fresh_lora(adapted_cfg, base_params, config.seed)
-            trainable, frozen = split_params(params, is_adapter_path)
-            fingerprint = ckpt_lib.fingerprint(frozen, source=config.model.checkpoint or "pretrain stage")
+            trainable, frozen, fingerprint = fresh_adapter(adapted_cfg, base_params, config)
             budgets = (adapted_cfg.default_value_budget,) if adapted_cfg.routing.k else config.adapt.budgets
             trainable = run_stage("adapt", config, workdir, adapted_model, trainable, frozen, mesh, train_iter,
                                   eval_fn, budgets=budgets, base_fingerprint=fingerprint)

@@ -200,12 +200,18 @@ def load_base(checkpoint: str, base_cfg: ModelConfig, pretrain_dir: str = ""):
     return restore_base_params(DecoderLM(base_cfg), pretrain_dir)
 
 
+def fresh_adapter(adapted_cfg: ModelConfig, base_params, train_cfg: ConfigDict):
+    """(trainable adapters, frozen base, the base's fingerprint) of the adapt stage, as training creates them
+    and restoring must recreate them (same seed, same fingerprint source)."""
+    params = add_fresh_lora(adapted_cfg, base_params, train_cfg.get("seed", 0))
+    trainable, frozen = split_params(params, is_adapter_path)
+    return trainable, frozen, ckpt_lib.fingerprint(frozen, source=train_cfg.model.checkpoint or "pretrain stage")
+
+
 def restore_adapter(adapted_cfg: ModelConfig, base_params, train_cfg: ConfigDict, adapt_dir: str):
     """Parameters of the adapted model a workdir trained: its base with the adapters of adapt_dir's latest
     step (the base's fingerprint must match the one they were trained on)."""
-    params = add_fresh_lora(adapted_cfg, base_params, train_cfg.get("seed", 0))
-    trainable, frozen = split_params(params, is_adapter_path)
-    fingerprint = ckpt_lib.fingerprint(frozen, source=train_cfg.model.checkpoint or "pretrain stage")
+    trainable, frozen, fingerprint = fresh_adapter(adapted_cfg, base_params, train_cfg)
     manager = ckpt_lib.Checkpointer(adapt_dir, create=False)
     try:
         restored = manager.restore(trainable=trainable, base_fingerprint=fingerprint)

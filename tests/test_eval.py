@@ -260,6 +260,7 @@ def test_hugging_face_folder(hf_folder, mmlu_csv, tmp_path):
     ({"tasks": ("mmlu",), "mmlu.files": ("/nonexistent/mmlu_test.csv",)}, "no file matches"),
     ({"tasks": ("mmlu",)}, "task mmlu needs mmlu.files"),
     ({"combined.scorer": "oracle"}, "combined.scorer='oracle' is unknown"),
+    ({"joint.scorer": "predictor"}, "joint.scorer='predictor': the predictor's scores are log-relevance"),
     ({"generation": "dense"}, "generation must be 'packed' or 'masked'"),
     ({"tasks": ("needle",), "haystack": "/nonexistent/prose.txt"}, "haystack='/nonexistent/prose.txt' is not a file"),
     ({"tasks": ("multi_key",), "multi_needle.samples": 0}, "config.multi_needle.samples=0: must be an integer >= 1"),

@@ -166,6 +166,7 @@ def test_a_users_own_flax_model_decodes_from_the_packed_cache():
                                   token_keep_mask=pad(token_keep), value_group_mask=pad(groups))
     np.testing.assert_allclose(packed_logits, dense_logits, atol=1e-5)
     assert isinstance(packed_layer, PackedLayerCache) and int(packed_layer.index) == question_len
+    assert layer_view(packed.replace(impl="pallas"), 0).impl == "pallas"  # the cache's impl reaches the layers
     with pytest.raises(InputError, match="holds its compression"):
         model.apply({"params": params}, question, positions[:, context_len:], layer_view(packed, 0),
                     token_keep_mask=pad(token_keep))

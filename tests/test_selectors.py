@@ -372,6 +372,9 @@ def test_joint_allocation_budget_per_scope_unit_and_padding(scope):
 def test_allocator_rejects_unknown_scope():
     with pytest.raises(InputError, match="scope"):
         allocate_value_groups([jnp.zeros((1, 2, 1, 2))], 0.5, scope="row")
+    with pytest.raises(InputError, match=r"take no option \['n_futur'\]"):
+        value_group_scorer("expected", n_futur=4)
+    assert value_group_scorer("attention", n_future=4) == value_group_scorer("attention")  # only expected uses it
 
 
 def test_combine_and_byte_accounting():

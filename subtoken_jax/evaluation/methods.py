@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subtoken_jax import packed_cache
-from subtoken_jax.compression import Compression, JointCompression
+from subtoken_jax.compression import Compression, JointCompression, keep_everything
 from subtoken_jax.errors import ConfigError
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM
@@ -123,18 +123,14 @@ def make_selectors(config) -> Dict[str, object]:
 
 
 def real_masks(state: PrefillState) -> Tuple[Tuple[jax.Array, ...], Tuple[jax.Array, ...]]:
-    """The masks of no compression: every real token and all its value groups (padding 0)."""
-    real = (state.positions >= 0).astype(jnp.float32)
-    tokens = tuple(jnp.broadcast_to(real[..., None], k.shape[:3]) for k in state.keys)
-    groups = tuple(jnp.broadcast_to(real[..., None, None], k.shape[:3] + (state.value_groups,)) for k in state.keys)
-    return committed(tokens), committed(groups)
+    """The masks of no compression (compression.keep_everything), committed."""
+    return committed(keep_everything(state))
 
 
 def uses_predictor(config) -> bool:
     """Whether a configured method scores value groups (or, as combined.selector, tokens) with the trained
     predictor."""
     return (("subtoken" in config.methods and config.subtoken.scorer == "predictor")
-            or ("joint" in config.methods and config.joint.scorer == "predictor")
             or ("combined" in config.methods and "predictor" in (config.combined.scorer, config.combined.selector)))
 
 
@@ -280,6 +276,9 @@ def check_method_config(config) -> None:
             continue
         if config[section].scorer not in SCORERS:
             raise ConfigError(f"{section}.scorer={config[section].scorer!r} is unknown; choose one of {SCORERS}")
+    if "joint" in config.methods and config.joint.scorer == "predictor":
+        raise ConfigError("joint.scorer='predictor': the predictor's scores are log-relevance, and the joint "
+                          "allocation prices contributions (>= 0); use attention, snapkv or expected")
     if uses_predictor(config) and not config.get("predictor", {}).get("workdir"):
         raise ConfigError("the predictor (scorer or selector) needs predictor.workdir: a shipped predictor's name "
                           "or a folder written by train.py --config configs/predictor.py")

@@ -27,6 +27,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from subtoken_jax import packed_cache
+from subtoken_jax import workdir as workdir_lib
 from subtoken_jax.config_checks import check_ranges
 from subtoken_jax.errors import CheckpointError, ConfigError
 from subtoken_jax.evaluation import kinds
@@ -37,7 +38,6 @@ from subtoken_jax.evaluation import tasks as tasks_lib
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import ModelConfig, check_budget
 from subtoken_jax.selectors import predictor as predictor_lib
-from subtoken_jax import workdir as workdir_lib
 from subtoken_jax.workdir import WorkdirLock
 
 # ----------------------------------------------------------------------------- config checks

@@ -99,6 +99,11 @@ def allocate_value_groups(scores: Sequence[jax.Array], budget, *, scope: str = "
     return tuple(m.astype(jnp.float32) for m in masks)
 
 
+def _energy(scores: jax.Array) -> jax.Array:
+    """Squared scores (NaN = 0): the read-out error a group's loss causes; ranks groups and prices them."""
+    return jnp.square(jnp.nan_to_num(scores.astype(jnp.float32)))
+
+
 def _joint_choice(utility: jax.Array, valid: jax.Array, lam: jax.Array):
     """Per item: (groups kept k in 0..G, its cost) maximising U(k) - lam * cost(k); k = 0 evicts the token.
 
@@ -124,7 +129,7 @@ def _joint_keep(scores: jax.Array, valid: jax.Array, budget: jax.Array) -> jax.A
     energy keeps just those; one whose energy is spread keeps all or nothing, as its key costs a value.
     """
     groups = scores.shape[-1]
-    energy = jnp.sort(jnp.square(jnp.nan_to_num(scores.astype(jnp.float32))), axis=-1)[..., ::-1]
+    energy = jnp.sort(_energy(scores), axis=-1)[..., ::-1]
     utility = jnp.cumsum(energy, axis=-1)
     limit = budget.reshape(-1, 1) * 2 * groups * jnp.sum(valid, axis=-1, keepdims=True)
 
@@ -145,7 +150,7 @@ def allocate_joint(scores: Sequence[jax.Array], budget, *, scope: str = "head", 
     """Tokens and value groups from one KV-bytes budget: per-layer (token masks [B, S, Hkv], group masks [B, S, Hkv, G]).
 
     scores: per layer [B, S, Hkv, G], a group's expected contribution to the read-out (e.g. the question's
-    attention on the token x the group's norm). Instead of a fixed split (tau of the tokens, rho of their
+    attention on the token x the group's norm): magnitudes >= 0, not log-scores. Instead of a fixed split (tau of the tokens, rho of their
     groups), each (token, KV head) keeps its key and its k best groups, or nothing, for the k that buys the
     most squared read-out error per byte under one price per scope unit (`_joint_keep`): the split adapts to
     each token. budget is the fraction of the context's key + value bytes kept (index metadata aside);
@@ -171,7 +176,8 @@ def allocate_joint(scores: Sequence[jax.Array], budget, *, scope: str = "head", 
     kept = _joint_keep(moved_s.reshape(units, -1, g), moved_v.reshape(units, -1), unit_budget.reshape(units))
     inverse = tuple(int(i) for i in np.argsort(order[:4]))
     kept = jnp.transpose(kept.reshape(moved_v.shape), inverse)  # [L, B, S, Hkv]
-    rank = jnp.argsort(jnp.argsort(-stacked, axis=-1, stable=True), axis=-1, stable=True)  # 0 = best group
+    # the k groups kept are the k of most energy, those the utility counted (0 = best group)
+    rank = jnp.argsort(jnp.argsort(-_energy(stacked), axis=-1, stable=True), axis=-1, stable=True)
     groups = (rank < kept[..., None]).astype(jnp.float32)
     tokens = (kept > 0).astype(jnp.float32)
     return tuple(tokens[i] for i in range(layers)), tuple(groups[i] for i in range(layers))

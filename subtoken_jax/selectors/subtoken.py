@@ -23,12 +23,15 @@ __all__ = ["METHODS", "layer_value_group_scores", "value_group_norms", "value_gr
 def value_group_scorer(method: str = "attention", **kwargs) -> Callable[[PrefillState, int], jax.Array]:
     """The registered scorer `method` ("attention": the question's attention; "snapkv": that attention pooled
     as SnapKV pools it; "expected": closed-form expected attention), built with those of kwargs it takes
-    (e.g. n_future), as a (state, layer) -> [B, S, Hkv, G] callable."""
+    (e.g. n_future, which only "expected" uses), as a (state, layer) -> [B, S, Hkv, G] callable. A keyword
+    no registered scorer takes is an error."""
     if method not in VALUE_GROUP_SCORERS:
         raise InputError(f"unknown value-group scoring method {method!r}; choose one of {METHODS}")
-    cls = VALUE_GROUP_SCORERS[method]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in kwargs.items() if k in fields})
+    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in VALUE_GROUP_SCORERS.items()}
+    unknown = sorted(set(kwargs) - set().union(*fields.values()))
+    if unknown:
+        raise InputError(f"value-group scorers take no option {unknown}")
+    return VALUE_GROUP_SCORERS[method](**{k: v for k, v in kwargs.items() if k in fields[method]})
 
 
 def layer_value_group_scores(state: PrefillState, layer: int, method: str = "attention", **kwargs) -> jax.Array:
