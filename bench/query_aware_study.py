@@ -23,6 +23,8 @@ Ours (masks from subtoken_jax, answers generated from the packed cache):
               the groups scored by SnapKV's pooled question attention (kernel 5) x group norm
   V+mean      variant V with dropped groups read as the context's mean value (value_fill="mean")
   V+mean+pca  and values rotated to their principal axes on WikiText-2 valid (value_basis.calibration)
+  V+lookL     beyond the paper: the observation window is the question + the first L answer tokens drafted
+              greedily over the full cache and then discarded (config lookahead; L = 8 or 24, chosen on --dev)
 kvpress's (bench/kvpress_study.py, in the bench venv): SnapKV, ExpectedAttention, StreamingLLM, TOVA,
 key-norm, AdaKV(SnapKV), at the same share of the context's tokens.
 
@@ -81,6 +83,12 @@ VARIANTS.update({"joint(snapkv)": {"methods": ("joint",), "joint.scorer": "snapk
                  # ablation: the same allocation with G = 1 is token selection ranked by attention^2 x value energy
                  # (run it alone: a variant that changes the model reloads it in its own process)
                  "joint_G1(snapkv)": {"methods": ("joint",), "joint.scorer": "snapkv", "model.value_groups": 1}})
+# beyond the paper: the question's observation window extended by the first L answer tokens drafted greedily over
+# the full cache, then discarded (capture_prefill_state(lookahead=L)); L chosen on the development set (--dev)
+for steps in (8, 24):
+    VARIANTS.update({f"tokens+look{steps}": {"methods": ("snapkv", "expected_attention"), "lookahead": steps},
+                     f"joint(snapkv)+look{steps}": {"methods": ("joint",), "joint.scorer": "snapkv",
+                                                    "lookahead": steps}})
 KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv")
 SEED = 2026
 NEEDLE_DEPTHS = tuple(float(d) for d in np.linspace(0, 1, 10))
@@ -132,8 +140,8 @@ def with_overrides(config, overrides):
 
 
 def label(variant: str, method: str) -> str:
-    """The row name of a record: token methods by name, the others by their variant."""
-    return method if variant == "tokens" else variant
+    """The row name of a record: token methods by name (+ a tokens variant's suffix), the others by their variant."""
+    return method + variant[len("tokens"):] if variant.startswith("tokens") else variant
 
 
 def atomic_json(path: str, payload) -> None:

@@ -70,6 +70,10 @@ def get_config() -> ConfigDict:
     # what a dropped value group of a kept token reads as in the packed cache: "zero" (the method as built) or
     # "mean" (the context's mean value of that layer and KV head; generation tasks only)
     c.value_fill = "zero"
+    # query-aware methods observe the question and, with lookahead L > 0, the first L tokens of an answer drafted
+    # greedily over the full cache (then discarded; the answer is generated from the compressed cache). Tasks with
+    # a question only; costs L full-cache decode steps per prompt
+    c.lookahead = 0
     # value groups in a better basis: the base model's values rotated (exactly, folded into v_proj / o_proj) to
     # their principal axes fitted on a calibration text file (keep it disjoint from the evaluation texts)
     c.value_basis = ConfigDict()

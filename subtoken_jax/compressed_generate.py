@@ -32,7 +32,7 @@ from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.kernels.packed_decode import IMPLS
 from subtoken_jax.model import DecoderLM, default_positions
-from subtoken_jax.packed_cache import LAYOUTS, PackedCache, pack_cache
+from subtoken_jax.packed_cache import LAYOUTS, PackedCache, bucket, bucketed_sizes, pack_cache
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
 from subtoken_jax.selectors import PrefillState, capture_prefill_state
 
@@ -85,15 +85,22 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     _check_lengths(model, prompt_ids, question_ids, max_new_tokens)
     window = getattr(compression, "window", 8)
+    lookahead = getattr(compression, "lookahead", 0)
+    if lookahead and question_ids is None:
+        raise InputError(f"the compression's lookahead={lookahead} drafts an answer to a question: give question_ids")
     state, logits = capture_prefill_state(model, params, prompt_ids, question_ids, context_mask=attention_mask,
                                           question_mask=question_mask, window=min(window, prompt_ids.shape[1]),
-                                          return_logits=True)
+                                          return_logits=True, lookahead=lookahead)
     masks = compression(state)
     kwargs.setdefault("value_fill", getattr(compression, "value_fill", "zero"))
     tokens, packed = generate_from_state(model, params, state, masks, max_new_tokens=max_new_tokens,
                                          question_ids=question_ids, question_mask=question_mask,
                                          first_logits=None if question_ids is not None else logits, **kwargs)
     return (tokens, packed) if return_cache else tokens
+
+
+def _traced(*trees) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
 
 
 def _check_lengths(model, prompt_ids, question_ids, max_new_tokens):
@@ -121,7 +128,8 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     The question_ids [B, Q] (left-padded rows: question_mask) run over the packed context first; without
     a question, first_logits [B, vocab] (the context's last logits) give the first token. layout "global"
     (any masks) or "fixed_k" (token masks, if any, [B, P]); capacity / key_capacity / k: packed sizes
-    (None: from the masks). value_fill: what a dropped group reads as ("zero" | "mean", see `pack_cache`).
+    (None: from the masks, and for the global layout rounded up to powers of two, as is the dense tail,
+    so a stream of prompts compiles a bounded number of programs; padding slots are never attended). value_fill: what a dropped group reads as ("zero" | "mean", see `pack_cache`).
     impl: attention for the fixed-K layout. temperature 0 is greedy; after eos_id
     a row keeps emitting eos_id. Returns (int32 [B, max_new_tokens], the final PackedCache).
     """
@@ -138,8 +146,12 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     question_len = 0 if question_ids is None else question_ids.shape[1]
     token_masks, group_masks = masks
     cast = lambda arrays: tuple(a.astype(cfg.compute_dtype) for a in arrays)  # noqa: E731  capture keeps float32
+    if layout == "global" and capacity is None and key_capacity is None and not _traced(token_masks, group_masks):
+        capacity, key_capacity = bucketed_sizes(token_masks, group_masks, state.positions)
+    tail_needed = question_len + max_new_tokens - 1
+    tail = bucket(tail_needed, 2 * tail_needed)  # a power of two: question and answer lengths vary per prompt
     packed = pack_cache(cast(state.keys), cast(state.values), state.positions, token_masks, group_masks,
-                        layout=layout, tail_capacity=question_len + max_new_tokens - 1, capacity=capacity,
+                        layout=layout, tail_capacity=tail, capacity=capacity,
                         key_capacity=key_capacity, k=k, fill=value_fill).replace(impl=impl)
     next_position = packed.prefix_end
     logits = first_logits

@@ -40,7 +40,9 @@ def floor_budget(fraction, counts, minimum: int = 0) -> jax.Array:
     return jnp.where(counts > 0, kept / jnp.maximum(counts, 1.0), 1.0)
 
 
-def _check_common(scorer, scope: str, window: int, value_fill: str) -> None:
+def _check_common(scorer, scope: str, window: int, value_fill: str, lookahead: int = 0) -> None:
+    if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 0:
+        raise InputError(f"lookahead must be a whole number of draft tokens >= 0, got {lookahead!r}")
     if isinstance(scorer, str):
         value_group_scorer(scorer)  # raises on an unknown name
     if scope not in SCOPES:
@@ -83,7 +85,9 @@ class Compression:
     scope: the value-group budget is shared per "head", per "layer" or "global"ly. window: the last
     context tokens that act as the observation window when no question is given. value_fill: a dropped
     group of a kept token reads as "zero" or as the context's "mean" value of its layer and KV head.
-    Counts round down (`floor_budget`); every row keeps at least one token.
+    lookahead: the answer's first tokens drafted greedily over the full cache join the question as the
+    observation window (`capture_prefill_state(..., lookahead=)`; needs a question; the draft is then
+    discarded). Counts round down (`floor_budget`); every row keeps at least one token.
     """
 
     token_fraction: float = 1.0
@@ -93,13 +97,14 @@ class Compression:
     scope: str = "global"
     window: int = 8
     value_fill: str = "zero"  # what a dropped group reads as in the packed cache: "zero" | "mean" (pack_cache)
+    lookahead: int = 0  # drafted answer tokens whose queries join the question's (0 = the question alone)
 
     def __post_init__(self):
         check_budget(self.token_fraction, "token_fraction")
         check_budget(self.value_fraction, "value_fraction")
         if isinstance(self.selector, str) and self.selector not in TOKEN_SELECTORS:
             raise InputError(f"unknown token selector {self.selector!r}; choose from {', '.join(TOKEN_SELECTORS)}")
-        _check_common(self.scorer, self.scope, self.window, self.value_fill)
+        _check_common(self.scorer, self.scope, self.window, self.value_fill, self.lookahead)
 
     @property
     def kv_budget(self) -> float:
@@ -132,8 +137,8 @@ class JointCompression:
     Every (token, KV head) keeps its key and its k best value groups, or nothing; k is chosen per token
     by the squared read-out error it saves per byte (`selectors.allocate_joint`), so tokens the question
     relies on keep whole values, tokens whose value energy sits in a few groups keep those, and the rest
-    are evicted. scorer, scope, window and value_fill as in `Compression`; "snapkv" scores (the question's
-    pooled attention x group norm) by default. Each scope unit spends at most kv_budget of its bytes.
+    are evicted. scorer, scope, window, value_fill and lookahead as in `Compression`; "snapkv" scores (the
+    question's pooled attention x group norm) by default. Each scope unit spends at most kv_budget of its bytes.
     """
 
     kv_budget: float = 0.375
@@ -141,10 +146,11 @@ class JointCompression:
     scope: str = "head"
     window: int = 8
     value_fill: str = "zero"
+    lookahead: int = 0
 
     def __post_init__(self):
         check_budget(self.kv_budget, "kv_budget")
-        _check_common(self.scorer, self.scope, self.window, self.value_fill)
+        _check_common(self.scorer, self.scope, self.window, self.value_fill, self.lookahead)
 
     def __call__(self, state: PrefillState):
         scorer = _scorer(self.scorer)

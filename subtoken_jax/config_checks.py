@@ -134,6 +134,7 @@ RULES = {
     "budgets": fraction(each=True, note=_BUDGET),
     "pad_multiple": count(1),
     "extra_new_tokens": count(0),
+    "lookahead": count(0, "answer tokens drafted over the full cache to observe; 0 = the question alone"),
     "selectors.snapkv_kernel_size": count(1),
     "selectors.h2o_recent": count(0),
     "selectors.streaming_sinks": count(0),

@@ -184,6 +184,27 @@ def fixed_k_of(group_mask) -> int:
     return max(int((np.asarray(group_mask) != 0).sum(axis=-1).max(initial=0)), 1)
 
 
+def bucket(n: int, limit: int) -> int:
+    """n rounded up to a power of two, at most limit: the packed sizes a stream of prompts compiles for."""
+    return min(int(limit), 1 << max(0, int(n) - 1).bit_length())
+
+
+def bucketed_sizes(token_masks, group_masks, positions) -> Tuple[int, int]:
+    """(capacity, key_capacity) of a global-layout cache holding every layer under these masks, one pair
+    for all layers, rounded up to powers of two (host-side).
+
+    Every distinct packed size is a new compilation of the packed decode; sized per layer and per prompt,
+    a stream of prompts compiled hundreds of programs and ran the CPU backend out of mappable memory.
+    Padding slots are never attended, so the generated tokens do not change.
+    """
+    positions = np.asarray(positions)
+    width, heads, groups = np.shape(group_masks[0])[1], np.shape(group_masks[0])[2], np.shape(group_masks[0])[3]
+    tokens = [None] * len(group_masks) if token_masks is None else [np.asarray(t) for t in token_masks]
+    capacity = max(global_capacity_of(np.asarray(g), positions, t) for g, t in zip(group_masks, tokens))
+    keys = max(key_capacity_of(t, positions, heads) for t in tokens)
+    return bucket(capacity, width * groups), bucket(keys, width)
+
+
 def _concrete(what: str, fn, *args):
     if any(isinstance(a, jax.core.Tracer) for a in args):
         raise InputError(f"{what} must be given explicitly when packing inside jit (the masks are traced)")

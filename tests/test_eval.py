@@ -266,6 +266,7 @@ def test_hugging_face_folder(hf_folder, mmlu_csv, tmp_path):
     ({"tasks": ("multi_key",), "multi_needle.samples": 0}, "config.multi_needle.samples=0: must be an integer >= 1"),
     ({"tasks": ("multi_key",), "multi_needle.lengths": ()}, "multi_needle.lengths is empty"),
     ({"tasks": ("needle",), "value_fill": "median"}, "value_fill='median': choose one of zero, mean"),
+    ({"lookahead": -2}, "lookahead=-2: must be an integer >= 0"),
     ({"tasks": ("perplexity", "needle"), "value_fill": "mean"}, "perplexity score through the masked dense cache"),
     ({"tasks": ("needle",), "value_fill": "mean", "generation": "masked"}, "generation=masked score through"),
     ({"tasks": ("needle",), "value_basis.calibration": "/nonexistent.txt"}, "is not a file"),

@@ -9,7 +9,7 @@ import pytest
 from subtoken_jax import Compression, ConfigError, InputError, JointCompression, KVCache, ModelConfig, generate, init_params
 from subtoken_jax.attention import Attention
 from subtoken_jax.layer_caches import PackedLayerCache, layer_view
-from subtoken_jax.packed_cache import pack_cache
+from subtoken_jax.packed_cache import bucketed_sizes, pack_cache
 from subtoken_jax.selectors import capture_prefill_state, pad_to_capacity
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -50,14 +50,47 @@ def masked_dense_answer(model, params, context, question, mask, masks, new_token
     Compression(token_fraction=0.5, value_fraction=0.5, selector="snapkv", scorer="attention"),
     Compression(token_fraction=0.75, value_fraction=0.25, selector="key_norm", scorer="expected", scope="head"),
     JointCompression(kv_budget=0.375),  # per-(token, head) keys and group counts
+    JointCompression(kv_budget=0.375, lookahead=3),  # observed by the question and a 3-token draft
 ])
 def test_query_aware_compression_equals_masked_dense(setup, compression):
     model, params, context, question, mask = setup
     tokens = generate(model, params, context, question_ids=question, attention_mask=mask, compression=compression,
                       max_new_tokens=NEW)
-    state = capture_prefill_state(model, params, context, question, context_mask=mask)
+    state = capture_prefill_state(model, params, context, question, context_mask=mask,
+                                  lookahead=compression.lookahead)
     expected = masked_dense_answer(model, params, context, question, mask, compression(state), NEW)
     np.testing.assert_array_equal(tokens, expected)
+
+
+def test_lookahead_window_is_the_greedy_full_cache_draft(setup):
+    """The draft's queries are those of the answer generated over the full cache: the same as capturing with
+    question + draft as the question; the draft itself is greedy generation without compression."""
+    model, params, context, question, mask = setup
+    draft = generate(model, params, context, question_ids=question, attention_mask=mask, max_new_tokens=3)
+    looked = capture_prefill_state(model, params, context, question, context_mask=mask, lookahead=3)
+    direct = capture_prefill_state(model, params, context, jnp.concatenate([question, draft], axis=1),
+                                   context_mask=mask)
+    np.testing.assert_array_equal(looked.query_positions, direct.query_positions)
+    for a, b in zip(looked.queries, direct.queries):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(InputError, match="drafts an answer to a question"):
+        generate(model, params, context, attention_mask=mask, max_new_tokens=2,
+                 compression=Compression(token_fraction=0.5, lookahead=2))
+    with pytest.raises(InputError, match="lookahead must be"):
+        JointCompression(lookahead=-1)
+
+
+def test_packed_sizes_are_bucketed_powers_of_two(setup):
+    """generate_from_state's default sizes: powers of two covering every layer's kept pairs and keys (a stream
+    of prompts compiles a bounded number of programs); the answers above already match the dense path."""
+    model, params, context, question, mask = setup
+    state = capture_prefill_state(model, params, context, question, context_mask=mask)
+    tokens, groups = JointCompression(kv_budget=0.3)(state)
+    capacity, key_capacity = bucketed_sizes(tokens, groups, state.positions)
+    kept_pairs = max(int((np.asarray(g) * np.asarray(t)[..., None]).sum((1, 3)).max()) for t, g in zip(tokens, groups))
+    kept_keys = max(int(np.asarray(t).sum(1).max()) for t in tokens)
+    assert capacity >= kept_pairs and capacity & (capacity - 1) == 0 and capacity < 2 * kept_pairs
+    assert key_capacity >= kept_keys and key_capacity & (key_capacity - 1) == 0 and key_capacity < 2 * kept_keys
 
 
 def test_full_budget_equals_uncompressed_generation(setup):

@@ -30,7 +30,6 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from subtoken_jax import packed_cache
 from subtoken_jax.compression import Compression, JointCompression, keep_everything
@@ -289,19 +288,6 @@ def check_method_config(config) -> None:
         raise ConfigError(f"combined.value_fraction={config.combined.value_fraction} must be in (0, 1]")
 
 
-def _bucket(n: int, limit: int) -> int:
-    """n rounded up to a power of two, at most limit."""
-    return min(limit, 1 << max(0, int(n) - 1).bit_length())
-
-
 def packed_sizes(token_masks, group_masks, state) -> Tuple[int, int]:
-    """(capacity, key_capacity) of a packed cache holding every layer under these masks, one for all layers
-    and rounded up to powers of two: every distinct size is a new compilation of the packed decode, and
-    with sizes per layer and batch an eval grid compiles hundreds of programs (on CPU it ran the process
-    out of mappable memory)."""
-    width, heads, groups = state.keys[0].shape[1], state.num_kv_heads, state.value_groups
-    positions = np.asarray(state.positions)
-    tokens = [np.asarray(t) for t in token_masks] if token_masks is not None else [None] * len(group_masks)
-    capacity = max(packed_cache.global_capacity_of(np.asarray(g), positions, t) for g, t in zip(group_masks, tokens))
-    keys = max(packed_cache.key_capacity_of(t, positions, heads) for t in tokens)
-    return _bucket(capacity, width * groups), _bucket(keys, width)
+    """(capacity, key_capacity) for the packed cache of these masks, bucketed (`packed_cache.bucketed_sizes`)."""
+    return packed_cache.bucketed_sizes(token_masks, group_masks, state.positions)

@@ -117,7 +117,7 @@ def _prefill(model: DecoderLM, params, ids, positions, cache):
 
 def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=None, *, context_mask=None,
                           question_mask=None, window: int = 8, with_attention: bool = False,
-                          chunk: int = 256, return_logits: bool = False):
+                          chunk: int = 256, return_logits: bool = False, lookahead: int = 0):
     """Prefills the context into a KV cache and captures what selectors need.
 
     context_ids [B, S] (left-pad ragged rows, context_mask 1 = real). With question_ids [B, W] the
@@ -126,20 +126,35 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
     accumulates each layer's observed attention over the context prefill (for H2O). return_logits also
     returns the last position's logits [B, vocab] (of the context, or of the question over the full
     context), as (state, logits).
+
+    lookahead L > 0 (with a question): the answer's first L tokens are drafted greedily over the *full*
+    cache and their queries join the observation window. The question says what is asked; the draft's
+    queries are the ones that will read the answer (after a question the model first restates it, then
+    copies the span that follows what the question matched, which the question itself barely attends
+    to). The draft is discarded: the answer is generated afresh from the compressed cache. Costs L
+    decode steps on the full cache, which exists at this point anyway.
     """
     cfg = model.config
     context_ids = jnp.asarray(context_ids, jnp.int32)
     batch, ctx_len = context_ids.shape
     q_len = 0 if question_ids is None else question_ids.shape[1]
+    lookahead = int(lookahead)
+    if lookahead < 0:
+        raise InputError(f"lookahead must be >= 0 draft tokens, got {lookahead}")
+    if lookahead and question_ids is None:
+        raise InputError(f"lookahead={lookahead} drafts an answer to a question: give question_ids")
     positions = default_positions(context_ids, context_mask)
-    cache = KVCache.create(cfg, batch, ctx_len + q_len, jnp.float32)
+    cache = KVCache.create(cfg, batch, ctx_len + q_len + lookahead, jnp.float32)
     cache, ctx_queries, last_logits = _prefill(model, params, context_ids, positions, cache)
     keys = tuple(k[:, :ctx_len] for k in cache.keys)
     values = tuple(v[:, :ctx_len] for v in cache.values)
     if question_ids is not None:
         q_mask = jnp.ones((batch, q_len), jnp.int32) if question_mask is None else jnp.asarray(question_mask, jnp.int32)
         q_positions = default_positions(question_ids, q_mask, jnp.max(positions, axis=1, keepdims=True) + 1)
-        _, queries, last_logits = _prefill(model, params, jnp.asarray(question_ids, jnp.int32), q_positions, cache)
+        cache, queries, last_logits = _prefill(model, params, jnp.asarray(question_ids, jnp.int32), q_positions,
+                                               cache)
+        if lookahead:
+            queries, q_positions = _draft_queries(model, params, cache, queries, q_positions, last_logits, lookahead)
     else:
         if not 1 <= window <= ctx_len:
             raise InputError(f"observation window {window} must be in [1, context length {ctx_len}]")
@@ -156,6 +171,21 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
                          inv_freq=inv_freq, attention=attention, value_groups=cfg.value_groups,
                          window_in_context=question_ids is None)
     return (state, last_logits) if return_logits else state
+
+
+def _draft_queries(model, params, cache, queries, q_positions, logits, steps: int):
+    """Greedy-drafts `steps` tokens after the question over the full cache; window queries + the draft's."""
+    position = jnp.max(q_positions, axis=1, keepdims=True)  # [B, 1]
+    drafted = [queries]
+    drafted_positions = [q_positions]
+    for _ in range(steps):
+        position = position + 1
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]
+        cache, step_queries, logits = _prefill(model, params, token, position, cache)
+        drafted.append(step_queries)
+        drafted_positions.append(position)
+    queries = tuple(jnp.concatenate([q[layer] for q in drafted], axis=1) for layer in range(len(queries)))
+    return queries, jnp.concatenate(drafted_positions, axis=1)
 
 
 # ----------------------------------------------------------------------------- top-k token selection

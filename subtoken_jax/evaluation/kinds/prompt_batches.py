@@ -54,7 +54,8 @@ def prompt_batches(evaluator, task: str, prompts: List[tasks_lib.Prompt], answer
                 (jnp.asarray(context), jnp.asarray(context_mask), jnp.asarray(question), jnp.asarray(question_mask)))
             state = methods_lib.committed(capture_prefill_state(
                 evaluator.base_model, evaluator.base_params, context, question, context_mask=context_mask,
-                question_mask=question_mask, with_attention=evaluator.with_attention))
+                question_mask=question_mask, with_attention=evaluator.with_attention,
+                lookahead=config.get("lookahead", 0)))
             capacity = context.shape[1] + question.shape[1] + answer_slots
             evaluator.maybe_diagnose(state, context, context_mask, len(batch), capacity)
             yield PromptBatch(batch, context, context_mask, question, question_mask, state, capacity, bar)
