@@ -17,13 +17,26 @@ from collections import defaultdict
 TOKEN_ONLY = ("snapkv", "expected_attention", "streaming", "key_norm")
 
 
+def _observation(method: str):
+    """A row's observation suffix and the rest: "joint(snapkv)+look24" -> ("joint(snapkv)", "+look24")."""
+    found = re.search(r"\+look\d+$", method)
+    return (method[:found.start()], found.group()) if found else (method, "")
+
+
 def selector_of(method: str):
     """The token selector of a combination row (None: not one): "snapkv+groups(snapkv)+mean" -> "snapkv";
-    "joint(snapkv)" -> "snapkv" (tokens and groups both chosen from SnapKV's pooled attention)."""
+    "joint(snapkv)" -> "snapkv" (tokens and groups both chosen from SnapKV's pooled attention); a lookahead
+    row is compared with its selector under the same lookahead: "joint(snapkv)+look24" -> "snapkv+look24"."""
+    method, observed = _observation(method)
     if method.startswith("joint(") and ")" in method:
-        return method[len("joint("):method.index(")")]
+        return method[len("joint("):method.index(")")] + observed
     head, sep, _ = method.partition("+groups")
-    return head if sep and head else None
+    return head + observed if sep and head else None
+
+
+def is_token_method(method: str) -> bool:
+    """A token selector alone, with or without a lookahead window: "snapkv", "expected_attention+look24"."""
+    return _observation(method)[0] in TOKEN_ONLY
 
 
 def _ours(out_dir):
@@ -124,7 +137,8 @@ def claims(ours, theirs, tasks, lengths, budgets):
                 m, c = best[b]
                 if c is None:
                     continue
-                rivals = [(t, get(t, b)) for t in TOKEN_ONLY if get(t, b)]
+                rivals = [(k[2], v) for k, v in ours.items() if k[:2] == (task, length) and k[3] == b
+                          and is_token_method(k[2])]
                 rivals += [(k[2], v) for k, v in theirs.items() if k[:2] == (task, length) and k[3] == b
                            and k[2].startswith("kvpress:")]
                 if rivals:  # each rival on the prompts both have; the strongest (by its own accuracy there) is shown
