@@ -28,6 +28,9 @@ def get_config():
     c.subtoken.scorer = "snapkv"
     c.combined.scorer = "snapkv"
     c.joint.scorer = "snapkv"
+    # the query-aware methods observe the question and the first 24 tokens of an answer drafted over the full cache
+    # (then discarded), chosen on the development set like the settings above (README, query-aware study)
+    c.lookahead = 24
     c.needle.lengths = (512,)
     c.needle.depths = (0.0, 0.25, 0.5, 0.75, 1.0)
     c.needle.samples = 2
