@@ -32,9 +32,10 @@ from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.kernels.packed_decode import IMPLS
 from subtoken_jax.model import DecoderLM, default_positions
-from subtoken_jax.packed_cache import LAYOUTS, PackedCache, bucket, bucketed_sizes, pack_cache
+from subtoken_jax.packed_cache import LAYOUTS, PackedCache, bucketed_sizes, pack_cache
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
 from subtoken_jax.selectors import PrefillState, capture_prefill_state
+from subtoken_jax.shape_buckets import bucket_length, left_pad
 
 
 def packed_decode_step(model: DecoderLM, params, cache: PackedCache, token: jax.Array, position: jax.Array):
@@ -72,18 +73,24 @@ def _decode(model, params, cache, token, position, done, rng, steps: int, temper
 
 def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Callable, max_new_tokens: int,
                         question_ids=None, attention_mask=None, question_mask=None, return_cache: bool = False,
-                        **kwargs):
+                        bucket: bool = True, **kwargs):
     """Generates max_new_tokens after prompt_ids [B, P] (+ question_ids [B, Q]) through a packed, compressed cache.
 
     compression(state: PrefillState) -> (token_keep_masks, group_masks), e.g. `Compression(...)`; it
     compresses the prompt (the context) only. With question_ids the question's queries guide query-aware
     selectors and the question then runs over the compressed context; without, the prompt's last logits
     (from the full prefill) give the first token. attention_mask / question_mask mark real tokens of
-    left-padded rows. kwargs: see `generate_from_state`. Returns int32 [B, max_new_tokens] (and the
+    left-padded rows. bucket: the prompt and the question are left-padded to bucketed lengths
+    (`shape_buckets`; masked, no token changes) so prompts of many lengths share compiled programs.
+    kwargs: see `generate_from_state`. Returns int32 [B, max_new_tokens] (and the
     PackedCache when return_cache).
     """
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     _check_lengths(model, prompt_ids, question_ids, max_new_tokens)
+    if bucket:
+        prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, bucket_length(prompt_ids.shape[1]))
+        if question_ids is not None:
+            question_ids, question_mask = left_pad(question_ids, question_mask, bucket_length(question_ids.shape[1]))
     window = getattr(compression, "window", 8)
     lookahead = getattr(compression, "lookahead", 0)
     if lookahead and question_ids is None:
@@ -128,7 +135,7 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     The question_ids [B, Q] (left-padded rows: question_mask) run over the packed context first; without
     a question, first_logits [B, vocab] (the context's last logits) give the first token. layout "global"
     (any masks) or "fixed_k" (token masks, if any, [B, P]); capacity / key_capacity / k: packed sizes
-    (None: from the masks, and for the global layout rounded up to powers of two, as is the dense tail,
+    (None: from the masks, and for the global layout rounded up to powers of two, the dense tail to a bucket,
     so a stream of prompts compiles a bounded number of programs; padding slots are never attended). value_fill: what a dropped group reads as ("zero" | "mean", see `pack_cache`).
     impl: attention for the fixed-K layout. temperature 0 is greedy; after eos_id
     a row keeps emitting eos_id. Returns (int32 [B, max_new_tokens], the final PackedCache).
@@ -148,8 +155,7 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     cast = lambda arrays: tuple(a.astype(cfg.compute_dtype) for a in arrays)  # noqa: E731  capture keeps float32
     if layout == "global" and capacity is None and key_capacity is None and not _traced(token_masks, group_masks):
         capacity, key_capacity = bucketed_sizes(token_masks, group_masks, state.positions)
-    tail_needed = question_len + max_new_tokens - 1
-    tail = bucket(tail_needed, 2 * tail_needed)  # a power of two: question and answer lengths vary per prompt
+    tail = bucket_length(question_len + max_new_tokens - 1)  # question and answer lengths vary per prompt
     packed = pack_cache(cast(state.keys), cast(state.values), state.positions, token_masks, group_masks,
                         layout=layout, tail_capacity=tail, capacity=capacity,
                         key_capacity=key_capacity, k=k, fill=value_fill).replace(impl=impl)

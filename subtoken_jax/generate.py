@@ -15,6 +15,7 @@ from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
+from subtoken_jax.shape_buckets import bucket_length, left_pad
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -27,7 +28,7 @@ def _forward_with_cache(model: DecoderLM, params, ids, cache, attention_mask=Non
 def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, attention_mask=None,
              temperature: float = 0.0, top_k: Optional[int] = None, rng: Optional[jax.Array] = None,
              eos_id: Optional[int] = None, progress: bool = False, compression=None, question_ids=None,
-             question_mask=None, **compressed_kwargs):
+             question_mask=None, bucket: bool = True, **compressed_kwargs):
     """Generates max_new_tokens after prompt_ids [B, T] (left-pad ragged prompts and pass attention_mask).
 
     Returns int32 [B, max_new_tokens]; after an EOS a row keeps emitting EOS. temperature 0 is greedy.
@@ -35,14 +36,17 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     the prompt's KV cache is compressed and packed after prefill, and question_ids [B, Q] (optional)
     then run over it uncompressed before the answer (left-padded rows: question_mask); compressed_kwargs
     go to `generate_from_state` (layout, impl, capacity, chunk, ...). Without compression, question_ids
-    are simply appended to the prompt.
+    are simply appended to the prompt. bucket: prompts (and the question) are left-padded to a few bucketed
+    lengths (`shape_buckets`) and the cache sized likewise, so prompts of many lengths share compiled
+    programs; padding is masked and changes no token.
     """
     check_ids(prompt_ids, "prompt_ids")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     if compression is not None:
         return compressed_generate(model, params, prompt_ids, compression=compression, max_new_tokens=max_new_tokens,
                                    question_ids=question_ids, attention_mask=attention_mask, question_mask=question_mask,
-                                   temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id, progress=progress, **compressed_kwargs)
+                                   temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id, progress=progress,
+                                   bucket=bucket, **compressed_kwargs)
     if compressed_kwargs:
         raise InputError(f"{', '.join(sorted(compressed_kwargs))} apply only with compression=...")
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
@@ -61,6 +65,9 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
         raise InputError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     check_sampling(temperature, top_k, rng)
+    if bucket:
+        prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, bucket_length(prompt_len))
+        capacity = bucket_length(prompt_ids.shape[1] + max_new_tokens)
     rng = rng if rng is not None else jax.random.key(0)
     cache = KVCache.create(model.config, batch, capacity)
     logits, cache = _forward_with_cache(model, params, prompt_ids, cache, attention_mask)

@@ -184,7 +184,7 @@ def fixed_k_of(group_mask) -> int:
     return max(int((np.asarray(group_mask) != 0).sum(axis=-1).max(initial=0)), 1)
 
 
-def bucket(n: int, limit: int) -> int:
+def _power_of_two(n: int, limit: int) -> int:
     """n rounded up to a power of two, at most limit: the packed sizes a stream of prompts compiles for."""
     return min(int(limit), 1 << max(0, int(n) - 1).bit_length())
 
@@ -202,7 +202,7 @@ def bucketed_sizes(token_masks, group_masks, positions) -> Tuple[int, int]:
     tokens = [None] * len(group_masks) if token_masks is None else [np.asarray(t) for t in token_masks]
     capacity = max(global_capacity_of(np.asarray(g), positions, t) for g, t in zip(group_masks, tokens))
     keys = max(key_capacity_of(t, positions, heads) for t in tokens)
-    return bucket(capacity, width * groups), bucket(keys, width)
+    return _power_of_two(capacity, width * groups), _power_of_two(keys, width)
 
 
 def _concrete(what: str, fn, *args):

@@ -11,6 +11,7 @@ from subtoken_jax.attention import Attention
 from subtoken_jax.layer_caches import PackedLayerCache, layer_view
 from subtoken_jax.packed_cache import bucketed_sizes, pack_cache
 from subtoken_jax.selectors import capture_prefill_state, pad_to_capacity
+from subtoken_jax.shape_buckets import bucket_length
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                      value_groups=4, max_position_embeddings=64)
@@ -91,6 +92,20 @@ def test_packed_sizes_are_bucketed_powers_of_two(setup):
     kept_keys = max(int(np.asarray(t).sum(1).max()) for t in tokens)
     assert capacity >= kept_pairs and capacity & (capacity - 1) == 0 and capacity < 2 * kept_pairs
     assert key_capacity >= kept_keys and key_capacity & (key_capacity - 1) == 0 and key_capacity < 2 * kept_keys
+
+
+@pytest.mark.parametrize("compression", [None, JointCompression(kv_budget=0.375)])
+def test_bucketed_padding_changes_no_token(setup, compression):
+    """Prompts of 21 and 27 tokens are left-padded to the buckets 24 and 28 (questions of 3 to 16): the same
+    tokens as unpadded generation, with and without compression."""
+    model, params, _, question, _ = setup
+    for length in (21, 27):
+        context = jax.random.randint(jax.random.key(length), (2, length), 0, CONFIG.vocab_size)
+        mask = jnp.ones((2, length), jnp.int32).at[1, :5].set(0)
+        run = lambda bucket: generate(model, params, context, question_ids=question, attention_mask=mask,  # noqa
+                                      compression=compression, max_new_tokens=NEW, bucket=bucket)
+        np.testing.assert_array_equal(run(True), run(False))
+    assert bucket_length(21) == 24 and bucket_length(27) == 28 and bucket_length(3) == 16
 
 
 def test_full_budget_equals_uncompressed_generation(setup):
