@@ -73,7 +73,7 @@ def _decode(model, params, cache, token, position, done, rng, steps: int, temper
 
 def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Callable, max_new_tokens: int,
                         question_ids=None, attention_mask=None, question_mask=None, return_cache: bool = False,
-                        bucket: bool = True, **kwargs):
+                        bucket: bool = False, **kwargs):
     """Generates max_new_tokens after prompt_ids [B, P] (+ question_ids [B, Q]) through a packed, compressed cache.
 
     compression(state: PrefillState) -> (token_keep_masks, group_masks), e.g. `Compression(...)`; it
@@ -81,8 +81,10 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
     selectors and the question then runs over the compressed context; without, the prompt's last logits
     (from the full prefill) give the first token. attention_mask / question_mask mark real tokens of
     left-padded rows. bucket: the prompt and the question are left-padded to bucketed lengths
-    (`shape_buckets`; masked, no token changes) so prompts of many lengths share compiled programs.
-    kwargs: see `generate_from_state`. Returns int32 [B, max_new_tokens] (and the
+    (`shape_buckets`; masked: `Compression` recipes and the tokens do not change) and the packed sizes
+    bucketed (see `generate_from_state`), so a stream of prompts of many lengths shares compiled programs.
+    Off by default: a custom `compression` callable then sees padding slots (positions -1) it must not count,
+    and the packed cache holds up to twice the slots its masks need. kwargs: see `generate_from_state`. Returns int32 [B, max_new_tokens] (and the
     PackedCache when return_cache).
     """
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
@@ -91,6 +93,7 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
         prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, bucket_length(prompt_ids.shape[1]))
         if question_ids is not None:
             question_ids, question_mask = left_pad(question_ids, question_mask, bucket_length(question_ids.shape[1]))
+        kwargs.setdefault("bucket", True)
     window = getattr(compression, "window", 8)
     lookahead = getattr(compression, "lookahead", 0)
     if lookahead and question_ids is None:
@@ -129,14 +132,15 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
                         question_ids=None, question_mask=None, first_logits=None, temperature: float = 0.0,
                         top_k: Optional[int] = None, rng: Optional[jax.Array] = None, eos_id: Optional[int] = None,
                         layout: str = "global", capacity=None, key_capacity=None, k=None, impl: str = "auto",
-                        progress: bool = False, chunk: int = 64, value_fill: str = "zero"):
+                        progress: bool = False, chunk: int = 64, value_fill: str = "zero", bucket: bool = False):
     """Packs a captured context under masks = (token_keep_masks, group_masks), then answers from it.
 
     The question_ids [B, Q] (left-padded rows: question_mask) run over the packed context first; without
     a question, first_logits [B, vocab] (the context's last logits) give the first token. layout "global"
     (any masks) or "fixed_k" (token masks, if any, [B, P]); capacity / key_capacity / k: packed sizes
-    (None: from the masks, and for the global layout rounded up to powers of two, the dense tail to a bucket,
-    so a stream of prompts compiles a bounded number of programs; padding slots are never attended). value_fill: what a dropped group reads as ("zero" | "mean", see `pack_cache`).
+    (None: from the masks; with bucket, the global layout's rounded up to powers of two and the dense tail to a
+    `shape_buckets` length, so a stream of prompts compiles a bounded number of programs, at the cost of up to
+    twice the packed slots; padding slots are never attended). value_fill: what a dropped group reads as ("zero" | "mean", see `pack_cache`).
     impl: attention for the fixed-K layout. temperature 0 is greedy; after eos_id
     a row keeps emitting eos_id. Returns (int32 [B, max_new_tokens], the final PackedCache).
     """
@@ -153,9 +157,11 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     question_len = 0 if question_ids is None else question_ids.shape[1]
     token_masks, group_masks = masks
     cast = lambda arrays: tuple(a.astype(cfg.compute_dtype) for a in arrays)  # noqa: E731  capture keeps float32
-    if layout == "global" and capacity is None and key_capacity is None and not _traced(token_masks, group_masks):
-        capacity, key_capacity = bucketed_sizes(token_masks, group_masks, state.positions)
-    tail = bucket_length(question_len + max_new_tokens - 1)  # question and answer lengths vary per prompt
+    tail = question_len + max_new_tokens - 1
+    if bucket:
+        if layout == "global" and capacity is None and key_capacity is None and not _traced(token_masks, group_masks):
+            capacity, key_capacity = bucketed_sizes(token_masks, group_masks, state.positions)
+        tail = bucket_length(tail)  # question and answer lengths vary per prompt
     packed = pack_cache(cast(state.keys), cast(state.values), state.positions, token_masks, group_masks,
                         layout=layout, tail_capacity=tail, capacity=capacity,
                         key_capacity=key_capacity, k=k, fill=value_fill).replace(impl=impl)

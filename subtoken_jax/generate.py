@@ -28,7 +28,7 @@ def _forward_with_cache(model: DecoderLM, params, ids, cache, attention_mask=Non
 def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, attention_mask=None,
              temperature: float = 0.0, top_k: Optional[int] = None, rng: Optional[jax.Array] = None,
              eos_id: Optional[int] = None, progress: bool = False, compression=None, question_ids=None,
-             question_mask=None, bucket: bool = True, **compressed_kwargs):
+             question_mask=None, bucket: Optional[bool] = None, **compressed_kwargs):
     """Generates max_new_tokens after prompt_ids [B, T] (left-pad ragged prompts and pass attention_mask).
 
     Returns int32 [B, max_new_tokens]; after an EOS a row keeps emitting EOS. temperature 0 is greedy.
@@ -38,7 +38,8 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     go to `generate_from_state` (layout, impl, capacity, chunk, ...). Without compression, question_ids
     are simply appended to the prompt. bucket: prompts (and the question) are left-padded to a few bucketed
     lengths (`shape_buckets`) and the cache sized likewise, so prompts of many lengths share compiled
-    programs; padding is masked and changes no token.
+    programs; padding is masked and changes no token. None: on for the full cache, off with compression
+    (see `compressed_generate`).
     """
     check_ids(prompt_ids, "prompt_ids")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
@@ -46,7 +47,7 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
         return compressed_generate(model, params, prompt_ids, compression=compression, max_new_tokens=max_new_tokens,
                                    question_ids=question_ids, attention_mask=attention_mask, question_mask=question_mask,
                                    temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id, progress=progress,
-                                   bucket=bucket, **compressed_kwargs)
+                                   bucket=bool(bucket), **compressed_kwargs)
     if compressed_kwargs:
         raise InputError(f"{', '.join(sorted(compressed_kwargs))} apply only with compression=...")
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
@@ -65,7 +66,7 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
         raise InputError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     check_sampling(temperature, top_k, rng)
-    if bucket:
+    if bucket is None or bucket:
         prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, bucket_length(prompt_len))
         capacity = bucket_length(prompt_ids.shape[1] + max_new_tokens)
     rng = rng if rng is not None else jax.random.key(0)
