@@ -84,8 +84,8 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
     (`shape_buckets`; masked: `Compression` recipes and the tokens do not change) and the packed sizes
     bucketed (see `generate_from_state`), so a stream of prompts of many lengths shares compiled programs.
     Off by default: a custom `compression` callable then sees padding slots (positions -1) it must not count,
-    and the packed cache holds up to twice the slots its masks need. kwargs: see `generate_from_state`. Returns int32 [B, max_new_tokens] (and the
-    PackedCache when return_cache).
+    and the packed cache holds up to twice the slots its masks need. kwargs: see `generate_from_state`.
+    Returns int32 [B, max_new_tokens] (and the PackedCache when return_cache).
     """
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     _check_lengths(model, prompt_ids, question_ids, max_new_tokens)
@@ -95,9 +95,7 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
             question_ids, question_mask = left_pad(question_ids, question_mask, bucket_length(question_ids.shape[1]))
         kwargs.setdefault("bucket", True)
     window = getattr(compression, "window", 8)
-    lookahead = getattr(compression, "lookahead", 0)
-    if lookahead and question_ids is None:
-        raise InputError(f"the compression's lookahead={lookahead} drafts an answer to a question: give question_ids")
+    lookahead = getattr(compression, "lookahead", 0)  # capture_prefill_state refuses it without a question
     state, logits = capture_prefill_state(model, params, prompt_ids, question_ids, context_mask=attention_mask,
                                           question_mask=question_mask, window=min(window, prompt_ids.shape[1]),
                                           return_logits=True, lookahead=lookahead)
@@ -107,10 +105,6 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
                                          question_ids=question_ids, question_mask=question_mask,
                                          first_logits=None if question_ids is not None else logits, **kwargs)
     return (tokens, packed) if return_cache else tokens
-
-
-def _traced(*trees) -> bool:
-    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
 
 
 def _check_lengths(model, prompt_ids, question_ids, max_new_tokens):
@@ -140,7 +134,8 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     (any masks) or "fixed_k" (token masks, if any, [B, P]); capacity / key_capacity / k: packed sizes
     (None: from the masks; with bucket, the global layout's rounded up to powers of two and the dense tail to a
     `shape_buckets` length, so a stream of prompts compiles a bounded number of programs, at the cost of up to
-    twice the packed slots; padding slots are never attended). value_fill: what a dropped group reads as ("zero" | "mean", see `pack_cache`).
+    twice the packed slots; padding slots are never attended). value_fill: what a dropped group reads as
+    ("zero" | "mean", see `pack_cache`).
     impl: attention for the fixed-K layout. temperature 0 is greedy; after eos_id
     a row keeps emitting eos_id. Returns (int32 [B, max_new_tokens], the final PackedCache).
     """
@@ -159,7 +154,7 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     cast = lambda arrays: tuple(a.astype(cfg.compute_dtype) for a in arrays)  # noqa: E731  capture keeps float32
     tail = question_len + max_new_tokens - 1
     if bucket:
-        if layout == "global" and capacity is None and key_capacity is None and not _traced(token_masks, group_masks):
+        if layout == "global" and capacity is None and key_capacity is None:
             capacity, key_capacity = bucketed_sizes(token_masks, group_masks, state.positions)
         tail = bucket_length(tail)  # question and answer lengths vary per prompt
     packed = pack_cache(cast(state.keys), cast(state.values), state.positions, token_masks, group_masks,

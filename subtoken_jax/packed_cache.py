@@ -197,8 +197,12 @@ def bucketed_sizes(token_masks, group_masks, positions) -> Tuple[int, int]:
     a stream of prompts compiled hundreds of programs and ran the CPU backend out of mappable memory.
     Padding slots are never attended, so the generated tokens do not change.
     """
+    return _concrete("capacity and key_capacity", _bucketed_sizes, token_masks, group_masks, positions)
+
+
+def _bucketed_sizes(token_masks, group_masks, positions) -> Tuple[int, int]:
     positions = np.asarray(positions)
-    width, heads, groups = np.shape(group_masks[0])[1], np.shape(group_masks[0])[2], np.shape(group_masks[0])[3]
+    _, width, heads, groups = np.shape(group_masks[0])
     tokens = [None] * len(group_masks) if token_masks is None else [np.asarray(t) for t in token_masks]
     capacity = max(global_capacity_of(np.asarray(g), positions, t) for g, t in zip(group_masks, tokens))
     keys = max(key_capacity_of(t, positions, heads) for t in tokens)
@@ -206,7 +210,7 @@ def bucketed_sizes(token_masks, group_masks, positions) -> Tuple[int, int]:
 
 
 def _concrete(what: str, fn, *args):
-    if any(isinstance(a, jax.core.Tracer) for a in args):
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(args)):
         raise InputError(f"{what} must be given explicitly when packing inside jit (the masks are traced)")
     return fn(*args)
 

@@ -82,8 +82,8 @@ def test_lookahead_window_is_the_greedy_full_cache_draft(setup):
 
 
 def test_packed_sizes_are_bucketed_powers_of_two(setup):
-    """generate_from_state's default sizes: powers of two covering every layer's kept pairs and keys (a stream
-    of prompts compiles a bounded number of programs); the answers above already match the dense path."""
+    """generate_from_state(bucket=True)'s sizes: powers of two covering every layer's kept pairs and keys (a
+    stream of prompts compiles a bounded number of programs); bucketed answers are compared with unbucketed below."""
     model, params, context, question, mask = setup
     state = capture_prefill_state(model, params, context, question, context_mask=mask)
     tokens, groups = JointCompression(kv_budget=0.3)(state)

@@ -31,7 +31,6 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from subtoken_jax import packed_cache
 from subtoken_jax.compression import Compression, JointCompression, keep_everything
 from subtoken_jax.errors import ConfigError
 from subtoken_jax.kv_cache import KVCache
@@ -286,8 +285,3 @@ def check_method_config(config) -> None:
                           f"{', '.join(TOKEN_SELECTORS)} or predictor")
     if not 0 < config.combined.value_fraction <= 1:
         raise ConfigError(f"combined.value_fraction={config.combined.value_fraction} must be in (0, 1]")
-
-
-def packed_sizes(token_masks, group_masks, state) -> Tuple[int, int]:
-    """(capacity, key_capacity) for the packed cache of these masks, bucketed (`packed_cache.bucketed_sizes`)."""
-    return packed_cache.bucketed_sizes(token_masks, group_masks, state.positions)

@@ -12,6 +12,7 @@ from subtoken_jax.evaluation import methods as methods_lib
 from subtoken_jax.evaluation import tasks as tasks_lib
 from subtoken_jax.evaluation.kinds.prompt_batches import prompt_batches
 from subtoken_jax.evaluation.kinds.scoring import PlanScores, check_prompt_lengths
+from subtoken_jax.packed_cache import bucketed_sizes
 
 
 class Generation:
@@ -35,7 +36,7 @@ class Generation:
                 model, params, cache, tokens, groups = evaluator.masks_and_cache(plan, batch, need_cache=not packed)
                 scores.add_bytes(plan, tokens, groups, batch, model)
                 if packed:
-                    capacity, key_capacity = methods_lib.packed_sizes(tokens, groups, batch.state)
+                    capacity, key_capacity = bucketed_sizes(tokens, groups, batch.state.positions)
                     out, _ = generate_from_state(model, params, batch.state, (tokens, groups), max_new_tokens=new_tokens,
                                                  question_ids=batch.question, question_mask=batch.question_mask,
                                                  capacity=capacity, key_capacity=key_capacity,
