@@ -53,6 +53,7 @@ BUDGETS = (0.75, 0.5, 0.375, 0.25)
 TOKEN_METHODS = ("snapkv", "expected_attention", "streaming", "key_norm")
 # variant -> eval-config overrides; "methods" is what the variant's Evaluator runs
 VARIANTS = {
+    "full": {"methods": ("full",)},  # the full cache alone: is a task within the model's reach at all
     "tokens": {"methods": ("full",) + TOKEN_METHODS},
     "groups": {"methods": ("subtoken",), "subtoken.scorer": "attention"},
     **{f"{s}+groups": {"methods": ("combined",), "combined.selector": s, "combined.scorer": "attention"}
