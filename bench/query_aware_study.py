@@ -69,7 +69,7 @@ VARIANTS.update({"groups(snapkv)": {"methods": ("subtoken",), "subtoken.scorer":
 # step 2 fix: a dropped group of a kept token reads as the context's mean value (pack_cache fill="mean"),
 # not as zero, so low-weight partially kept tokens stop pulling the read-out towards 0
 VARIANTS.update({f"{name}+mean": {**overrides, "value_fill": "mean"} for name, overrides in list(VARIANTS.items())
-                 if name != "tokens"})
+                 if name not in ("tokens", "full")})
 # and values in their principal axes, fitted on WikiText-2 *valid* (the haystacks are from test)
 CALIBRATION = os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "valid.txt")
 VARIANTS.update({f"{name}+pca": {**VARIANTS[name], "value_basis.calibration": CALIBRATION}
@@ -235,7 +235,8 @@ def main():
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048])
     parser.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
     parser.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
-    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    # "full" is left out by default: "tokens" runs the full cache too
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=[v for v in VARIANTS if v != "full"])
     parser.add_argument("--kvpress", type=lambda s: s.split(","), default=list(KVPRESS))
     parser.add_argument("--kvpress-threads", type=int, default=0, help="torch threads of kvpress's side (0: all)")
     parser.add_argument("--chunk", type=int, default=10, help="prompts per resumable cell")
