@@ -28,11 +28,12 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
+from subtoken_jax import sharding
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.kernels.packed_decode import IMPLS
 from subtoken_jax.model import DecoderLM, default_positions
-from subtoken_jax.packed_cache import LAYOUTS, PackedCache, bucketed_sizes, pack_cache
+from subtoken_jax.packed_cache import LAYOUTS, PackedCache, bucketed_sizes, pack_cache, shard_cache
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
 from subtoken_jax.selectors import PrefillState, capture_prefill_state
 from subtoken_jax.shape_buckets import bucket_length, left_pad
@@ -53,7 +54,7 @@ def packed_decode_step(model: DecoderLM, params, cache: PackedCache, token: jax.
 def _feed(model, params, cache, tokens, positions):
     """Runs tokens [B, Q] at positions [B, Q] through the packed cache as one chunk; the last logits [B, vocab]."""
     logits, cache = model.apply({"params": params}, tokens, positions=positions, cache=cache)
-    return logits[:, -1], cache
+    return logits[:, -1], shard_cache(cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "steps", "temperature", "top_k", "eos_id"))
@@ -63,6 +64,7 @@ def _decode(model, params, cache, token, position, done, rng, steps: int, temper
     def step(carry, _):
         cache, token, position, done, rng = carry
         logits, cache = packed_decode_step(model, params, cache, token, position)
+        cache = shard_cache(cache)  # keeps the carry's sharding fixed across steps
         rng, sub = jax.random.split(rng)
         token, done = hold_eos(pick_token(logits, sub, temperature, top_k), done, eos_id)
         return (cache, token, position + 1, done, rng), token
@@ -71,9 +73,19 @@ def _decode(model, params, cache, token, position, done, rng, steps: int, temper
     return jnp.transpose(tokens), carry
 
 
+def on_active_mesh(model: DecoderLM, params, *arrays):
+    """(params, *arrays) placed on the active mesh: params by the model's rules, arrays batch-split.
+
+    Unchanged without a mesh. Arrays may be None.
+    """
+    if sharding.active_mesh() is None:
+        return (params,) + arrays
+    return (sharding.place_params(model, params),) + tuple(sharding.place_batch_leading(arrays))
+
+
 def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Callable, max_new_tokens: int,
                         question_ids=None, attention_mask=None, question_mask=None, return_cache: bool = False,
-                        bucket: bool = False, **kwargs):
+                        bucket: bool = False, mesh=None, **kwargs):
     """Generates max_new_tokens after prompt_ids [B, P] (+ question_ids [B, Q]) through a packed, compressed cache.
 
     compression(state: PrefillState) -> (token_keep_masks, group_masks), e.g. `Compression(...)`; it
@@ -85,8 +97,17 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
     bucketed (see `generate_from_state`), so a stream of prompts of many lengths shares compiled programs.
     Off by default: a custom `compression` callable then sees padding slots (positions -1) it must not count,
     and the packed cache holds up to twice the slots its masks need. kwargs: see `generate_from_state`.
+    mesh: a `jax.sharding.Mesh` (e.g. `sharding.make_mesh(config.mesh)`) to run on; rows are split over its
+    batch axes, params by the model's logical rules, and the packed cache by batch and KV head (no device
+    gathers it). None: the mesh of an enclosing `sharding.use_mesh`, if any, else one device.
     Returns int32 [B, max_new_tokens] (and the PackedCache when return_cache).
     """
+    if mesh is not None:
+        with sharding.use_mesh(mesh, sharding.active_rules()):
+            return compressed_generate(model, params, prompt_ids, compression=compression,
+                                       max_new_tokens=max_new_tokens, question_ids=question_ids,
+                                       attention_mask=attention_mask, question_mask=question_mask,
+                                       return_cache=return_cache, bucket=bucket, **kwargs)
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     _check_lengths(model, prompt_ids, question_ids, max_new_tokens)
     if bucket:
@@ -94,6 +115,8 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
         if question_ids is not None:
             question_ids, question_mask = left_pad(question_ids, question_mask, bucket_length(question_ids.shape[1]))
         kwargs.setdefault("bucket", True)
+    params, prompt_ids, attention_mask, question_ids, question_mask = on_active_mesh(
+        model, params, prompt_ids, attention_mask, question_ids, question_mask)
     window = getattr(compression, "window", 8)
     lookahead = getattr(compression, "lookahead", 0)  # capture_prefill_state refuses it without a question
     state, logits = capture_prefill_state(model, params, prompt_ids, question_ids, context_mask=attention_mask,
@@ -160,6 +183,7 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     packed = pack_cache(cast(state.keys), cast(state.values), state.positions, token_masks, group_masks,
                         layout=layout, tail_capacity=tail, capacity=capacity,
                         key_capacity=key_capacity, k=k, fill=value_fill).replace(impl=impl)
+    packed = jax.jit(shard_cache)(packed) if sharding.active_mesh() is not None else packed
     next_position = packed.prefix_end
     logits = first_logits
     if question_ids is not None:

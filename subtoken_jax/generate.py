@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from subtoken_jax.compressed_generate import compressed_generate
+from subtoken_jax import sharding
+from subtoken_jax.compressed_generate import compressed_generate, on_active_mesh
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.kv_cache import KVCache
@@ -28,7 +29,7 @@ def _forward_with_cache(model: DecoderLM, params, ids, cache, attention_mask=Non
 def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, attention_mask=None,
              temperature: float = 0.0, top_k: Optional[int] = None, rng: Optional[jax.Array] = None,
              eos_id: Optional[int] = None, progress: bool = False, compression=None, question_ids=None,
-             question_mask=None, bucket: Optional[bool] = None, **compressed_kwargs):
+             question_mask=None, bucket: Optional[bool] = None, mesh=None, **compressed_kwargs):
     """Generates max_new_tokens after prompt_ids [B, T] (left-pad ragged prompts and pass attention_mask).
 
     Returns int32 [B, max_new_tokens]; after an EOS a row keeps emitting EOS. temperature 0 is greedy.
@@ -39,8 +40,15 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     are simply appended to the prompt. bucket: prompts (and the question) are left-padded to a few bucketed
     lengths (`shape_buckets`) and the cache sized likewise, so prompts of many lengths share compiled
     programs; padding is masked and changes no token. None: on for the full cache, off with compression
-    (see `compressed_generate`).
+    (see `compressed_generate`). mesh: a `jax.sharding.Mesh` to run on (rows over its batch axes, params by
+    the model's logical rules, the cache by batch and KV head); None: an enclosing `sharding.use_mesh`'s, if any.
     """
+    if mesh is not None:
+        with sharding.use_mesh(mesh, sharding.active_rules()):
+            return generate(model, params, prompt_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                            temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id, progress=progress,
+                            compression=compression, question_ids=question_ids, question_mask=question_mask,
+                            bucket=bucket, **compressed_kwargs)
     check_ids(prompt_ids, "prompt_ids")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     if compression is not None:
@@ -70,6 +78,7 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
         prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, bucket_length(prompt_len))
         capacity = bucket_length(prompt_ids.shape[1] + max_new_tokens)
     rng = rng if rng is not None else jax.random.key(0)
+    params, prompt_ids, attention_mask = on_active_mesh(model, params, prompt_ids, attention_mask)
     cache = KVCache.create(model.config, batch, capacity)
     logits, cache = _forward_with_cache(model, params, prompt_ids, cache, attention_mask)
     tokens = []

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subtoken_jax import sharding
 from subtoken_jax.attention import attention_allowed, grouped_readout, grouped_scores
 from subtoken_jax.errors import InputError
 from subtoken_jax.value_groups import per_layer
@@ -575,6 +576,41 @@ def pack_cache(keys: Sequence[jax.Array], values: Sequence[jax.Array], positions
                                   capacity[i], key_capacity[i], k[i]).replace(value_mean=mean))
     prefix_end = jnp.max(positions, axis=1).astype(jnp.int32) + 1
     return PackedCache.with_empty_tail(layers, max(int(tail_capacity), 1), prefix_end, dtype=values[0].dtype)
+
+
+def shard_cache(cache: PackedCache) -> PackedCache:
+    """Constrains every leaf of the packed cache to shard by batch and KV head under the active mesh.
+
+    Slot / entry / group axes stay whole on each device, so a device reads its own (batch, KV head)
+    entries without gathering anyone else's; the global layout's top-B ran before packing (on the
+    masks), so sharding changes no kept entry. A no-op without a mesh; works inside jit.
+    """
+    def keys_of(keys: PackedKeys) -> PackedKeys:
+        if keys.compact:  # [B, Hkv, Tk, D], positions [B, Hkv, Tk]
+            return keys.replace(keys=sharding.constrain(keys.keys, ("batch", "kv_heads", "length", "head_dim")),
+                                positions=sharding.constrain(keys.positions, ("batch", "kv_heads", "length")))
+        return keys.replace(keys=sharding.constrain(keys.keys, ("batch", "length", "kv_heads", "head_dim")),
+                            positions=sharding.constrain(keys.positions, ("batch", "length")))
+
+    def values_of(values):
+        if isinstance(values, FixedKValues):  # [B, T, Hkv, K, gd], groups [B, T, Hkv, K]
+            return values.replace(values=sharding.constrain(values.values, ("batch", "length", "kv_heads")),
+                                  groups=sharding.constrain(values.groups, ("batch", "length", "kv_heads")))
+        return values.replace(values=sharding.constrain(values.values, ("batch", "kv_heads")),
+                              tokens=sharding.constrain(values.tokens, ("batch", "kv_heads")),
+                              groups=sharding.constrain(values.groups, ("batch", "kv_heads")),
+                              count=sharding.constrain(values.count, ("batch", "kv_heads")))
+
+    def layer_of(layer: PackedLayer) -> PackedLayer:
+        mean = None if layer.value_mean is None else sharding.constrain(layer.value_mean, ("batch", "kv_heads"))
+        return layer.replace(keys=keys_of(layer.keys), values=values_of(layer.values), value_mean=mean)
+
+    tail = ("batch", "length", "kv_heads", "head_dim")
+    return cache.replace(layers=tuple(layer_of(layer) for layer in cache.layers),
+                         tail_keys=tuple(sharding.constrain(x, tail) for x in cache.tail_keys),
+                         tail_values=tuple(sharding.constrain(x, tail) for x in cache.tail_values),
+                         tail_positions=sharding.constrain(cache.tail_positions, ("batch", "length")),
+                         prefix_end=sharding.constrain(cache.prefix_end, ("batch",)))
 
 
 def context_value_mean(values: jax.Array, positions: jax.Array) -> jax.Array:

@@ -385,3 +385,94 @@ def describe(shardings) -> dict:
     """{'path': 'PartitionSpec(...)'} for logging which dims went where."""
     flat = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
     return {_path_name(path): str(getattr(s, "spec", s)) for path, s in flat}
+
+
+# ----------------------------------------------------------------------------- running under an active mesh
+#
+# Evaluation and generation do not take shardings as arguments: they run under `use_mesh` (or
+# `generate(..., mesh=)`), place their inputs with the helpers below and constrain what they build
+# inside jit with `constrain`, so the same code runs on one device (no mesh: every helper is a no-op).
+
+
+def active_mesh() -> Optional[Mesh]:
+    """The mesh set by `use_mesh` / jax.set_mesh, or None. Call outside jit (inside, see `constrain`)."""
+    mesh = jax.sharding.get_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def active_rules() -> Rules:
+    """The logical axis rules of the enclosing `use_mesh` (DEFAULT_RULES when none are set)."""
+    rules = nn.get_logical_axis_rules()
+    return tuple(rules) if rules else DEFAULT_RULES
+
+
+def logical_sharding(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+                     rules: Optional[Rules] = None) -> NamedSharding:
+    """The NamedSharding of an array of `shape` whose dims have logical `names` (non-dividing dims whole)."""
+    spec = logical_to_mesh_spec(names, DEFAULT_RULES if rules is None else rules)
+    return NamedSharding(mesh, fit_spec(spec, shape, mesh, "/".join(str(n) for n in names)))
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+    """Sharding constraint by logical dim names under the active mesh; x unchanged without one.
+
+    Works inside jit (it reads the abstract mesh the trace runs under). Dims the mesh axes do not
+    divide stay whole, as in `fit_spec`: SmolLM2's 3 KV heads on tensor=2 are replicated, not an error.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    spec = fit_spec(logical_to_mesh_spec(names, active_rules()), x.shape, mesh, "/".join(str(n) for n in names))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def place_batch_leading(tree):
+    """Puts every array of `tree` on the active mesh, split on its leading (batch) dim; no-op without a mesh.
+
+    Arrays already placed on that mesh are kept; scalars and dims the batch axes do not divide are
+    replicated. Used for prompts, masks and captured prefill states (all [batch, ...]).
+    """
+    mesh = active_mesh()
+    if mesh is None:
+        return tree
+    rules = active_rules()
+
+    def place(x):
+        if x is None:
+            return x
+        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+            return x
+        shape = np.shape(x)
+        names = ("batch",) + (None,) * (len(shape) - 1) if shape else ()
+        return jax.device_put(x, logical_sharding(names, shape, mesh, rules))
+
+    return jax.tree.map(place, tree)
+
+
+def batch_rows(rows: int) -> int:
+    """`rows` rounded up to a multiple of the active mesh's batch shards (rows itself without a mesh)."""
+    mesh = active_mesh()
+    if mesh is None:
+        return rows
+    shards = batch_shards(mesh, active_rules())
+    return -(-rows // shards) * shards
+
+
+def place_params(model: nn.Module, params):
+    """Params on the active mesh by the model's logical rules (FSDP / tensor); params unchanged without one.
+
+    Trees that are not the model's params (a predictor's, a routed adapter's extra leaves) are
+    replicated, leaf by leaf, with a log line rather than a warning.
+    """
+    mesh = active_mesh()
+    if mesh is None:
+        return params
+    return shard_tree(params, tree_shardings(model, params, mesh, active_rules()), copy=False)
+
+
+def replicate(tree):
+    """Every array of `tree` replicated on the active mesh (no-op without one): small shared state."""
+    mesh = active_mesh()
+    if mesh is None:
+        return tree
+    return jax.device_put(tree, replicated(mesh))
