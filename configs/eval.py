@@ -133,6 +133,19 @@ def get_config() -> ConfigDict:
     c.mmlu.num_shots = 0  # the first rows of each file become few-shot examples (not scored)
     c.mmlu.max_examples = 0  # per file; 0 = all
 
+    # devices, as in train.py: prompts split over data x fsdp, params by the logical rules (FSDP / tensor), the
+    # packed cache by batch and KV head; batch_size must be a multiple of data * fsdp. One device: no mesh at all
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # -1: all remaining devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    # multi-host (a TPU pod slice, several GPU hosts): the same command on every host; process 0 writes WORKDIR/eval
+    c.distributed = ConfigDict()
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = auto-detect (TPU, SLURM)
+    c.distributed.num_processes = -1
+    c.distributed.process_id = -1
+
     c.diagnostic = ConfigDict()  # value_groups.png: where kept value groups fall, across and within tokens
     c.diagnostic.enabled = True
     c.diagnostic.value_budget = 0.5  # rho of the subtoken (and routed) masks shown

@@ -72,4 +72,11 @@ def get_config() -> ConfigDict:
     c.eval.value_budget = 0.25  # fraction of (token, head, group) pairs kept when measuring top-B recall
     c.eval.scope = "head"  # allocation scope of the evaluated selection: head | layer | global
     c.eval.batches = 4  # held-out batches (of train.batch_size prompts)
+
+    # devices, as in train.py: prompts split over data x fsdp (train.batch_size a multiple of data * fsdp), the
+    # base model's params by the logical rules, the predictor's replicated; one device: no mesh at all
+    c.mesh = ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
     return c

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from subtoken_jax import sharding
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_mask
 from subtoken_jax.layers import apply_rope, rope_inverse_frequencies
@@ -94,7 +95,9 @@ BLOCK_DIAGONAL_MAX_ROWS = 64  # most Tq * Hq query rows per batch row for that f
 
 
 def _use_block_diagonal(rows: int, kv_heads: int) -> bool:
-    return jax.default_backend() == "cpu" and kv_heads > 1 and rows <= BLOCK_DIAGONAL_MAX_ROWS
+    # not with KV heads split over devices: the one dot mixes every KV head, so each device would gather them
+    return (jax.default_backend() == "cpu" and kv_heads > 1 and rows <= BLOCK_DIAGONAL_MAX_ROWS
+            and sharding.split_ways("kv_heads", kv_heads) == 1)
 
 
 def grouped_scores(q5: jax.Array, key: jax.Array) -> jax.Array:

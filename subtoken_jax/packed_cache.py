@@ -512,7 +512,8 @@ def packed_attention(query: jax.Array, q_positions: jax.Array, layer: PackedLaye
     if num_heads % kv_heads:
         raise InputError(f"{num_heads} query heads are not a multiple of {kv_heads} KV heads")
     reps = num_heads // kv_heads
-    q5 = query.reshape(batch, q_len, kv_heads, reps, head_dim)
+    # query heads grouped by KV head, split like the cache's KV heads (else XLA may gather a row's keys instead)
+    q5 = sharding.constrain(query.reshape(batch, q_len, kv_heads, reps, head_dim), ("batch", "length", "kv_heads"))
     scores, allowed = key_scores(q5, layer.keys, q_positions, sliding_window)
     allowed = jnp.broadcast_to(allowed, (batch, kv_heads, 1, q_len, scores.shape[-1]))
     prefix_len = scores.shape[-1]

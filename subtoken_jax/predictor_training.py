@@ -35,6 +35,7 @@ from flax import serialization
 from tqdm.auto import tqdm
 
 from subtoken_jax import data as data_lib
+from subtoken_jax import sharding
 from subtoken_jax import synthetic_tasks
 from subtoken_jax import workdir as workdir_lib
 from subtoken_jax.config_checks import check_ranges
@@ -133,7 +134,7 @@ def predictor_example(model: DecoderLM, params, batch) -> Tuple[PrefillState, Tu
     ids = [jnp.asarray(batch[k], jnp.int32) for k in ("context", "question", "answer")]
     masks = [None if batch.get(k) is None else jnp.asarray(batch[k], jnp.int32)
              for k in ("context_mask", "question_mask", "answer_mask")]
-    return _example(model, params, *ids, *masks)
+    return _example(model, params, *sharding.place_batch_leading(ids + masks))  # batch-split under a mesh
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -266,8 +267,9 @@ def train_predictor(model: DecoderLM, params, prompts_iter, config, *, predictor
                 examples.append((state, targets))
         if predictor_params is None:
             predictor_params = init_predictor(predictor, state, config.seed)
-        if opt_state is None:
-            opt_state = optimizer.init(predictor_params)
+        if opt_state is None:  # replicated under a mesh: the loss's batch mean makes XLA all-reduce the grads
+            predictor_params = sharding.replicate(predictor_params)
+            opt_state = sharding.replicate(optimizer.init(predictor_params))
         predictor_params, opt_state, metrics = step(predictor, predictor_params, opt_state, state, targets)
         if i % max(1, config.train.log_every) == 0 or i == config.train.steps - 1:
             loss = float(metrics["loss"])
@@ -408,14 +410,17 @@ def run(config, workdir: Optional[str] = None) -> Dict[str, float]:
     and G, which load_predictor checks) and predictor_eval.json there.
     """
     validate_run_config(config)
-    if workdir:
-        with workdir_lib.WorkdirLock(workdir):
-            return _train_and_write(config, workdir)
-    return _train_and_write(config, workdir)
+    sharding.check_config_mesh(config, config.train.batch_size)
+    with sharding.config_mesh(config, config.train.batch_size):
+        if workdir:
+            with workdir_lib.WorkdirLock(workdir):
+                return _train_and_write(config, workdir)
+        return _train_and_write(config, workdir)
 
 
 def _train_and_write(config, workdir: Optional[str]) -> Dict[str, float]:
     model, params, tokenizer = base_model(config)
+    params = sharding.place_params(model, params)  # no-op without a mesh
     predictor_params = train_predictor(model, params, prompt_batches(config, model, tokenizer, config.seed, params),
                                        config)
     predictor = make_predictor(config, model.config)

@@ -476,3 +476,44 @@ def replicate(tree):
     if mesh is None:
         return tree
     return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly sharded) array as one numpy array on every process (gathered across hosts if needed)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def check_config_mesh(config: Any, batch_size: int) -> None:
+    """A ConfigError now if config.mesh does not fit the devices or batch_size does not split over its batch axes."""
+    if jax.device_count() > 1:
+        check_batch_size(batch_size, make_mesh(_get(config, "mesh")))
+
+
+@contextlib.contextmanager
+def config_mesh(config: Any, batch_size: int) -> Iterator[Optional[Mesh]]:
+    """Runs the body under config.mesh (as `use_mesh`) on several devices; yields None on one device.
+
+    For eval and predictor training: one device runs exactly the single-device code (no mesh at all);
+    with several, batches split over the batch axes (batch_size a multiple of their size) and params
+    follow the logical rules.
+    """
+    if jax.device_count() == 1:
+        yield None
+        return
+    mesh = make_mesh(_get(config, "mesh"))
+    check_batch_size(batch_size, mesh)
+    with use_mesh(mesh, logical_axis_rules(_get(config, "mesh"))):
+        yield mesh
+
+
+def split_ways(logical: str, size: int) -> int:
+    """How many ways a dim of `size` named `logical` is split under the active mesh (1 without; works in jit)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return 1
+    spec = fit_spec(logical_to_mesh_spec((logical,), active_rules()), (size,), mesh, logical)
+    return _axis_size(mesh, spec[0]) if len(spec) else 1

@@ -31,6 +31,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
+from subtoken_jax import sharding
 from subtoken_jax.compression import Compression, JointCompression, keep_everything
 from subtoken_jax.errors import ConfigError
 from subtoken_jax.kv_cache import KVCache
@@ -101,11 +102,15 @@ def plan_method(method: str, budget: float, config, model_cfg: Optional[ModelCon
 
 
 def committed(tree):
-    """Places every array of `tree` on the default device as a committed array.
+    """Places every array of `tree` on the default device as a committed array (batch-split on the mesh).
 
     jit keys its compilation cache on whether inputs are committed, and outputs of earlier jitted calls
     are while fresh jnp arrays are not; committing everything once keeps one compilation per shape.
+    Under an active mesh (eval's config.mesh) the arrays are split on their leading (batch) dim instead:
+    prompts, masks, prefill states and caches are all [batch, ...].
     """
+    if sharding.active_mesh() is not None:
+        return sharding.place_batch_leading(tree)
     return jax.device_put(tree, jax.devices()[0])
 
 

@@ -16,6 +16,7 @@ Order of work (every bad input fails with one line before any model compute):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Tuple
@@ -27,6 +28,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from subtoken_jax import packed_cache
+from subtoken_jax import sharding
 from subtoken_jax import workdir as workdir_lib
 from subtoken_jax.config_checks import check_ranges
 from subtoken_jax.errors import CheckpointError, ConfigError
@@ -225,7 +227,8 @@ class Evaluator:
         self.selectors = methods_lib.make_selectors(self.config)
         self.scorers = {}
         if methods_lib.uses_predictor(self.config):
-            predictor = predictor_lib.load_predictor(self.config.predictor.workdir, self.base_model.config)
+            module, params = predictor_lib.load_predictor(self.config.predictor.workdir, self.base_model.config)
+            predictor = (module, sharding.replicate(params))  # small: every device holds it
             self.scorers["predictor"] = predictor_lib.predictor_scorer(*predictor)
             self.selectors["predictor"] = predictor_lib.PredictorSelector(*predictor)
         names = {p.method for p in self.plans}
@@ -303,6 +306,8 @@ def run(config: ConfigDict, workdir: str, source_dir: Optional[str] = None) -> D
     results go to workdir/eval.
     """
     validate(config)
+    sharding.maybe_initialize_distributed(config)
+    sharding.check_config_mesh(config, config.batch_size)  # before any compute
     source = resolve_source(config, source_dir or workdir)
     inputs = {}
     for task in config.tasks:  # every task's inputs built and checked before any model is loaded
@@ -311,12 +316,18 @@ def run(config: ConfigDict, workdir: str, source_dir: Optional[str] = None) -> D
         kind.check_lengths(task, inputs[task], source, config)
     plans, notes = make_plans(config, source)
     out_dir = os.path.join(workdir, "eval")
-    with WorkdirLock(out_dir):  # one eval writing WORKDIR/eval at a time
-        return _evaluate(config, source, inputs, plans, notes, out_dir)
+    primary = jax.process_index() == 0  # the process that locks and writes WORKDIR/eval
+    with WorkdirLock(out_dir) if primary else contextlib.nullcontext(), sharding.config_mesh(config, config.batch_size) as mesh:
+        if mesh is not None:
+            notes.append(f"mesh: {dict(mesh.shape)} over {mesh.size} devices ({jax.process_count()} process(es))")
+        return _evaluate(config, source, inputs, plans, notes, out_dir, primary)
 
 
-def _evaluate(config, source, inputs, plans, notes, out_dir) -> Dict[str, Any]:
+def _evaluate(config, source, inputs, plans, notes, out_dir, primary: bool = True) -> Dict[str, Any]:
     base_model, base_params, routed_model, routed_params = load_models(config, source)
+    base_params = sharding.place_params(base_model, base_params)  # no-ops without a mesh
+    if routed_model is not None:
+        routed_params = sharding.place_params(routed_model, routed_params)
     notes = source.notes + list(dict.fromkeys(notes))
     logging.info("evaluating %d (method, budget) plans on %s", len(plans), list(config.tasks))
     evaluator = Evaluator(config, source, base_model, base_params, routed_model, routed_params, plans)
@@ -328,6 +339,8 @@ def _evaluate(config, source, inputs, plans, notes, out_dir) -> Dict[str, Any]:
         jax.clear_caches()  # a task's compiled programs are not reused by the next (different shapes)
     method_order = list(dict.fromkeys(config.methods))
     text = report_lib.markdown(records, list(config.tasks), method_order, [float(b) for b in config.budgets], notes)
+    if not primary:  # every process computed the same records; process 0 writes them
+        return {"records": records, "notes": notes, "paths": {}, "markdown": text}
     paths = report_lib.write_all(out_dir, records, examples, text)
     pngs = plots_lib.write_plots(out_dir, records, examples, [float(b) for b in config.budgets], evaluator.diagnostic)
     return {"records": records, "notes": notes, "paths": {**paths, **{os.path.basename(p): p for p in pngs}},

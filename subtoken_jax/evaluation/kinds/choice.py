@@ -8,6 +8,7 @@ from typing import List
 import jax.numpy as jnp
 import numpy as np
 
+from subtoken_jax import sharding
 from subtoken_jax.evaluation import methods as methods_lib
 from subtoken_jax.evaluation import tasks as tasks_lib
 from subtoken_jax.evaluation.kinds.prompt_batches import prompt_batches
@@ -36,7 +37,7 @@ class MultipleChoice:
                 model, params, cache, tokens, groups = evaluator.masks_and_cache(plan, batch)
                 scores.add_bytes(plan, tokens, groups, batch, model)
                 t_masks, g_masks = methods_lib.widen_masks(tokens, groups, batch.capacity)
-                loglik = np.asarray(methods_lib.choice_loglik(model, params, cache, batch.question,
+                loglik = sharding.to_host(methods_lib.choice_loglik(model, params, cache, batch.question,
                                                               batch.state.query_positions, t_masks, g_masks,
                                                               options_ids, lengths, shared))
                 for prompt, row in zip(batch.prompts, loglik):

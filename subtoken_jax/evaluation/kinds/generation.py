@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import List
 
-import numpy as np
 
 from subtoken_jax.compressed_generate import generate_from_state
+from subtoken_jax import sharding
 from subtoken_jax.evaluation import methods as methods_lib
 from subtoken_jax.evaluation import tasks as tasks_lib
 from subtoken_jax.evaluation.kinds.prompt_batches import prompt_batches
@@ -45,7 +45,7 @@ class Generation:
                     t_masks, g_masks = methods_lib.widen_masks(tokens, groups, batch.capacity)
                     out = methods_lib.greedy_answer(model, params, cache, batch.question, batch.state.query_positions,
                                                     t_masks, g_masks, new_tokens)
-                for prompt, row in zip(batch.prompts, np.asarray(out)):
+                for prompt, row in zip(batch.prompts, sharding.to_host(out)):
                     text = evaluator.decode(row)
                     correct = tasks_lib.score(task, text, prompt.answer, evaluator.source.chat)
                     scores.add(plan, correct, {"task": task, "method": plan.method, "budget": plan.budget,

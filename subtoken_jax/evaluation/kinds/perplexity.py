@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from subtoken_jax.compression import realised_kv_bytes
 from subtoken_jax.errors import InputError
+from subtoken_jax import sharding
 from subtoken_jax.evaluation import methods as methods_lib
 from subtoken_jax.evaluation import tasks as tasks_lib
 from subtoken_jax.evaluation.kinds.scoring import PlanScores
@@ -33,7 +34,7 @@ class Perplexity:
         prefix = tasks_lib.prefix_length(length, cfg.prefix_fraction)
         scores = PlanScores(evaluator.plans)
         nll = {(p.method, p.budget): [0.0, 0.0] for p in evaluator.plans}
-        size = min(evaluator.config.batch_size, len(sequences))
+        size = sharding.batch_rows(min(evaluator.config.batch_size, len(sequences)))  # whole rows per device
         batches = [sequences[i:i + size] for i in range(0, len(sequences), size)]
         bar = tqdm(total=len(batches) * len(evaluator.plans), desc="perplexity", dynamic_ncols=True)
         for batch in batches:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from subtoken_jax import data as data_lib
+from subtoken_jax import sharding
 from subtoken_jax.evaluation import methods as methods_lib
 from subtoken_jax.evaluation import tasks as tasks_lib
 from subtoken_jax.selectors import PrefillState, capture_prefill_state
@@ -42,7 +43,7 @@ def prompt_batches(evaluator, task: str, prompts: List[tasks_lib.Prompt], answer
     """Batches of config.batch_size prompts (a short last batch repeats its last prompt: one compilation for all
     batches), with a progress bar over batches x plans (the caller ticks it per plan)."""
     config = evaluator.config
-    size = min(config.batch_size, len(prompts))
+    size = sharding.batch_rows(min(config.batch_size, len(prompts)))  # whole rows per device under a mesh
     batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
     with tqdm(total=len(batches) * len(evaluator.plans), desc=task, dynamic_ncols=True) as bar:
         for batch in batches:
