@@ -63,8 +63,9 @@ def generations(mesh):
     out, caches = {}, {}
     cases = {f"global/{scope}": (Compression(token_fraction=0.5, value_fraction=0.5, scope=scope), "global")
              for scope in ("head", "layer", "global")}
-    groups_only = Compression(token_fraction=1.0, value_fraction=0.5, scope="head")
-    cases["fixed_k/head"] = (lambda state: (None, groups_only(state)[1]), "fixed_k")  # fixed-K: [B, T] token masks
+    for scope in ("head", "layer", "global"):  # fixed-K takes [B, T] token masks: every key, groups pruned
+        groups_only = Compression(token_fraction=1.0, value_fraction=0.5, scope=scope)
+        cases[f"fixed_k/{scope}"] = (lambda state, recipe=groups_only: (None, recipe(state)[1]), "fixed_k")
     for name, (compression, layout) in cases.items():
         tokens, cache = generate(model, params, ids, max_new_tokens=4, compression=compression,
                                  question_ids=question, layout=layout, mesh=mesh, return_cache=True)
