@@ -55,6 +55,27 @@ def eval_records(workdir: str, hf_folder: str):
     return results["records"] if isinstance(results, dict) else results, answers
 
 
+def bad_inputs(workdir: str, hf_folder: str):
+    """{case: (error line, whether WORKDIR/eval was created)} of eval configs that do not fit the 8 devices."""
+    from configs.eval import get_config
+    from subtoken_jax.errors import ConfigError
+    from subtoken_jax.evaluation import runner
+
+    out = {}
+    for name, overrides in {"batch_size=3": {"batch_size": 3}, "mesh.data=3": {"mesh.data": 3}}.items():
+        c = get_config()
+        c.model.checkpoint, c.model.value_groups, c.tasks = hf_folder, 4, ("needle",)
+        for key, value in overrides.items():
+            section, _, field = key.rpartition(".")
+            (c[section] if section else c)[field] = value
+        try:
+            runner.run(c, workdir)
+            out[name] = ("no error", os.path.exists(os.path.join(workdir, "eval")))
+        except ConfigError as error:
+            out[name] = (str(error), os.path.exists(os.path.join(workdir, "eval")))
+    return out
+
+
 def generations(mesh):
     """Compressed (both layouts, every scope) and full-cache greedy tokens; on `mesh` if given."""
     model, params = init_params(CFG, jax.random.key(0))
@@ -140,6 +161,7 @@ def main():
     result["tokens"], caches, (model, params) = generations(mesh)
     result["predictor"] = predictor_step(MESH if mode == "mesh" else None)
     if mesh is not None:
+        result["bad_inputs"] = bad_inputs(os.path.join(workdir, "bad"), hf_folder)
         result["cache_shardings"] = {name: cache_shardings(cache) for name, cache in caches.items()}
         result["gathers"], result["cache_shapes"] = decode_gathers(mesh, caches["global/global"], model, params)
         result["fixed_k_gathers"], result["fixed_k_shapes"] = decode_gathers(mesh, caches["fixed_k/head"], model,

@@ -252,3 +252,12 @@ def test_sharded_predictor_step_matches_one_device(eval_runs):
     (loss_1, norm_1, params_1), (loss_8, norm_8, params_8) = single["predictor"], mesh["predictor"]
     assert abs(loss_8 - loss_1) < 1e-5 and abs(norm_8 - norm_1) < 1e-5 and norm_1 > 0
     assert max(abs(a - b) for x, y in zip(params_1, params_8) for a, b in zip(x, y)) < 1e-5
+
+
+def test_eval_configs_that_do_not_fit_the_mesh_fail_before_compute(eval_runs):
+    _, mesh = eval_runs
+    line, wrote = mesh["bad_inputs"]["batch_size=3"]
+    assert line == "batch_size=3 must be a multiple of the 8 batch shards of mesh {'data': 8, 'fsdp': 1, 'tensor': 1}"
+    assert not wrote
+    line, wrote = mesh["bad_inputs"]["mesh.data=3"]
+    assert line.startswith("mesh data*fsdp*tensor = 3*1*1 = 3 does not match the 8 available devices") and not wrote
