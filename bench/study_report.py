@@ -55,6 +55,28 @@ def _ours(out_dir):
     return rows
 
 
+MULTI_ITEM = ("multi_value", "two_needles", "variable_tracking")  # answers of several items
+
+
+def item_recall(out_dir):
+    """{(task, length, method, budget): (mean share of the answer's items in the prediction, n)} of our cells.
+
+    RULER's string_match_all: partial credit where exact match needs every item (two numbers, three names),
+    so a 135M model that copies one of two numbers still shows what compression costs.
+    """
+    totals = defaultdict(list)
+    for path in sorted(glob.glob(os.path.join(out_dir, "cells", "*.json"))):
+        with open(path) as fh:
+            cell = json.load(fh)
+        for e in cell["examples"]:
+            if e["task"] in MULTI_ITEM:
+                items = e["answer"].split()
+                words = set(re.findall(r"\w+", e["prediction"]))
+                totals[e["task"], int(e["length"]), e["method"], float(e["budget"])].append(
+                    sum(item in words for item in items) / len(items))
+    return {k: (sum(v) / len(v), len(v)) for k, v in totals.items()}
+
+
 def _kvpress(out_dir):
     path = os.path.join(out_dir, "kvpress.jsonl")
     rows = defaultdict(dict)
@@ -238,6 +260,20 @@ def write(out_dir, tasks, lengths, budgets):
                                      + " |")
                     continue
                 lines.append(f"| {m} | " + " | ".join(_fmt(both.get((task, length, m, b))) for b in budgets) + " |")
+            lines.append("")
+    recall = item_recall(out_dir)
+    for task in [t for t in tasks if t in MULTI_ITEM]:
+        for length in lengths:
+            methods = sorted({k[2] for k in recall if k[:2] == (task, length)}, key=lambda m: (m != "full", m))
+            if not methods:
+                continue
+            lines += [f"## {task}, {length} tokens: items recalled (RULER string_match_all; ours)", "",
+                      "| method | " + " | ".join(f"b={b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+            for m in methods:
+                row = [recall.get((task, length, m, 1.0 if m == "full" else b)) for b in budgets]
+                row = row[:1] + [None] * (len(budgets) - 1) if m == "full" else row
+                lines.append(f"| {'full (b=1)' if m == 'full' else m} | "
+                             + " | ".join("" if c is None else f"{c[0]:.2f} ({c[1]})" for c in row) + " |")
             lines.append("")
     lines += ["## The paper's claims", ""] + claims(ours, theirs, tasks, lengths, budgets)
     lines += ["", "## Our token selectors against kvpress's (same prompts)", ""] + agreement(ours, theirs, tasks,
