@@ -165,6 +165,12 @@ def test_eval_end_to_end(workdir, mmlu_csv):
             got = [e["prediction"] for e in examples if e["task"] == task and e["method"] == method
                    and e["budget"] == 1.0]
             assert got == reference, (task, method)
+    # perplexity lists every sequence's NLL, and they add up to the reported perplexity
+    for r in (r for r in records if r["task"] == "perplexity"):
+        rows = [e for e in examples if e["task"] == "perplexity" and e["method"] == r["method"]
+                and e["budget"] == r["budget"]]
+        assert sorted(e["sequence"] for e in rows) == list(range(r["num_examples"]))
+        assert np.exp(sum(e["nll"] for e in rows) / sum(e["tokens"] for e in rows)) == pytest.approx(r["value"])
     assert "error" not in proc.stderr.lower()
 
 

@@ -37,6 +37,7 @@ class Perplexity:
         size = sharding.batch_rows(min(evaluator.config.batch_size, len(sequences)))  # whole rows per device
         batches = [sequences[i:i + size] for i in range(0, len(sequences), size)]
         bar = tqdm(total=len(batches) * len(evaluator.plans), desc="perplexity", dynamic_ncols=True)
+        examples, first = [], 0
         for batch in batches:
             rows = len(batch)  # a short last batch repeats its last sequence: one compilation for all batches
             batch = np.concatenate([batch, np.repeat(batch[-1:], size - rows, axis=0)])
@@ -58,9 +59,14 @@ class Perplexity:
                 t_masks, g_masks = methods_lib.widen_masks(tokens, groups, length)
                 total, count = methods_lib.continuation_nll(model, params, cache, inputs[:, prefix:], positions,
                                                             targets[:, prefix:], t_masks, g_masks)
-                nll[plan.method, plan.budget][0] += float(jnp.sum(total[:rows]))
-                nll[plan.method, plan.budget][1] += float(jnp.sum(count[:rows]))
+                total, count = sharding.to_host(total)[:rows], sharding.to_host(count)[:rows]
+                nll[plan.method, plan.budget][0] += float(total.sum())
+                nll[plan.method, plan.budget][1] += float(count.sum())
+                # per sequence, so methods can be compared pairwise (same sequences, same tokens)
+                examples += [{"task": task, "method": plan.method, "budget": plan.budget, "sequence": first + i,
+                              "nll": float(total[i]), "tokens": float(count[i])} for i in range(rows)]
                 bar.update()
+            first += rows
         bar.close()
         ppl = {key: math.exp(min(total / max(count, 1.0), 50.0)) for key, (total, count) in nll.items()}
-        return scores.records(task, len(sequences), ppl), []
+        return scores.records(task, len(sequences), ppl), examples
