@@ -6,8 +6,9 @@ weights and token ids, accuracy against KV bytes, on retrieval tasks over real p
     python bench/query_aware_study.py --report-only         # tables and plot from what is done so far
 
 Tasks (evaluation.tasks; asked through the model's chat template): needle, multi_key (3 distractor
-needles), multi_value (two numbers for one key), two_needles (two keys far apart, both asked),
-variable_tracking. Haystacks are consecutive sentences of WikiText-2 *test* (../shared/data), prompt seed
+needles), multi_value (two numbers for one key), two_needles (two keys far apart, both asked); and, only if
+asked with --tasks, variable_tracking (beyond this model: see TASKS). The multi-item tasks are also reported
+as items recalled (RULER's string_match_all). Haystacks are consecutive sentences of WikiText-2 *test* (../shared/data), prompt seed
 2026: the predictor trained on generated filler prose with seed 7 (configs/predictor_smollm2.py), and
 eval.py's default prompts use seed 0 with that filler, so no study prompt shares a text or a seed with them.
 
@@ -48,7 +49,10 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 HAYSTACK = os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "test.txt")
-TASKS = ("needle", "multi_key", "multi_value", "two_needles", "variable_tracking")
+# variable_tracking is left out by default: SmolLM2-135M gets 0.00 of 30 with the full cache at 1k (it copies the
+# first "VAR X = N" line and never follows the chain; 0.18 of the names recalled), so no compression can be
+# measured on it. --tasks variable_tracking still runs it.
+TASKS = ("needle", "multi_key", "multi_value", "two_needles")
 BUDGETS = (0.75, 0.5, 0.375, 0.25)
 TOKEN_METHODS = ("snapkv", "expected_attention", "streaming", "key_norm")
 # variant -> eval-config overrides; "methods" is what the variant's Evaluator runs
