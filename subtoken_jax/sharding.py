@@ -467,6 +467,10 @@ def place_params(model: nn.Module, params):
     mesh = active_mesh()
     if mesh is None:
         return params
+    leaves = jax.tree.leaves(params)
+    if leaves and all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+                      for x in leaves):
+        return params  # placed already (e.g. by eval, once): skip re-deriving the shardings per call
     return shard_tree(params, tree_shardings(model, params, mesh, active_rules()), copy=False)
 
 
