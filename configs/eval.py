@@ -35,7 +35,8 @@ word of the first generated line; mmlu = the letter whose " A".." D" continuatio
 
 Results go to WORKDIR/eval/: results.json / .csv (records: task, method, budget, kv_budget,
 key_fraction, value_fraction, index_fraction, tau, rho, metric, value, num_examples), results.md,
-examples.jsonl (every answer; for perplexity every sequence's NLL), quality_<task>.png, needle_grid.png, value_groups.png.
+examples.jsonl (every answer; for perplexity every sequence's NLL), quality_<task>.png, needle_grid.png,
+value_groups.png.
 """
 
 from ml_collections import ConfigDict, config_dict
