@@ -57,8 +57,13 @@ def nll_under_press(model, press, seq, prefix: int):
     with torch.inference_mode():
         with press(model) if press is not None else contextlib.nullcontext():
             model(input_ids=context, past_key_values=cache, use_cache=True)
+        # positions (RoPE) continue the context's; cache slots (and so the causal mask) follow the kept entries.
+        # Giving cache_position = the positions instead lets the chunk's tokens see later ones once the cache
+        # is shorter than the context (perplexity then drops below the full cache's)
+        kept = cache.get_seq_length()
         logits = model(input_ids=inputs, past_key_values=cache, use_cache=True,
-                       cache_position=torch.arange(prefix, length)).logits[0].float()
+                       position_ids=torch.arange(prefix, length)[None],
+                       cache_position=torch.arange(kept, kept + length - prefix)).logits[0].float()
         nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     return float(nll), int(targets.numel())
 
@@ -67,7 +72,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-sequences", action="store_true")
     parser.add_argument("--ours", default=os.path.join(ROOT, "runs", "smollm2_ppl64", "eval", "examples.jsonl"))
-    parser.add_argument("--presses", default="snapkv,key_norm", type=lambda s: s.split(","))
+    parser.add_argument("--presses", default="snapkv", type=lambda s: s.split(","))
     args = parser.parse_args()
     if args.write_sequences:
         return write_sequences()
