@@ -71,6 +71,7 @@ def get_config() -> ConfigDict:
     c.adapt.routing.mode = "fixed_k"  # fixed_k | adaptive
     c.adapt.routing.temperature = 0.5
     c.adapt.routing.norm_prior = True
+    c.adapt.routing.scorer = "router"  # router (learned, + norm prior) | norm (keep-largest-norm) | random
     c.adapt.routing.k = config_dict.placeholder(int)  # fixed_k: train and serve exactly k of G groups
     c.adapt.budgets = (0.25, 0.375, 0.5, 0.75, 1.0)  # rho sampled per batch from these
     c.adapt.budget_loss_weight = 1.0

@@ -25,7 +25,10 @@ A budget b is the fraction of the context's KV bytes kept: keys + values (half e
                             and its k best groups (scored by joint.scorer) or nothing, k chosen per token by
                             the squared read-out error it saves per byte (selectors.allocate_joint)
   routed                    the adapted model of WORKDIR/adapt, its router at value budget rho = 2b - 1
-                            (fixed_k: rounded down to k/G)
+                            (fixed_k: rounded down to k/G; adaptive: rho met exactly over each context, see
+                            routed.exact_budget)
+  norm_groups random_groups every key, and per token and KV head the floor(rho G) value groups of largest norm /
+                            random ones, on the base model (query-independent baselines, no training)
 Counts are rounded down, so the realised bytes stay within b plus the index metadata.
 
 Scoring: perplexity = exp(mean NLL) of each chunk's continuation after its compressed first
@@ -59,7 +62,7 @@ def get_config() -> ConfigDict:
 
     c.tasks = ("perplexity", "needle", "variable_tracking")  # and "mmlu" (needs mmlu.files)
     c.methods = ("full", "snapkv", "h2o", "streaming", "key_norm", "random", "expected_attention", "subtoken",
-                 "combined", "joint", "routed")
+                 "combined", "joint", "routed", "norm_groups", "random_groups")
     c.budgets = (1.0, 0.75, 0.5, 0.25)  # fractions of the context's KV bytes kept, in (0, 1]
     c.batch_size = 4  # prompts per batch
     c.pad_multiple = 32  # contexts are left-padded to a multiple of this (fewer shapes to compile)
@@ -99,6 +102,11 @@ def get_config() -> ConfigDict:
 
     c.joint = ConfigDict()
     c.joint.scorer = "snapkv"  # group scores (as subtoken.scorer) from which both tokens and groups are chosen
+
+    c.routed = ConfigDict()  # the adapted model of WORKDIR/adapt (method routed)
+    # adaptive routers: keep exactly rho of each compressed context's (token, group) pairs per sequence and KV head
+    # (a top-B; the context is known when it is compressed) instead of the causal running threshold of training
+    c.routed.exact_budget = True
 
     c.predictor = ConfigDict()  # the learned value-group scorer (scorer = "predictor"; not for perplexity)
     c.predictor.workdir = ""  # folder written by train.py --config configs/predictor.py (config.json + params)

@@ -79,6 +79,10 @@ class RoutingConfig:
     norm_prior: bool = True  # add log ||value group|| to the learned score (starts at keep-largest-norm)
     # router: learned per-layer router (+ norm prior); norm / random: parameter-free baselines
     scorer: str = "router"
+    # adaptive only: a chunk of several tokens written at once (a prefilled context) keeps exactly `budget` of its
+    # (token, group) pairs per sequence and KV head (value_groups.exact_budget_mask) instead of the causal running
+    # threshold; for compressing a known context (eval sets it), not for training
+    exact_budget: bool = False
 
     def __post_init__(self):
         if self.mode not in ROUTING_MODES:
@@ -88,6 +92,8 @@ class RoutingConfig:
         check_budget(self.budget, "routing.budget")
         if self.temperature <= 0:
             raise ConfigError(f"routing.temperature must be > 0, got {self.temperature}")
+        if self.exact_budget and self.mode != "adaptive":
+            raise ConfigError(f"routing.exact_budget is for mode adaptive (fixed_k is exact per token), not {self.mode!r}")
         if self.k is not None and self.mode != "fixed_k":
             raise ConfigError(f"routing.k is for mode fixed_k, not {self.mode!r}; use routing.budget")
 

@@ -50,10 +50,13 @@ def validate_config(config: ConfigDict) -> None:
     unknown = set(config.stages) - set(STAGES)
     if unknown or not config.stages:
         raise ConfigError(f"config.stages={tuple(config.stages)} must be a non-empty sequence of {STAGES}")
-    if config.model.checkpoint and not os.path.isdir(config.model.checkpoint):
-        raise ConfigError(f"model.checkpoint={config.model.checkpoint!r} is not a folder")
+    if config.model.checkpoint:
+        from subtoken_jax.pretrained import resolve_checkpoint
+
+        resolve_checkpoint(config.model.checkpoint)  # an HF folder, a .gguf file or a registered name, or one line
     if "pretrain" not in config.stages and not config.model.checkpoint:
-        raise ConfigError("stage 'adapt' needs a base: set model.checkpoint to a Hugging Face folder, or add 'pretrain' "
+        raise ConfigError("stage 'adapt' needs a base: set model.checkpoint to a Hugging Face folder, a .gguf file or a "
+                          "registered name, or add 'pretrain' "
                           "to config.stages")
     if "pretrain" in config.stages and config.model.checkpoint:
         raise ConfigError("stage 'pretrain' trains from scratch; drop it from config.stages when model.checkpoint is set")

@@ -140,13 +140,51 @@ def adaptive_mask(scores: jax.Array, budget, temperature: float = 1.0, valid: Op
     return _straight_through(hard, scores, threshold, temperature), running[:, -1]
 
 
+def exact_budget_mask(scores: jax.Array, budget, temperature: float = 1.0,
+                      valid: Optional[jax.Array] = None) -> jax.Array:
+    """Keeps exactly round(budget * valid pairs) (token, group) pairs per sequence and KV head: adaptive span
+    with its budget met by construction (a top-B over the chunk), however the scores are distributed.
+
+    Not causal: a token's groups depend on the scores of the whole chunk. That is right when a known context
+    is compressed after its prefill (eval's compressed prefix, generation from a prompt); training and
+    token-by-token decoding use the causal running threshold of `adaptive_mask`. Ties go to the earlier token,
+    then the lower group. scores [B, S, Hkv, G]; valid [B, S].
+    """
+    batch, length, heads, groups = scores.shape
+    weight = jnp.ones((batch, length), bool) if valid is None else valid.astype(bool)
+    s = jax.lax.stop_gradient(scores.astype(jnp.float32))
+    flat = jnp.where(weight[:, :, None, None], s, -jnp.inf).transpose(0, 2, 1, 3).reshape(batch, heads, -1)
+    n = (jnp.sum(weight, axis=1) * groups)[:, None]  # [B, 1] valid pairs per head
+    k = jnp.clip(jnp.round(jnp.asarray(budget, jnp.float32) * n.astype(jnp.float32)).astype(jnp.int32), 0, n)
+    order = jnp.argsort(-flat, axis=-1, stable=True)
+    ranks = jnp.argsort(order, axis=-1)
+    ranked = jnp.take_along_axis(flat, order, axis=-1)
+    at = lambda i: jnp.take_along_axis(ranked, jnp.clip(i, 0, flat.shape[-1] - 1)[..., None], axis=-1)  # noqa: E731
+    kth, after = at(k - 1), at(k)
+    kth = jnp.where((k > 0)[..., None], kth, after + 1.0)
+    after = jnp.where((k < n)[..., None], after, kth - 1.0)
+    threshold = 0.5 * (kth + after)  # [B, Hkv, 1]: the relaxation's centre, between the kept and the dropped
+    hard = (ranks < k[..., None]).reshape(batch, heads, length, groups).transpose(0, 2, 1, 3)
+    hard = (hard & weight[:, :, None, None]).astype(scores.dtype)
+    threshold = jnp.where(jnp.isfinite(threshold), threshold, 0.0).reshape(batch, 1, heads, 1)
+    return _straight_through(hard, scores, threshold, temperature)
+
+
 def route_value_groups(scores: jax.Array, budget, mode: str, temperature: float = 1.0,
-                       valid: Optional[jax.Array] = None, prefix_stats: Optional[jax.Array] = None):
-    """Scores [B, S, Hkv, G] -> (mask, adaptive stats or None); the mask is hard in value, straight-through in gradient."""
+                       valid: Optional[jax.Array] = None, prefix_stats: Optional[jax.Array] = None,
+                       exact_budget: bool = False):
+    """Scores [B, S, Hkv, G] -> (mask, adaptive stats or None); the mask is hard in value, straight-through in gradient.
+
+    exact_budget (adaptive only): the chunk keeps exactly `budget` of its pairs (`exact_budget_mask`); the running
+    statistics are still carried, so later tokens decoded one by one use the causal threshold.
+    """
     if mode == "fixed_k":
         return fixed_k_mask(scores, budget, temperature), prefix_stats
     if mode == "adaptive":
-        return adaptive_mask(scores, budget, temperature, valid, prefix_stats)
+        mask, stats = adaptive_mask(scores, budget, temperature, valid, prefix_stats)
+        if exact_budget and scores.shape[1] > 1:
+            mask = exact_budget_mask(scores, budget, temperature, valid)
+        return mask, stats
     raise InputError(f"unknown routing mode {mode!r}; use fixed_k or adaptive")
 
 

@@ -53,6 +53,7 @@ def _tiny_config():
     c.model.update(dict(vocab_size=259, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                         num_kv_heads=2, value_groups=4, max_position_embeddings=256))
     c.adapt.lora.update(dict(rank=4, num_subspaces=2, active_subspaces=1))
+    c.adapt.routing.mode = "adaptive"  # eval meets its rho exactly over each context (routed.exact_budget)
     return c
 
 
@@ -153,6 +154,10 @@ def test_eval_end_to_end(workdir, mmlu_csv):
         assert rows["subtoken", 0.75]["key_fraction"] == 1.0
         assert rows["subtoken", 0.75]["value_fraction"] <= 0.5 + 1e-6
         assert ("subtoken", 0.5) not in rows and ("routed", 0.5) not in rows  # keys alone are half the bytes
+        for baseline in ("norm_groups", "random_groups"):  # every key, K = 2 of G = 4 groups per token
+            assert rows[baseline, 0.75]["key_fraction"] == 1.0, baseline
+            assert rows[baseline, 0.75]["value_fraction"] == pytest.approx(0.5), baseline
+        assert rows["routed", 0.75]["value_fraction"] == pytest.approx(0.5, abs=0.005)  # the asked rho, met
         assert rows["snapkv", 0.75]["key_fraction"] <= 0.75
         combined = rows["combined", 0.75]
         assert combined["tau"] * (1 + combined["rho"]) / 2 == pytest.approx(0.75)

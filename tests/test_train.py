@@ -115,7 +115,7 @@ def _default_config(**overrides):
     ({"adapt.routing.k": 5}, "routing.k=5 must be in [1, G=4]"),
     ({"data.source": "webtext"}, "webtext"),
     ({"seq_len": 4096}, "exceeds model max_position_embeddings"),
-    ({"model.checkpoint": "/nonexistent"}, "is not a folder"),
+    ({"model.checkpoint": "/nonexistent"}, "does not exist"),
     ({"stages": ("adapt",)}, "stage 'adapt' needs a base"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, override, message):

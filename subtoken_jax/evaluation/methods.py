@@ -16,6 +16,9 @@ kept (token, head) when tokens are evicted, a 1-bit flag per value group when gr
                       with tau * (1 + rho) / 2 = b (see combined_split)
   joint               tokens and groups from the one budget b, split per (token, KV head) (JointCompression)
   routed              the adapted model's query-independent router at value_budget rho = 2b - 1
+  norm_groups, random_groups
+                      the base model (no adapter) keeping every key and, per token and KV head, the K = floor(rho G)
+                      value groups of largest norm / random ones (parameter-free fixed-K routers), rho = 2b - 1
 
 Kept counts are rounded down by the recipes (compression.floor_budget: at least one token), so the kept
 bytes never exceed b plus the index metadata; with b = 1 every method builds exactly the masks of `full`.
@@ -36,11 +39,15 @@ from subtoken_jax.compression import Compression, JointCompression, keep_everyth
 from subtoken_jax.errors import ConfigError
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM
-from subtoken_jax.model_config import ModelConfig
+from subtoken_jax.model_config import ModelConfig, RoutingConfig
 from subtoken_jax.selectors import SCOPES, TOKEN_SELECTORS, PrefillState, pad_to_capacity, value_group_scorer
 
 TOKEN_METHODS = tuple(TOKEN_SELECTORS)
-METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "joint", "routed")
+# query-independent baselines: the base model under a parameter-free fixed-K router (RoutingConfig.scorer)
+GROUP_BASELINES = {"norm_groups": "norm", "random_groups": "random"}
+# methods whose value-group masks come from a router during the prefill (routed_prefill), not from a recipe
+ROUTER_METHODS = ("routed",) + tuple(GROUP_BASELINES)
+METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "joint") + ROUTER_METHODS
 # attention: the question's attention x group norm; snapkv: that attention pooled like SnapKV's (kernel 5);
 # expected: closed-form expected attention; predictor: a trained ValueGroupPredictor (predictor.workdir)
 SCORERS = ("attention", "snapkv", "expected", "predictor")
@@ -89,11 +96,13 @@ def plan_method(method: str, budget: float, config, model_cfg: Optional[ModelCon
         tau, rho = combined_split(budget, config.combined.value_fraction, tuple(config.combined.token_fractions))
         return Plan(method, budget, tau, rho), ""
     rho = 2 * budget - 1  # keys are all kept: (1 + rho) / 2 = budget
-    if method == "routed" and routed_cfg is not None and routed_cfg.routing.mode == "fixed_k":
-        groups = routed_cfg.value_groups
+    fixed_k = method in GROUP_BASELINES or (method == "routed" and routed_cfg is not None
+                                            and routed_cfg.routing.mode == "fixed_k")
+    if fixed_k and rho > 0:
+        groups = (routed_cfg if method == "routed" else model_cfg).value_groups
         kept = math.floor(rho * groups + 1e-9)  # fixed-K keeps round(rho * G) >= 1 groups: stay at or under
         if kept < 1:
-            return None, (f"routed (fixed_k) keeps every key and at least 1 of G={groups} value groups per token: "
+            return None, (f"{method} (fixed-K) keeps every key and at least 1 of G={groups} value groups per token: "
                           f"it cannot fit budgets below {(1 + 1 / groups) / 2:g}")
         rho = kept / groups
     if rho <= 0:
@@ -182,6 +191,11 @@ def cache_from_state(state: PrefillState, model_cfg: ModelConfig, capacity: int)
     return committed(KVCache(keys=tuple(widen(k) for k in state.keys), values=tuple(widen(v) for v in state.values),
                              positions=jnp.pad(state.positions, ((0, 0), (0, pad)), constant_values=-1),
                              index=jnp.asarray(state.positions.shape[1], jnp.int32)))
+
+
+def group_baseline_model(method: str, base_cfg: ModelConfig) -> DecoderLM:
+    """The base model under the parameter-free fixed-K router of a group baseline (norm_groups, random_groups)."""
+    return DecoderLM(base_cfg.replace(routing=RoutingConfig(mode="fixed_k", scorer=GROUP_BASELINES[method])))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "capacity"))

@@ -146,6 +146,11 @@ def resolve_source(config: ConfigDict, workdir: str) -> Source:
             if not routed_cfg.routing.enabled:
                 notes.append("routed: skipped, the adapted model has routing.mode='none'")
                 routed_cfg = None
+            elif routed_cfg.routing.mode == "adaptive" and config.get("routed", {}).get("exact_budget", True):
+                # the context is known when it is compressed: meet rho exactly over it (top-B per sequence and
+                # KV head) rather than by the causal running threshold the router trained with
+                routed_cfg = routed_cfg.replace(routing=dataclasses.replace(routed_cfg.routing, exact_budget=True))
+                notes.append("routed (adaptive): rho met exactly over each context (routing.exact_budget)")
     bos = config.add_bos
     if bos is None:  # models trained here saw no BOS; a Hugging Face base gets one if its tokenizer adds it
         bos = bool(hf_folder) and _tokenizer_adds_bos(tokenizer)
@@ -232,6 +237,8 @@ class Evaluator:
             self.scorers["predictor"] = predictor_lib.predictor_scorer(*predictor)
             self.selectors["predictor"] = predictor_lib.PredictorSelector(*predictor)
         names = {p.method for p in self.plans}
+        self.group_baselines = {m: methods_lib.group_baseline_model(m, self.base_model.config)
+                                for m in names & set(methods_lib.GROUP_BASELINES)}
         self.with_attention = "h2o" in names or ("combined" in names and self.config.combined.selector == "h2o")
         self.pad_id = self.source.tokenizer.pad_id if getattr(self.source.tokenizer, "pad_id", None) is not None else 0
 
@@ -240,12 +247,14 @@ class Evaluator:
     def plan_masks_and_cache(self, plan, state, context, context_mask, capacity, need_cache: bool = True):
         """(model, params, cache, context token masks, context group masks) of one plan (cache None unless
         need_cache: packed generation builds its own)."""
-        if plan.method == "routed":
-            cache, groups = methods_lib.routed_prefill(self.routed_model, self.routed_params, context, context_mask,
+        if plan.method in methods_lib.ROUTER_METHODS:
+            model, params = ((self.routed_model, self.routed_params) if plan.method == "routed"
+                             else (self.group_baselines[plan.method], self.base_params))
+            cache, groups = methods_lib.routed_prefill(model, params, context, context_mask,
                                                        methods_lib.committed(jnp.float32(plan.value_fraction)),
                                                        capacity)
             tokens, _ = methods_lib.real_masks(state)
-            return self.routed_model, self.routed_params, cache, tokens, groups
+            return model, params, cache, tokens, groups
         tokens, groups = methods_lib.build_masks(state, plan, self.config, self.selectors, self.scorers)
         cache = methods_lib.cache_from_state(state, self.base_model.config, capacity) if need_cache else None
         return self.base_model, self.base_params, cache, tokens, groups

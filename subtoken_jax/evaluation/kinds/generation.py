@@ -32,7 +32,7 @@ class Generation:
         scores = PlanScores(evaluator.plans)
         for batch in prompt_batches(evaluator, task, prompts, new_tokens):
             for plan in evaluator.plans:
-                packed = plan.method != "routed" and config.generation == "packed"
+                packed = plan.method not in methods_lib.ROUTER_METHODS and config.generation == "packed"
                 model, params, cache, tokens, groups = evaluator.masks_and_cache(plan, batch, need_cache=not packed)
                 scores.add_bytes(plan, tokens, groups, batch, model)
                 if packed:
