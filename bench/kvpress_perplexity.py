@@ -72,7 +72,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-sequences", action="store_true")
     parser.add_argument("--ours", default=os.path.join(ROOT, "runs", "smollm2_ppl64", "eval", "examples.jsonl"))
-    parser.add_argument("--presses", default="snapkv", type=lambda s: s.split(","))
+    parser.add_argument("--presses", default="snapkv", type=lambda s: s.split(","),
+                        help="comma-separated: snapkv, key_norm, streaming")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
+                        type=lambda s: tuple(float(b) for b in s.split(",")), help="fractions of the KV bytes kept")
+    parser.add_argument("--out", default=OUT, help="folder for examples.jsonl")
+    parser.add_argument("--no-full", action="store_true", help="skip transformers' full-cache row")
     args = parser.parse_args()
     if args.write_sequences:
         return write_sequences()
@@ -86,9 +91,13 @@ def main():
     spec = json.load(open(SEQUENCES))
     model = load("eager")
     presses = {"snapkv": lambda r: kvpress.SnapKVPress(compression_ratio=r, window_size=spec["window"], kernel_size=5),
-               "key_norm": lambda r: kvpress.KnormPress(compression_ratio=r)}
+               "key_norm": lambda r: kvpress.KnormPress(compression_ratio=r),
+               "streaming": lambda r: kvpress.StreamingLLMPress(compression_ratio=r, n_sink=4)}
+    unknown = sorted(set(args.presses) - set(presses))
+    if unknown:
+        parser.error(f"unknown press(es) {unknown}; choose from {sorted(presses)}")
     rows = []
-    jobs = [("full", 1.0)] + [(p, b) for p in args.presses for b in BUDGETS]
+    jobs = ([] if args.no_full else [("full", 1.0)]) + [(p, b) for p in args.presses for b in args.budgets]
     for name, budget in tqdm(jobs, desc="kvpress perplexity"):
         press = None if name == "full" else presses[name](1.0 - budget)
         for i, seq in enumerate(spec["sequences"]):
@@ -97,9 +106,10 @@ def main():
                          "budget": budget, "sequence": i, "nll": nll, "tokens": tokens})
     if os.path.isfile(args.ours):
         rows += [r for r in map(json.loads, open(args.ours)) if r.get("task") == "perplexity"]
-    with open(os.path.join(OUT, "examples.jsonl"), "w") as fh:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "examples.jsonl"), "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
-    print(f"{len(rows)} rows -> {os.path.join(OUT, 'examples.jsonl')}")
+    print(f"{len(rows)} rows -> {os.path.join(args.out, 'examples.jsonl')}")
 
 
 if __name__ == "__main__":

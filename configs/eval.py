@@ -29,6 +29,8 @@ A budget b is the fraction of the context's KV bytes kept: keys + values (half e
                             routed.exact_budget)
   norm_groups random_groups every key, and per token and KV head the floor(rho G) value groups of largest norm /
                             random ones, on the base model (query-independent baselines, no training)
+  norm_span                 every key, and rho of each KV head's (token, group) pairs of largest norm over the
+                            context (a variable number per token: what an untrained adaptive router keeps)
 Counts are rounded down, so the realised bytes stay within b plus the index metadata.
 
 Scoring: perplexity = exp(mean NLL) of each chunk's continuation after its compressed first
@@ -62,7 +64,8 @@ def get_config() -> ConfigDict:
 
     c.tasks = ("perplexity", "needle", "variable_tracking")  # and "mmlu" (needs mmlu.files)
     c.methods = ("full", "snapkv", "h2o", "streaming", "key_norm", "random", "expected_attention", "subtoken",
-                 "combined", "joint", "routed", "norm_groups", "random_groups")
+                 "combined", "joint", "routed", "norm_groups", "random_groups",
+                 "norm_span")
     c.budgets = (1.0, 0.75, 0.5, 0.25)  # fractions of the context's KV bytes kept, in (0, 1]
     c.batch_size = 4  # prompts per batch
     c.pad_multiple = 32  # contexts are left-padded to a multiple of this (fewer shapes to compile)

@@ -154,7 +154,7 @@ def test_eval_end_to_end(workdir, mmlu_csv):
         assert rows["subtoken", 0.75]["key_fraction"] == 1.0
         assert rows["subtoken", 0.75]["value_fraction"] <= 0.5 + 1e-6
         assert ("subtoken", 0.5) not in rows and ("routed", 0.5) not in rows  # keys alone are half the bytes
-        for baseline in ("norm_groups", "random_groups"):  # every key, K = 2 of G = 4 groups per token
+        for baseline in ("norm_groups", "random_groups", "norm_span"):  # every key, 2 of G = 4 groups per token
             assert rows[baseline, 0.75]["key_fraction"] == 1.0, baseline
             assert rows[baseline, 0.75]["value_fraction"] == pytest.approx(0.5), baseline
         assert rows["routed", 0.75]["value_fraction"] == pytest.approx(0.5, abs=0.005)  # the asked rho, met

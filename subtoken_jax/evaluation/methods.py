@@ -16,9 +16,10 @@ kept (token, head) when tokens are evicted, a 1-bit flag per value group when gr
                       with tau * (1 + rho) / 2 = b (see combined_split)
   joint               tokens and groups from the one budget b, split per (token, KV head) (JointCompression)
   routed              the adapted model's query-independent router at value_budget rho = 2b - 1
-  norm_groups, random_groups
+  norm_groups, random_groups, norm_span
                       the base model (no adapter) keeping every key and, per token and KV head, the K = floor(rho G)
-                      value groups of largest norm / random ones (parameter-free fixed-K routers), rho = 2b - 1
+                      value groups of largest norm / random ones (parameter-free fixed-K routers), or (norm_span)
+                      rho of each KV head's (token, group) pairs of largest norm over the context, rho = 2b - 1
 
 Kept counts are rounded down by the recipes (compression.floor_budget: at least one token), so the kept
 bytes never exceed b plus the index metadata; with b = 1 every method builds exactly the masks of `full`.
@@ -43,8 +44,11 @@ from subtoken_jax.model_config import ModelConfig, RoutingConfig
 from subtoken_jax.selectors import SCOPES, TOKEN_SELECTORS, PrefillState, pad_to_capacity, value_group_scorer
 
 TOKEN_METHODS = tuple(TOKEN_SELECTORS)
-# query-independent baselines: the base model under a parameter-free fixed-K router (RoutingConfig.scorer)
-GROUP_BASELINES = {"norm_groups": "norm", "random_groups": "random"}
+# query-independent baselines: the base model under a parameter-free router (RoutingConfig fields). norm_span is
+# what an untrained adaptive router does (a zero router + its norm prior): the context's largest-norm groups
+GROUP_BASELINES = {"norm_groups": dict(mode="fixed_k", scorer="norm"),
+                   "random_groups": dict(mode="fixed_k", scorer="random"),
+                   "norm_span": dict(mode="adaptive", scorer="norm", exact_budget=True)}
 # methods whose value-group masks come from a router during the prefill (routed_prefill), not from a recipe
 ROUTER_METHODS = ("routed",) + tuple(GROUP_BASELINES)
 METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "joint") + ROUTER_METHODS
@@ -96,8 +100,8 @@ def plan_method(method: str, budget: float, config, model_cfg: Optional[ModelCon
         tau, rho = combined_split(budget, config.combined.value_fraction, tuple(config.combined.token_fractions))
         return Plan(method, budget, tau, rho), ""
     rho = 2 * budget - 1  # keys are all kept: (1 + rho) / 2 = budget
-    fixed_k = method in GROUP_BASELINES or (method == "routed" and routed_cfg is not None
-                                            and routed_cfg.routing.mode == "fixed_k")
+    fixed_k = (GROUP_BASELINES.get(method, {}).get("mode") == "fixed_k"
+               or (method == "routed" and routed_cfg is not None and routed_cfg.routing.mode == "fixed_k"))
     if fixed_k and rho > 0:
         groups = (routed_cfg if method == "routed" else model_cfg).value_groups
         kept = math.floor(rho * groups + 1e-9)  # fixed-K keeps round(rho * G) >= 1 groups: stay at or under
@@ -194,8 +198,8 @@ def cache_from_state(state: PrefillState, model_cfg: ModelConfig, capacity: int)
 
 
 def group_baseline_model(method: str, base_cfg: ModelConfig) -> DecoderLM:
-    """The base model under the parameter-free fixed-K router of a group baseline (norm_groups, random_groups)."""
-    return DecoderLM(base_cfg.replace(routing=RoutingConfig(mode="fixed_k", scorer=GROUP_BASELINES[method])))
+    """The base model under the parameter-free router of a group baseline (norm_groups, random_groups, norm_span)."""
+    return DecoderLM(base_cfg.replace(routing=RoutingConfig(**GROUP_BASELINES[method])))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "capacity"))
