@@ -3,7 +3,7 @@ token-level perplexity of WikiText-2 *test* continuations over a compressed pref
 
     python bench/routing_smollm2.py                 # every stage; each resumes and skips what is done
     python bench/routing_smollm2.py --stage train   # or eval, masks, report
-    .venv-bench/bin/python bench/kvpress_perplexity.py --presses key_norm,streaming --no-full \\
+    .venv-bench/bin/python bench/kvpress_perplexity.py --presses key_norm --no-full \\
         --budgets 0.875,0.75,0.6875,0.625 --out bench/results/routing_smollm2/kvpress   # kvpress rows (bench venv)
 
 Stages:
@@ -55,11 +55,8 @@ BASE_ROWS = (
     ("largest-norm span: an untrained adaptive router (base)", "norm_span"),
     ("StreamingLLM tokens (base)", "streaming"),
     ("key-norm tokens (base)", "key_norm"),
-    ("SnapKV tokens (base, observes the prefix's last 32 tokens)", "snapkv"),
-    ("joint tokens x groups (base, query-aware as the main job)", "joint"),
 )
-KVPRESS_ROWS = (("kvpress KnormPress (key-norm tokens)", "kvpress:key_norm"),
-                ("kvpress StreamingLLMPress", "kvpress:streaming"))
+KVPRESS_ROWS = (("kvpress KnormPress (key-norm tokens)", "kvpress:key_norm"),)
 BASE_WORKDIR = "smollm2_routing_base"
 
 

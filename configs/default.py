@@ -68,7 +68,7 @@ def get_config() -> ConfigDict:
     c.adapt.lora.num_subspaces = 4  # routed subspace LoRA: 4 subspaces of rank 4 ...
     c.adapt.lora.active_subspaces = 2  # ... 2 active per token
     c.adapt.routing = ConfigDict()
-    c.adapt.routing.mode = "fixed_k"  # fixed_k | adaptive
+    c.adapt.routing.mode = "adaptive"  # adaptive (best at every budget in bench/routing_perplexity.py) | fixed_k
     c.adapt.routing.temperature = 0.5
     c.adapt.routing.norm_prior = True
     c.adapt.routing.scorer = "router"  # router (learned, + norm prior) | norm (keep-largest-norm) | random

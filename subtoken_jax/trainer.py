@@ -314,6 +314,32 @@ def format_summary(summary: Dict[str, Any]) -> str:
         lines.append("| method | " + " | ".join(f"rho={b:g}" for b in budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
         for method in methods:
-            ppl = {r["budget"]: r["perplexity"] for r in rows if r["method"] == method}
-            lines.append(f"| {method} | " + " | ".join(f"{ppl[b]:.3f}" for b in budgets) + " |")
+            cells = {r["budget"]: r for r in rows if r["method"] == method}
+            lines.append(f"| {method} | " + " | ".join(_cell(cells[b]) for b in budgets) + " |")
+        lines.append(routing_verdict(rows))
     return "\n".join(lines)
+
+
+def _cell(row: Dict[str, Any]) -> str:
+    """Perplexity, and the realised kept fraction where it is not the asked budget (adaptive routing)."""
+    text = f"{row['perplexity']:.3f}"
+    if abs(row.get("value_budget", row["budget"]) - row["budget"]) >= 0.0005:
+        text += f" (kept {row['value_budget']:.3f})"
+    return text
+
+
+def routing_verdict(rows) -> str:
+    """One line: the budgets where the routed row beats every baseline, and those where it does not."""
+    routed = [r for r in rows if r["method"].startswith("routed")]
+    if not routed:
+        return ""
+    wins, losses = [], []
+    for r in sorted(routed, key=lambda r: -r["budget"]):
+        rivals = [o["perplexity"] for o in rows if o["budget"] == r["budget"] and not o["method"].startswith("routed")]
+        (wins if rivals and r["perplexity"] < min(rivals) else losses).append(f"{r['budget']:g}")
+    said = f"routing beats every baseline at rho = {', '.join(wins)}" if wins else "routing beats no baseline"
+    if losses:
+        said += f"; not at rho = {', '.join(losses)}"
+        if "1" in losses:
+            said += " (at rho = 1 nothing is dropped: the gap there is what the shared adapter costs)"
+    return said + "."

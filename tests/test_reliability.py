@@ -255,6 +255,9 @@ def test_bad_api_inputs(tiny, call, message):
     (["--config.adapt.stepz=5"], "error: --config.adapt.stepz: no such config field; did you mean 'steps'?"),
     (["--config=configs/nope.py"], "error: --config=configs/nope.py: no such config file"),
     (["--config.pretrain.steps=-5"], "error: config.pretrain.steps=-5: must be an integer >= 0"),
+    (["--config=configs/smollm2_adapt.py", "--config.model.checkpoint=/nowhere/model.gguf"],
+     "error: model '/nowhere/model.gguf' does not exist: give a Hugging Face folder, a .gguf file, or a registered "
+     "name"),
 ])
 def test_command_line_errors_are_one_line(tmp_path, argv, message):
     proc = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path / "run"), *argv], cwd=ROOT,

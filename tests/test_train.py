@@ -68,8 +68,21 @@ def test_two_stage_run_learns_and_reports_budgets(tmp_path):
     summary = json.load(open(tmp_path / "summary.json"))
     methods = {row["method"] for row in summary["budgets"]}
     assert {"keep-largest-norm groups", "random groups"} <= methods
-    assert "| method |" in out
+    assert "| method |" in out and "routing beats" in out  # the one-line verdict under the table
     assert os.path.isdir(tmp_path / "adapt" / "checkpoints")
+
+
+def test_summary_says_where_routing_wins():
+    from subtoken_jax import trainer
+
+    rows = [{"method": m, "budget": b, "perplexity": p, "value_budget": k} for m, b, p, k in [
+        ("routed (adaptive) + routed LoRA", 1.0, 3.9, 1.0), ("keep-largest-norm groups", 1.0, 3.8, 1.0),
+        ("routed (adaptive) + routed LoRA", 0.5, 4.0, 0.507), ("keep-largest-norm groups", 0.5, 4.2, 0.5),
+        ("random groups", 1.0, 3.8, 1.0), ("random groups", 0.5, 7.9, 0.5)]]
+    text = trainer.format_summary({"budgets": rows})
+    assert "4.000 (kept 0.507)" in text and "| 4.200 |" in text
+    assert text.splitlines()[-1] == ("routing beats every baseline at rho = 0.5; not at rho = 1 (at rho = 1 nothing "
+                                     "is dropped: the gap there is what the shared adapter costs).")
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
