@@ -64,8 +64,7 @@ def get_config() -> ConfigDict:
 
     c.tasks = ("perplexity", "needle", "variable_tracking")  # and "mmlu" (needs mmlu.files)
     c.methods = ("full", "snapkv", "h2o", "streaming", "key_norm", "random", "expected_attention", "subtoken",
-                 "combined", "joint", "routed", "norm_groups", "random_groups",
-                 "norm_span")
+                 "combined", "joint", "routed")  # and norm_groups, random_groups, norm_span
     c.budgets = (1.0, 0.75, 0.5, 0.25)  # fractions of the context's KV bytes kept, in (0, 1]
     c.batch_size = 4  # prompts per batch
     c.pad_multiple = 32  # contexts are left-padded to a multiple of this (fewer shapes to compile)

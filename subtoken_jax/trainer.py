@@ -30,7 +30,7 @@ from subtoken_jax import data as data_lib
 from subtoken_jax import sharding as sharding_lib
 from subtoken_jax import workdir as workdir_lib
 from subtoken_jax.config_checks import check_ranges
-from subtoken_jax.errors import ConfigError
+from subtoken_jax.errors import CheckpointError, ConfigError
 from subtoken_jax.lora import combine_params
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import ModelConfig, RoutingConfig, check_budget
@@ -53,7 +53,10 @@ def validate_config(config: ConfigDict) -> None:
     if config.model.checkpoint:
         from subtoken_jax.pretrained import resolve_checkpoint
 
-        resolve_checkpoint(config.model.checkpoint)  # an HF folder, a .gguf file or a registered name, or one line
+        try:  # an HF folder, a .gguf file or a registered name
+            resolve_checkpoint(config.model.checkpoint)
+        except CheckpointError as error:
+            raise ConfigError(f"model.checkpoint: {error}") from None
     if "pretrain" not in config.stages and not config.model.checkpoint:
         raise ConfigError("stage 'adapt' needs a base: set model.checkpoint to a Hugging Face folder, a .gguf file or a "
                           "registered name, or add 'pretrain' "

@@ -256,7 +256,7 @@ def test_bad_api_inputs(tiny, call, message):
     (["--config=configs/nope.py"], "error: --config=configs/nope.py: no such config file"),
     (["--config.pretrain.steps=-5"], "error: config.pretrain.steps=-5: must be an integer >= 0"),
     (["--config=configs/smollm2_adapt.py", "--config.model.checkpoint=/nowhere/model.gguf"],
-     "error: model '/nowhere/model.gguf' does not exist: give a Hugging Face folder, a .gguf file, or a registered "
+     "error: model.checkpoint: model '/nowhere/model.gguf' does not exist: give a Hugging Face folder, a .gguf file, or a registered "
      "name"),
 ])
 def test_command_line_errors_are_one_line(tmp_path, argv, message):

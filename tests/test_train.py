@@ -125,7 +125,7 @@ def _default_config(**overrides):
     ({"adapt.budgets": (0.5, 1.5)}, "config.adapt.budgets=(0.5, 1.5): each value must be a number > 0 and <= 1"),
     ({"model.value_groups": 3}, "must divide head_dim=16"),
     ({"adapt.lora.active_subspaces": 3}, "active_subspaces=3"),
-    ({"adapt.routing.k": 5}, "routing.k=5 must be in [1, G=4]"),
+    ({"adapt.routing.mode": "fixed_k", "adapt.routing.k": 5}, "routing.k=5 must be in [1, G=4]"),
     ({"data.source": "webtext"}, "webtext"),
     ({"seq_len": 4096}, "exceeds model max_position_embeddings"),
     ({"model.checkpoint": "/nonexistent"}, "does not exist"),
