@@ -225,11 +225,24 @@ def collect():
     return table, full
 
 
+def _keep_eval_outputs() -> None:
+    """Copies each eval's results.json / examples.jsonl under OUT/evals/ (runs/ is not committed)."""
+    import shutil
+
+    for name in (BASE_WORKDIR,) + tuple(row[1] for row in ADAPTED):
+        folder = os.path.join(RUNS, name, "eval")
+        for file in ("results.json", "examples.jsonl"):
+            if os.path.isfile(os.path.join(folder, file)):
+                os.makedirs(os.path.join(OUT, "evals", name), exist_ok=True)
+                shutil.copy(os.path.join(folder, file), os.path.join(OUT, "evals", name, file))
+
+
 def report() -> None:
     table, full = collect()
     if full is None:
         sys.exit("report: run the eval stage first (no full-cache row yet)")
     os.makedirs(OUT, exist_ok=True)
+    _keep_eval_outputs()
     ppl = {label: {rho: perplexity(v[0]) for rho, v in cells.items()} for label, cells in table.items()}
     best = {rho: min((p[rho] for p in ppl.values() if rho in p), default=None) for rho in RHOS}
     full_ppl = perplexity(full)
