@@ -2,13 +2,15 @@
 token-level perplexity of WikiText-2 *test* continuations over a compressed prefix at each value budget rho.
 
     python bench/routing_smollm2.py                 # every stage; each resumes and skips what is done
-    python bench/routing_smollm2.py --stage train   # or eval, masks, report
+    python bench/routing_smollm2.py --stage train   # or export, eval, masks, report
     .venv-bench/bin/python bench/kvpress_perplexity.py --presses key_norm --no-full \\
         --budgets 0.875,0.75,0.6875,0.625 --out bench/results/routing_smollm2/kvpress   # kvpress rows (bench venv)
 
 Stages:
   train   train.py --config configs/smollm2_adapt.py for each adapted row (workdirs under runs/, resumable: an
           interrupted run continues from its last checkpoint when this is rerun);
+  export  the plain LoRA run merged into the base, as a Hugging Face folder (runs/smollm2_plain_norm/hf), so that
+          token eviction can run on an adapted model too;
   eval    eval.py's perplexity probe on each workdir (64 sequences of 512 tokens spread over WikiText-2 test, the
           first half compressed, the second half scored; the same sequences as bench/kvpress_perplexity.py), and the
           unadapted base under every baseline. A value budget rho keeps every key and rho of the value groups,
@@ -58,6 +60,13 @@ BASE_ROWS = (
 )
 KVPRESS_ROWS = (("kvpress KnormPress (key-norm tokens)", "kvpress:key_norm"),)
 BASE_WORKDIR = "smollm2_routing_base"
+# token eviction on an adapted model: does routing beat adaptation + token eviction? The plain LoRA run (one
+# subspace, so static weights) is merged into the base and written as a Hugging Face folder (stage export), then
+# evaluated like the base: its full cache at rho = 1 and token methods at equal KV bytes
+MERGED_FROM = "smollm2_plain_norm"
+MERGED_WORKDIR = "smollm2_plain_lora_tokens"
+MERGED_ROWS = (("plain LoRA (merged): full cache", "full"), ("plain LoRA (merged) + key-norm tokens", "key_norm"),
+               ("plain LoRA (merged) + StreamingLLM tokens", "streaming"))
 
 
 def kv_bytes(rho: float) -> float:
@@ -81,10 +90,35 @@ def train() -> None:
               os.path.join("runs", name)] + [f"--config.{k}={_flag(v)}" for k, v in overrides.items()])
 
 
-def _eval(workdir: str, methods, budgets) -> None:
+def merged_folder() -> str:
+    return os.path.join(RUNS, MERGED_FROM, "hf")
+
+
+def export() -> None:
+    """Merges the plain LoRA run into the base and writes it (with the tokenizer) as a Hugging Face folder."""
+    from subtoken_jax import save_pretrained
+    from subtoken_jax import workdir as workdir_lib
+    from subtoken_jax.pretrained import load_tokenizer
+
+    workdir, folder = os.path.join(RUNS, MERGED_FROM), merged_folder()
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return
+    if not os.path.isfile(os.path.join(workdir, "summary.json")):
+        sys.exit(f"export: {workdir} has not finished training (stage train)")
+    train_cfg = workdir_lib.read_workdir_config(workdir)
+    base_cfg = workdir_lib.base_model_config(train_cfg)
+    base_params, _ = workdir_lib.load_base(train_cfg.model.checkpoint, base_cfg)
+    adapted_cfg = workdir_lib.adapted_model_config(train_cfg, base_cfg)
+    params = workdir_lib.restore_adapter(adapted_cfg, base_params, train_cfg,
+                                         os.path.join(workdir, "adapt", "checkpoints"))
+    save_pretrained(folder, adapted_cfg, params, tokenizer=load_tokenizer(train_cfg.model.checkpoint))
+    print(f"-> {folder} (LoRA merged, routers dropped)")
+
+
+def _eval(workdir: str, methods, budgets, **extra) -> None:
     if os.path.isfile(os.path.join(workdir, "eval", "results.json")):
         return
-    overrides = {**PROBE, "methods": tuple(methods), "budgets": tuple(budgets)}
+    overrides = {**PROBE, "methods": tuple(methods), "budgets": tuple(budgets), **extra}
     _run([sys.executable, "eval.py", "--config", "configs/smollm2.py", "--workdir", workdir]
          + [f"--config.{k}={_flag(v)}" for k, v in overrides.items()])
 
@@ -97,6 +131,11 @@ def evaluate() -> None:
             print(f"skipped {label}: {workdir} has not finished training (stage train)")
             continue
         _eval(workdir, ("routed",), [kv_bytes(r) for r in rhos])
+    if os.path.isfile(os.path.join(merged_folder(), "model.safetensors")):
+        _eval(os.path.join(RUNS, MERGED_WORKDIR), tuple(m for _, m in MERGED_ROWS), [kv_bytes(r) for r in RHOS[1:]],
+              **{"model.checkpoint": merged_folder()})
+    else:
+        print(f"skipped the merged plain LoRA rows: {merged_folder()} is missing (stage export)")
 
 
 # ----------------------------------------------------------------------------- masks: budgets met, what is kept
@@ -204,6 +243,16 @@ def collect():
                 if (method, b) in rows:
                     r = records.get((method, b), {})
                     table.setdefault(label, {})[rho] = (rows[method, b], r.get("value_fraction"), r.get("kv_budget"))
+    merged = os.path.join(RUNS, MERGED_WORKDIR, "eval")
+    if os.path.isfile(os.path.join(merged, "examples.jsonl")):
+        rows = per_sequence(map(json.loads, open(os.path.join(merged, "examples.jsonl"))))
+        records = {(r["method"], r["budget"]): r for r in _records(merged)}
+        for label, method in MERGED_ROWS:
+            for rho in (1.0,) if method == "full" else RHOS[1:]:
+                b = kv_bytes(rho)
+                if (method, b) in rows:
+                    r = records.get((method, b), {})
+                    table.setdefault(label, {})[rho] = (rows[method, b], r.get("value_fraction"), r.get("kv_budget"))
     for label, name, _, rhos in ADAPTED:
         folder = os.path.join(RUNS, name, "eval")
         if not os.path.isfile(os.path.join(folder, "examples.jsonl")):
@@ -229,7 +278,7 @@ def _keep_eval_outputs() -> None:
     """Copies each eval's results.json / examples.jsonl under OUT/evals/ (runs/ is not committed)."""
     import shutil
 
-    for name in (BASE_WORKDIR,) + tuple(row[1] for row in ADAPTED):
+    for name in (BASE_WORKDIR, MERGED_WORKDIR) + tuple(row[1] for row in ADAPTED):
         folder = os.path.join(RUNS, name, "eval")
         for file in ("results.json", "examples.jsonl"):
             if os.path.isfile(os.path.join(folder, file)):
@@ -330,9 +379,9 @@ def _plot(ppl, full_ppl) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=("all", "train", "eval", "masks", "report"), default="all")
+    parser.add_argument("--stage", choices=("all", "train", "export", "eval", "masks", "report"), default="all")
     args = parser.parse_args()
-    for stage, fn in (("train", train), ("eval", evaluate), ("masks", masks), ("report", report)):
+    for stage, fn in (("train", train), ("export", export), ("eval", evaluate), ("masks", masks), ("report", report)):
         if args.stage in ("all", stage):
             fn()
 
