@@ -140,12 +140,11 @@ def test_eval_end_to_end(workdir, mmlu_csv):
         assert len(list(csv.DictReader(fh))) == len(records)
     markdown = open(out / "results.md").read()
     assert all(f"## {task}" in markdown for task in TASKS)
-    from subtoken_jax.evaluation.methods import GROUP_BASELINES, METHODS
-
     for task in TASKS:
         rows = {(r["method"], r["budget"]): r for r in records if r["task"] == task}
-        # every method (the group baselines have their own test); routed comes from workdir/adapt
-        assert {m for m, _ in rows} == set(METHODS) - set(GROUP_BASELINES), task
+        # every method of the default list (the group baselines and the token methods beyond it have their own
+        # tests); routed comes from workdir/adapt
+        assert {m for m, _ in rows} == set(_config().methods), task
         full = rows["full", 1.0]
         for (method, budget), r in rows.items():
             # bytes: never above the budget by more than the index metadata (token indices, group flags)
@@ -165,7 +164,7 @@ def test_eval_end_to_end(workdir, mmlu_csv):
     for task in ("needle", "mmlu"):
         reference = [e["prediction"] for e in examples if e["task"] == task and e["method"] == "full"]
         assert len(reference) == full_count(records, task)
-        for method in sorted(set(METHODS) - set(GROUP_BASELINES)):
+        for method in sorted(_config().methods):
             got = [e["prediction"] for e in examples if e["task"] == task and e["method"] == method
                    and e["budget"] == 1.0]
             assert got == reference, (task, method)
@@ -298,11 +297,15 @@ def test_hugging_face_folder(hf_folder, mmlu_csv, tmp_path):
     from subtoken_jax.evaluation import runner
 
     config = _config(**{"model.checkpoint": hf_folder, "model.value_groups": 4, "tasks": ("mmlu",),
-                        "methods": ("full", "key_norm", "subtoken", "routed"), "budgets": (1.0, 0.75),
-                        "mmlu.files": (mmlu_csv,), "diagnostic.enabled": False})
+                        "methods": ("full", "key_norm", "tova", "pyramidkv", "adakv", "subtoken", "routed"),
+                        "budgets": (1.0, 0.75), "mmlu.files": (mmlu_csv,), "diagnostic.enabled": False})
     summary = runner.run(config, str(tmp_path))
-    methods = {(r["method"], r["budget"]) for r in summary["records"]}
-    assert methods == {("full", 1.0), ("key_norm", 1.0), ("key_norm", 0.75), ("subtoken", 1.0), ("subtoken", 0.75)}
+    records = {(r["method"], r["budget"]): r for r in summary["records"]}
+    token_methods = ("key_norm", "tova", "pyramidkv", "adakv", "subtoken")
+    assert set(records) == {("full", 1.0)} | {(m, b) for m in token_methods for b in (1.0, 0.75)}
+    for method in token_methods:  # nothing dropped at b = 1; a real fraction of the bytes at b = 0.75
+        assert records[method, 1.0]["value"] == pytest.approx(records["full", 1.0]["value"], rel=1e-5), method
+        assert records[method, 0.75]["kv_budget"] <= 0.75 + records[method, 0.75]["index_fraction"] + 1e-6, method
     assert any("routed: skipped" in note for note in summary["notes"])
     assert os.path.exists(tmp_path / "eval" / "results.md")
 

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from subtoken_jax import InputError, KVCache, ModelConfig, init_params
 from subtoken_jax.layers import rope_inverse_frequencies
-from subtoken_jax.selectors import (H2O, SCOPES, TOKEN_SELECTORS, ExpectedAttention, KeyNorm, PrefillState,
-                                    RandomSelector, SnapKV, StreamingLLM, accumulated_attention,
+from subtoken_jax.selectors import (H2O, SCOPES, TOKEN_SELECTORS, TOVA, AdaKV, ExpectedAttention, KeyNorm,
+                                    PrefillState, PyramidKV, RandomSelector, SnapKV, StreamingLLM,
+                                    accumulated_attention, pyramid_fractions,
                                     allocate_joint, allocate_value_groups, capture_prefill_state, combine, kv_bytes_fraction,
                                     pad_to_capacity, select_tokens, value_group_scorer, value_group_scores,
                                     window_attention)
@@ -68,6 +69,22 @@ def ref_window_attention(state, layer):
                 for s, ws in zip(seen, w / w.sum()):
                     out[b, h // rep, s] += ws / (len(valid_t) * rep)
     return out
+
+
+def ref_last_query_attention(state, layer):
+    """TOVA: softmax of each row's latest window query over the keys it may see, mean over all query heads."""
+    q, k, _, pos, qpos = np_state(state, layer)
+    batch, _, heads, dim = q.shape
+    rep = heads // k.shape[2]
+    out = np.zeros(k.shape[:2])
+    for b in range(batch):
+        t = int(np.argmax(qpos[b]))
+        seen = [s for s in range(k.shape[1]) if 0 <= pos[b, s] <= qpos[b, t]]
+        for h in range(heads):
+            logits = np.array([q[b, t, h] @ k[b, s, h // rep] / np.sqrt(dim) for s in seen])
+            w = np.exp(logits - logits.max())
+            out[b, seen] += w / w.sum() / heads
+    return np.broadcast_to(out[..., None], k.shape[:3])
 
 
 def ref_pool(x, kernel, mode):
@@ -128,6 +145,8 @@ def ref_scores(name, selector, state, layer):
         return -np.sqrt(np.sum(k ** 2, axis=-1))
     if name == "random":
         return np.asarray(jax.random.uniform(jax.random.fold_in(jax.random.key(selector.seed), layer), k.shape[:3]))
+    if name == "tova":
+        return ref_last_query_attention(state, layer)
     if name == "expected_attention":
         return ref_expected(state, layer, selector.n_future, selector.use_covariance, selector.use_vnorm)
     raise AssertionError(name)
@@ -178,7 +197,7 @@ def ref_allocate(scores, budget, scope, valid):
 
 SELECTOR_CASES = [("snapkv", SnapKV()), ("snapkv", SnapKV(kernel_size=3, pooling="max")), ("h2o", H2O(recent=2)),
                   ("streaming", StreamingLLM(n_sink=2)), ("key_norm", KeyNorm()), ("random", RandomSelector(seed=3)),
-                  ("expected_attention", ExpectedAttention(n_future=4)),
+                  ("expected_attention", ExpectedAttention(n_future=4)), ("tova", TOVA()),
                   ("expected_attention", ExpectedAttention(n_future=3, use_covariance=False, use_vnorm=False,
                                                            n_sink=1))]
 
@@ -194,6 +213,82 @@ def test_selector_matches_brute_force(name, selector, in_context):
         np.testing.assert_allclose(ours, ref_scores(name, selector, state, layer), rtol=1e-4, atol=1e-6)
         expected = ref_select(ours, 0.4, np.asarray(state.positions), first, last)
         np.testing.assert_array_equal(np.asarray(masks[layer]), expected)
+
+
+def test_tova_keeps_the_same_tokens_in_every_kv_head_and_the_current_query():
+    state = random_state(seed=5, in_context=True)
+    for mask in TOVA().masks(state, 0.3):
+        mask = np.asarray(mask)
+        assert (mask == mask[..., :1]).all()
+        assert (mask[:, -1] == 1).all()  # the last context token is the query TOVA scores with
+
+
+@pytest.mark.parametrize("budget, layers, beta", [(0.4, 5, 20.0), (0.7, 4, 20.0), (0.25, 3, 1.0), (0.3, 1, 20.0)])
+def test_pyramid_fractions_are_linear_with_the_budget_as_mean(budget, layers, beta):
+    f = np.asarray(pyramid_fractions(budget, layers, beta), np.float64)
+    assert f.shape == (layers,) and abs(f.mean() - budget) < 1e-6 and (f >= 0).all() and (f <= 1 + 1e-6).all()
+    if layers > 2:
+        assert np.allclose(np.diff(f, 2), 0, atol=1e-6) and (np.diff(f) <= 1e-6).all()  # linear, non-increasing
+    if layers > 1 and 2 * budget - budget / beta <= 1:  # uncapped: last = budget / beta, first = 2 budget - last
+        assert f[-1] == pytest.approx(budget / beta) and f[0] == pytest.approx(2 * budget - budget / beta)
+    if 2 * budget - budget / beta > 1 and layers > 1:
+        assert f[0] == pytest.approx(1.0)
+    with pytest.raises(InputError, match="beta"):
+        pyramid_fractions(0.5, 4, 0.5)
+
+
+def test_pyramidkv_is_snapkv_at_each_layers_fraction():
+    state = random_state(seed=7, layers=4, length=12, pads=(0, 2))
+    selector = PyramidKV(beta=4.0)
+    fractions = pyramid_fractions(0.5, 4, 4.0)
+    for layer, mask in enumerate(selector.masks(state, 0.5)):
+        scores = ref_scores("snapkv", SnapKV(), state, layer)
+        np.testing.assert_array_equal(np.asarray(mask), ref_select(scores, np.float32(fractions[layer]),
+                                                                   np.asarray(state.positions)))
+
+
+def ref_head_adaptive(scores, budget, positions, alpha, protect_first=0, protect_last=0):
+    """AdaKV by sorting: each head's top floor(alpha k) (>= 1) guaranteed, then the best k x heads pairs."""
+    batch, length, heads = scores.shape
+    mask = np.zeros(scores.shape, np.float32)
+    for b in range(batch):
+        real = [s for s in range(length) if positions[b, s] >= 0]
+        k = int(np.round(np.float32(budget) * np.float32(len(real))))
+        safe = max(1, int(np.floor(np.float32(alpha) * np.float32(k)))) if k > 0 and alpha > 0 else 0
+        first, last = min(positions[b, s] for s in real), max(positions[b, s] for s in real)
+
+        def prot(s, b=b, first=first, last=last):
+            return positions[b, s] - first < protect_first or last - positions[b, s] < protect_last
+        guaranteed = set()
+        for h in range(heads):
+            order = sorted(real, key=lambda s: (not prot(s), -scores[b, s, h], -positions[b, s], s))
+            guaranteed |= {(s, h) for s in order[:safe]}
+        pairs = sorted(((s, h) for s in real for h in range(heads)),
+                       key=lambda p: (not prot(p[0]), p not in guaranteed, -scores[b, p[0], p[1]], -positions[b, p[0]],
+                                      p[0] * heads + p[1]))
+        for s, h in pairs[:k * heads]:
+            mask[b, s, h] = 1.0
+    return mask
+
+
+@pytest.mark.parametrize("alpha, in_context", [(0.2, False), (0.0, True), (0.5, True)])
+def test_adakv_matches_brute_force_and_keeps_the_layer_budget(alpha, in_context):
+    state = random_state(seed=11, length=12, kv_heads=4, heads=8, pads=(0, 3), in_context=in_context)
+    selector = AdaKV(alpha=alpha)
+    first, last = selector.protected(state)
+    for layer, mask in enumerate(selector.masks(state, 0.35)):
+        mask = np.asarray(mask)
+        scores = np.asarray(selector.scores(state, layer))
+        np.testing.assert_array_equal(mask, ref_head_adaptive(scores, 0.35, np.asarray(state.positions), alpha,
+                                                              first, last))
+        real = np.asarray(state.positions) >= 0
+        k = np.round(np.float32(0.35) * real.sum(1).astype(np.float32))
+        np.testing.assert_array_equal(mask.sum((1, 2)), k * 4)  # the layer's budget, shared unevenly by heads
+    # alpha = 1: every head keeps its own top k, which is SnapKV's per-head selection
+    for ada, snap in zip(AdaKV(alpha=1.0).masks(state, 0.35), SnapKV().masks(state, 0.35)):
+        np.testing.assert_array_equal(np.asarray(ada), np.asarray(snap))
+    with pytest.raises(InputError, match="alpha"):
+        AdaKV(alpha=1.5)
 
 
 @pytest.mark.parametrize("method", ["attention", "snapkv"])

@@ -134,7 +134,9 @@ def make_selectors(config) -> Dict[str, object]:
     s = config.selectors
     kwargs = {"snapkv": dict(kernel_size=s.snapkv_kernel_size), "h2o": dict(recent=s.h2o_recent),
               "streaming": dict(n_sink=s.streaming_sinks), "key_norm": {}, "random": dict(seed=config.seed),
-              "expected_attention": dict(n_future=s.n_future, n_sink=s.expected_attention_sinks)}
+              "expected_attention": dict(n_future=s.n_future, n_sink=s.expected_attention_sinks),
+              "pyramidkv": dict(kernel_size=s.snapkv_kernel_size),
+              "adakv": dict(base=TOKEN_SELECTORS["snapkv"](kernel_size=s.snapkv_kernel_size))}
     return {name: cls(**kwargs.get(name, {})) for name, cls in TOKEN_SELECTORS.items()}
 
 

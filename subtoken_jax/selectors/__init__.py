@@ -6,6 +6,7 @@
     model.apply(..., token_keep_mask=pad_to_capacity(keep, L), value_group_mask=pad_to_capacity(groups, L))
 """
 
+from subtoken_jax.selectors.adakv import AdaKV, head_adaptive_select
 from subtoken_jax.selectors.allocate import SCOPES, allocate_joint, allocate_value_groups, combine, kv_bytes_fraction
 from subtoken_jax.selectors.base import (PrefillState, TokenSelector, accumulated_attention, budget_count,
                                          capture_prefill_state, pad_to_capacity, select_tokens, window_attention)
@@ -13,17 +14,21 @@ from subtoken_jax.selectors.expected_attention import (ExpectedAttention, expect
                                                        future_statistics, query_statistics)
 from subtoken_jax.selectors.h2o import H2O
 from subtoken_jax.selectors.key_norm import KeyNorm
+from subtoken_jax.selectors.pyramid import PyramidKV, pyramid_fractions
 from subtoken_jax.selectors.random_select import RandomSelector
 from subtoken_jax.selectors.snapkv import SnapKV, pool1d
 from subtoken_jax.selectors.streaming import StreamingLLM
 from subtoken_jax.selectors.subtoken import (layer_value_group_scores, value_group_norms, value_group_scorer,
                                              value_group_scores)
+from subtoken_jax.selectors.tova import TOVA, last_query_attention
 
 TOKEN_SELECTORS = {"snapkv": SnapKV, "h2o": H2O, "streaming": StreamingLLM, "key_norm": KeyNorm,
-                   "random": RandomSelector, "expected_attention": ExpectedAttention}
+                   "random": RandomSelector, "expected_attention": ExpectedAttention, "tova": TOVA,
+                   "pyramidkv": PyramidKV, "adakv": AdaKV}
 
-__all__ = ["SCOPES", "TOKEN_SELECTORS", "ExpectedAttention", "H2O", "KeyNorm", "PrefillState", "RandomSelector",
-           "SnapKV", "StreamingLLM", "TokenSelector", "accumulated_attention", "allocate_joint", "allocate_value_groups",
-           "budget_count", "capture_prefill_state", "combine", "expected_attention_weights", "future_statistics",
-           "kv_bytes_fraction", "layer_value_group_scores", "pad_to_capacity", "pool1d", "query_statistics",
-           "select_tokens", "value_group_norms", "value_group_scorer", "value_group_scores", "window_attention"]
+__all__ = ["SCOPES", "TOKEN_SELECTORS", "TOVA", "accumulated_attention", "AdaKV", "allocate_joint",
+           "allocate_value_groups", "budget_count", "capture_prefill_state", "combine", "expected_attention_weights",
+           "ExpectedAttention", "future_statistics", "head_adaptive_select", "KeyNorm", "kv_bytes_fraction",
+           "last_query_attention", "layer_value_group_scores", "pad_to_capacity", "PrefillState", "pyramid_fractions",
+           "PyramidKV", "query_statistics", "RandomSelector", "select_tokens", "SnapKV", "StreamingLLM",
+           "TokenSelector", "value_group_norms", "value_group_scorer", "value_group_scores", "window_attention"]
