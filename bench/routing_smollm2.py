@@ -50,6 +50,10 @@ ADAPTED = (
     ("routed adaptive, adapter trained at rho = 0.5 only", "smollm2_adaptive_rho05", {"adapt.budgets": (0.5,)},
      (0.5,)),
 )
+# the same adapter evaluated under another rule: (label, trained workdir, alias workdir under runs/, eval overrides).
+# The adaptive router trained with its causal threshold; the exact budget is a different rule at evaluation
+CAUSAL_ROW = ("routed adaptive + routed LoRA, causal threshold as trained (budget met on average)", "smollm2_adaptive",
+              "smollm2_adaptive_causal", {"routed.exact_budget": False})
 # the unadapted base: (label, eval method)
 BASE_ROWS = (
     ("keep-largest-norm groups (base)", "norm_groups"),
@@ -123,6 +127,14 @@ def _eval(workdir: str, methods, budgets, **extra) -> None:
          + [f"--config.{k}={_flag(v)}" for k, v in overrides.items()])
 
 
+def _alias_workdir(trained: str, alias: str) -> None:
+    """A workdir that links to a trained one's record and adapter, so a second eval writes its own alias/eval."""
+    os.makedirs(alias, exist_ok=True)
+    for name in ("config.json", "summary.json", "adapt"):
+        if not os.path.exists(os.path.join(alias, name)):
+            os.symlink(os.path.join(trained, name), os.path.join(alias, name))
+
+
 def evaluate() -> None:
     _eval(os.path.join(RUNS, BASE_WORKDIR), ("full",) + tuple(m for _, m in BASE_ROWS), [kv_bytes(r) for r in RHOS[1:]])
     for label, name, _, rhos in ADAPTED:
@@ -131,6 +143,10 @@ def evaluate() -> None:
             print(f"skipped {label}: {workdir} has not finished training (stage train)")
             continue
         _eval(workdir, ("routed",), [kv_bytes(r) for r in rhos])
+    label, trained, alias, overrides = CAUSAL_ROW
+    if os.path.isfile(os.path.join(RUNS, trained, "summary.json")):
+        _alias_workdir(os.path.join(RUNS, trained), os.path.join(RUNS, alias))
+        _eval(os.path.join(RUNS, alias), ("routed",), [kv_bytes(r) for r in RHOS[1:]], **overrides)
     if os.path.isfile(os.path.join(merged_folder(), "model.safetensors")):
         _eval(os.path.join(RUNS, MERGED_WORKDIR), tuple(m for _, m in MERGED_ROWS), [kv_bytes(r) for r in RHOS[1:]],
               **{"model.checkpoint": merged_folder()})
@@ -229,48 +245,36 @@ def _records(folder: str):
     return json.load(open(path)) if os.path.isfile(path) else []
 
 
+def _read_rows(table, folder: str, label: str, method: str, rhos) -> None:
+    """Adds folder's per-sequence rows of `method` at each rho's KV bytes to table[label] (when evaluated)."""
+    if not os.path.isfile(os.path.join(folder, "examples.jsonl")):
+        return
+    rows = per_sequence(map(json.loads, open(os.path.join(folder, "examples.jsonl"))))
+    records = {(r["method"], r["budget"]): r for r in _records(folder)}
+    for rho in rhos:
+        b = kv_bytes(rho)
+        if (method, b) in rows:
+            r = records.get((method, b), {})
+            table.setdefault(label, {})[rho] = (rows[method, b], r.get("value_fraction"), r.get("kv_budget", b))
+
+
 def collect():
     """{label: {rho: (per-sequence NLL rows, realised value fraction, realised KV bytes)}} and the full cache."""
-    table, full = {}, None
+    table = {}
     base = os.path.join(RUNS, BASE_WORKDIR, "eval")
-    if os.path.isfile(os.path.join(base, "examples.jsonl")):
-        rows = per_sequence(map(json.loads, open(os.path.join(base, "examples.jsonl"))))
-        records = {(r["method"], r["budget"]): r for r in _records(base)}
-        full = rows.get(("full", 1.0))
-        for label, method in BASE_ROWS:
-            for rho in RHOS[1:]:
-                b = kv_bytes(rho)
-                if (method, b) in rows:
-                    r = records.get((method, b), {})
-                    table.setdefault(label, {})[rho] = (rows[method, b], r.get("value_fraction"), r.get("kv_budget"))
-    merged = os.path.join(RUNS, MERGED_WORKDIR, "eval")
-    if os.path.isfile(os.path.join(merged, "examples.jsonl")):
-        rows = per_sequence(map(json.loads, open(os.path.join(merged, "examples.jsonl"))))
-        records = {(r["method"], r["budget"]): r for r in _records(merged)}
-        for label, method in MERGED_ROWS:
-            for rho in (1.0,) if method == "full" else RHOS[1:]:
-                b = kv_bytes(rho)
-                if (method, b) in rows:
-                    r = records.get((method, b), {})
-                    table.setdefault(label, {})[rho] = (rows[method, b], r.get("value_fraction"), r.get("kv_budget"))
+    full = (per_sequence(map(json.loads, open(os.path.join(base, "examples.jsonl")))).get(("full", 1.0))
+            if os.path.isfile(os.path.join(base, "examples.jsonl")) else None)
+    for label, method in BASE_ROWS:
+        _read_rows(table, base, label, method, RHOS[1:])
+    for label, method in MERGED_ROWS:
+        _read_rows(table, os.path.join(RUNS, MERGED_WORKDIR, "eval"), label, method,
+                   (1.0,) if method == "full" else RHOS[1:])
     for label, name, _, rhos in ADAPTED:
-        folder = os.path.join(RUNS, name, "eval")
-        if not os.path.isfile(os.path.join(folder, "examples.jsonl")):
-            continue
-        rows = per_sequence(map(json.loads, open(os.path.join(folder, "examples.jsonl"))))
-        records = {(r["method"], r["budget"]): r for r in _records(folder)}
-        for rho in rhos:
-            b = kv_bytes(rho)
-            if ("routed", b) in rows:
-                r = records.get(("routed", b), {})
-                table.setdefault(label, {})[rho] = (rows["routed", b], r.get("value_fraction"), r.get("kv_budget"))
-    kvpress = os.path.join(OUT, "kvpress", "examples.jsonl")
-    if os.path.isfile(kvpress):
-        rows = per_sequence(map(json.loads, open(kvpress)))
-        for label, method in KVPRESS_ROWS:
-            for rho in RHOS[1:]:
-                if (method, kv_bytes(rho)) in rows:
-                    table.setdefault(label, {})[rho] = (rows[method, kv_bytes(rho)], None, kv_bytes(rho))
+        _read_rows(table, os.path.join(RUNS, name, "eval"), label, "routed", rhos)
+    label, _, alias, _ = CAUSAL_ROW
+    _read_rows(table, os.path.join(RUNS, alias, "eval"), label, "routed", RHOS[1:])
+    for label, method in KVPRESS_ROWS:
+        _read_rows(table, os.path.join(OUT, "kvpress"), label, method, RHOS[1:])
     return table, full
 
 
@@ -278,7 +282,7 @@ def _keep_eval_outputs() -> None:
     """Copies each eval's results.json / examples.jsonl under OUT/evals/ (runs/ is not committed)."""
     import shutil
 
-    for name in (BASE_WORKDIR, MERGED_WORKDIR) + tuple(row[1] for row in ADAPTED):
+    for name in (BASE_WORKDIR, MERGED_WORKDIR, CAUSAL_ROW[2]) + tuple(row[1] for row in ADAPTED):
         folder = os.path.join(RUNS, name, "eval")
         for file in ("results.json", "examples.jsonl"):
             if os.path.isfile(os.path.join(folder, file)):
