@@ -98,23 +98,30 @@ def merged_folder() -> str:
     return os.path.join(RUNS, MERGED_FROM, "hf")
 
 
-def export() -> None:
-    """Merges the plain LoRA run into the base and writes it (with the tokenizer) as a Hugging Face folder."""
-    from subtoken_jax import save_pretrained
+def _trained_adapter(workdir: str, stage: str):
+    """(train config, base params, adapted model config, adapted params) of a finished train.py workdir."""
     from subtoken_jax import workdir as workdir_lib
-    from subtoken_jax.pretrained import load_tokenizer
 
-    workdir, folder = os.path.join(RUNS, MERGED_FROM), merged_folder()
-    if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        return
     if not os.path.isfile(os.path.join(workdir, "summary.json")):
-        sys.exit(f"export: {workdir} has not finished training (stage train)")
+        sys.exit(f"{stage}: {workdir} has not finished training (stage train)")
     train_cfg = workdir_lib.read_workdir_config(workdir)
     base_cfg = workdir_lib.base_model_config(train_cfg)
     base_params, _ = workdir_lib.load_base(train_cfg.model.checkpoint, base_cfg)
     adapted_cfg = workdir_lib.adapted_model_config(train_cfg, base_cfg)
     params = workdir_lib.restore_adapter(adapted_cfg, base_params, train_cfg,
                                          os.path.join(workdir, "adapt", "checkpoints"))
+    return train_cfg, base_params, adapted_cfg, params
+
+
+def export() -> None:
+    """Merges the plain LoRA run into the base and writes it (with the tokenizer) as a Hugging Face folder."""
+    from subtoken_jax import save_pretrained
+    from subtoken_jax.pretrained import load_tokenizer
+
+    folder = merged_folder()
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return
+    train_cfg, _, adapted_cfg, params = _trained_adapter(os.path.join(RUNS, MERGED_FROM), "export")
     save_pretrained(folder, adapted_cfg, params, tokenizer=load_tokenizer(train_cfg.model.checkpoint))
     print(f"-> {folder} (LoRA merged, routers dropped)")
 
@@ -172,15 +179,7 @@ def masks() -> None:
     context = jnp.asarray(np.asarray(spec["sequences"])[:8, :spec["prefix"]])
     valid = jnp.ones(context.shape, jnp.int32)
     result = {"sequences": int(context.shape[0]), "prefix_tokens": int(context.shape[1]), "routers": {}}
-    workdir = os.path.join(RUNS, ADAPTED[0][1])
-    if not os.path.isfile(os.path.join(workdir, "summary.json")):
-        sys.exit(f"masks: {workdir} has not finished training (stage train)")
-    train_cfg = workdir_lib.read_workdir_config(workdir)
-    base_cfg = workdir_lib.base_model_config(train_cfg)
-    base_params, _ = workdir_lib.load_base(train_cfg.model.checkpoint, base_cfg)
-    routed_cfg = workdir_lib.adapted_model_config(train_cfg, base_cfg)
-    trained = workdir_lib.restore_adapter(routed_cfg, base_params, train_cfg,
-                                          os.path.join(workdir, "adapt", "checkpoints"))
+    train_cfg, base_params, routed_cfg, trained = _trained_adapter(os.path.join(RUNS, ADAPTED[0][1]), "masks")
     trainable, frozen, _ = workdir_lib.fresh_adapter(routed_cfg, base_params, train_cfg)
     from subtoken_jax.lora import combine_params
 
