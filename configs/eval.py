@@ -107,8 +107,11 @@ def get_config() -> ConfigDict:
 
     c.routed = ConfigDict()  # the adapted model of WORKDIR/adapt (method routed)
     # adaptive routers: keep exactly rho of each compressed context's (token, group) pairs per sequence and KV head
-    # (a top-B; the context is known when it is compressed) instead of the causal running threshold of training
+    # (the context is known when it is compressed) instead of meeting it on average by the causal running threshold
+    # of training; exact_rule: calibrated (the causal thresholds shifted by one offset onto the budget) or topb (raw
+    # scores ranked over the context, an ablation)
     c.routed.exact_budget = True
+    c.routed.exact_rule = "calibrated"
 
     c.predictor = ConfigDict()  # the learned value-group scorer (scorer = "predictor"; not for perplexity)
     c.predictor.workdir = ""  # folder written by train.py --config configs/predictor.py (config.json + params)

@@ -193,7 +193,8 @@ class Attention(nn.Module):
                 scores = scores + jax.lax.stop_gradient(group_norm_scores(value, groups))
         valid = positions >= 0
         mask, stats = route_value_groups(scores, budget, cfg.routing.mode, cfg.routing.temperature, valid,
-                                         prefix_stats, exact_budget=cfg.routing.exact_budget)
+                                         prefix_stats, exact_budget=cfg.routing.exact_budget,
+                                         exact_rule=cfg.routing.exact_rule)
         self.sow("routing", "value_scores", scores)
         self.sow("routing", "value_group_mask", jax.lax.stop_gradient(mask))
         self.sow("routing", "value_budget", realised_budget(mask, valid))

@@ -66,6 +66,9 @@ class LoRAConfig:
 
 ROUTING_MODES = ("none", "fixed_k", "adaptive")
 ROUTING_SCORERS = ("router", "norm", "random")
+# how exact_budget meets rho over a chunk: calibrated = the causal thresholds shifted onto the budget;
+# topb = a top-B of the raw scores over the chunk (an ablation: it ignores the per-position normalisation)
+EXACT_RULES = ("calibrated", "topb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +83,10 @@ class RoutingConfig:
     # router: learned per-layer router (+ norm prior); norm / random: parameter-free baselines
     scorer: str = "router"
     # adaptive only: a chunk of several tokens written at once (a prefilled context) keeps exactly `budget` of its
-    # (token, group) pairs per sequence and KV head (value_groups.exact_budget_mask) instead of the causal running
-    # threshold; for compressing a known context (eval sets it), not for training
+    # (token, group) pairs per sequence and KV head: the causal thresholds shifted by one offset that lands on the
+    # budget (value_groups.calibrated_adaptive_mask); for compressing a known context (eval sets it), not training
     exact_budget: bool = False
+    exact_rule: str = "calibrated"  # one of EXACT_RULES
 
     def __post_init__(self):
         if self.mode not in ROUTING_MODES:
@@ -92,6 +96,8 @@ class RoutingConfig:
         check_budget(self.budget, "routing.budget")
         if self.temperature <= 0:
             raise ConfigError(f"routing.temperature must be > 0, got {self.temperature}")
+        if self.exact_rule not in EXACT_RULES:
+            raise ConfigError(f"routing.exact_rule={self.exact_rule!r} is unknown; choose one of {EXACT_RULES}")
         if self.exact_budget and self.mode != "adaptive":
             raise ConfigError(f"routing.exact_budget is for mode adaptive (fixed_k is exact per token), not {self.mode!r}")
         if self.k is not None and self.mode != "fixed_k":

@@ -22,6 +22,7 @@ from subtoken_jax import trainer
 from subtoken_jax.config_checks import RULES, check_ranges
 from subtoken_jax.evaluation import runner
 from subtoken_jax.hf_export import save_pretrained
+from subtoken_jax.model_config import RoutingConfig
 from subtoken_jax.workdir import WorkdirLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +94,17 @@ def test_zero_steps_skip_the_stage_and_say_so():
     assert any("pretrain.steps=0" in n and "skipped" in n for n in notes)
     assert any("adapt.steps=0" in n and "untrained" in n for n in notes)
     assert "note: adapt.steps=0" in trainer.format_summary({"notes": notes})
+
+
+def test_bad_eval_exact_rule_is_one_line_and_writes_nothing(tmp_path):
+    config = _config("eval", tasks=("perplexity",), methods=("routed",), budgets=(0.75,),
+                     **{"routed.exact_rule": "sorted"})
+    with pytest.raises(ConfigError) as info:
+        runner.run(config, str(tmp_path / "out"))
+    assert "routed.exact_rule='sorted' is unknown; choose one of ('calibrated', 'topb')" in _one_line(info.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="routing.exact_rule='sorted' is unknown"):
+        RoutingConfig(mode="adaptive", exact_budget=True, exact_rule="sorted")
 
 
 # ----------------------------------------------------------------------------- workdirs

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from subtoken_jax import ConfigError, KVCache, LoRAConfig, ModelConfig, init_params
 from subtoken_jax.lora import combine_params, is_adapter_path, split_params
 from subtoken_jax.model_config import RoutingConfig
-from subtoken_jax.value_groups import adaptive_mask, exact_budget_mask, fixed_k_mask
+from subtoken_jax.value_groups import adaptive_mask, calibrated_adaptive_mask, exact_budget_mask, fixed_k_mask
 
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             value_groups=4)
@@ -60,6 +60,40 @@ def test_exact_budget_keeps_the_top_pairs_of_each_sequence_and_head(seed, budget
             for t, g in best:
                 expected[t, g] = 1
             np.testing.assert_array_equal(mask[b, :, h], expected)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), budget=st.sampled_from([0.25, 0.375, 0.5, 0.75]))
+def test_calibrated_adaptive_is_the_causal_rule_shifted_onto_the_budget(seed, budget):
+    """Brute force: per-token thresholds from a loop over the prefix (mean + z std of every earlier real
+    token's scores), then the round(budget x pairs) largest margins score - threshold per sequence and head."""
+    from scipy.stats import norm
+    rng = np.random.default_rng(seed)
+    scores = (rng.normal(size=(2, 9, 2, 4)) + np.linspace(-2, 2, 9)[None, :, None, None]).astype(np.float32)
+    valid = np.ones((2, 9), bool)
+    valid[1, :3] = False
+    mask, _ = calibrated_adaptive_mask(jnp.asarray(scores), budget, valid=jnp.asarray(valid))
+    mask = np.asarray(mask)
+    causal, _ = adaptive_mask(jnp.asarray(scores), budget, valid=jnp.asarray(valid))
+    z = norm.ppf(1.0 - budget)
+    for b in range(2):
+        for h in range(2):
+            margins = {}
+            for t in np.flatnonzero(valid[b]):
+                seen = scores[b, [u for u in range(t + 1) if valid[b, u]], h].astype(np.float64).ravel()
+                threshold = seen.mean() + z * seen.std()
+                for g in range(4):
+                    margins[t, g] = scores[b, t, h, g] - threshold
+            k = int(np.round(np.float32(budget) * len(margins)))
+            best = sorted(margins, key=lambda p: (-margins[p], p))[:k]
+            expected = np.zeros((9, 4))
+            for t, g in best:
+                expected[t, g] = 1
+            np.testing.assert_array_equal(mask[b, :, h], expected)
+    # a shift of the causal rule: it only adds pairs (when the causal rule kept too few) or only removes them
+    keeps_more = (mask >= np.asarray(causal)).all(axis=(1, 3))
+    keeps_fewer = (mask <= np.asarray(causal)).all(axis=(1, 3))
+    assert (keeps_more | keeps_fewer).all()
 
 
 def test_exact_budget_untrained_router_meets_rho_on_every_layer():

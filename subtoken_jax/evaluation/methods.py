@@ -40,15 +40,16 @@ from subtoken_jax.compression import Compression, JointCompression, keep_everyth
 from subtoken_jax.errors import ConfigError
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM
-from subtoken_jax.model_config import ModelConfig, RoutingConfig
+from subtoken_jax.model_config import EXACT_RULES, ModelConfig, RoutingConfig
 from subtoken_jax.selectors import SCOPES, TOKEN_SELECTORS, PrefillState, pad_to_capacity, value_group_scorer
 
 TOKEN_METHODS = tuple(TOKEN_SELECTORS)
-# query-independent baselines: the base model under a parameter-free router (RoutingConfig fields). norm_span is
-# what an untrained adaptive router does (a zero router + its norm prior): the context's largest-norm groups
+# query-independent baselines: the base model under a parameter-free router (RoutingConfig fields). norm_span
+# keeps the context's largest-norm (token, group) pairs, rho of them per sequence and KV head (a variable number
+# per token, ranked over the whole context)
 GROUP_BASELINES = {"norm_groups": dict(mode="fixed_k", scorer="norm"),
                    "random_groups": dict(mode="fixed_k", scorer="random"),
-                   "norm_span": dict(mode="adaptive", scorer="norm", exact_budget=True)}
+                   "norm_span": dict(mode="adaptive", scorer="norm", exact_budget=True, exact_rule="topb")}
 # methods whose value-group masks come from a router during the prefill (routed_prefill), not from a recipe
 ROUTER_METHODS = ("routed",) + tuple(GROUP_BASELINES)
 METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "joint") + ROUTER_METHODS
@@ -299,6 +300,9 @@ def check_method_config(config) -> None:
             continue
         if config[section].scorer not in SCORERS:
             raise ConfigError(f"{section}.scorer={config[section].scorer!r} is unknown; choose one of {SCORERS}")
+    rule = config.get("routed", {}).get("exact_rule", "calibrated")
+    if rule not in EXACT_RULES:
+        raise ConfigError(f"routed.exact_rule={rule!r} is unknown; choose one of {EXACT_RULES}")
     if "joint" in config.methods and config.joint.scorer == "predictor":
         raise ConfigError("joint.scorer='predictor': the predictor's scores are log-relevance, and the joint "
                           "allocation prices contributions (>= 0); use attention, snapkv or expected")

@@ -147,10 +147,12 @@ def resolve_source(config: ConfigDict, workdir: str) -> Source:
                 notes.append("routed: skipped, the adapted model has routing.mode='none'")
                 routed_cfg = None
             elif routed_cfg.routing.mode == "adaptive" and config.get("routed", {}).get("exact_budget", True):
-                # the context is known when it is compressed: meet rho exactly over it (top-B per sequence and
-                # KV head) rather than by the causal running threshold the router trained with
-                routed_cfg = routed_cfg.replace(routing=dataclasses.replace(routed_cfg.routing, exact_budget=True))
-                notes.append("routed (adaptive): rho met exactly over each context (routing.exact_budget)")
+                # the context is known when it is compressed: meet rho exactly over it (per sequence and KV head)
+                # rather than on average by the causal running threshold the router trained with
+                rule = config.get("routed", {}).get("exact_rule", "calibrated")
+                routed_cfg = routed_cfg.replace(routing=dataclasses.replace(routed_cfg.routing, exact_budget=True,
+                                                                            exact_rule=rule))
+                notes.append(f"routed (adaptive): rho met exactly over each context (routing.exact_budget, {rule})")
     bos = config.add_bos
     if bos is None:  # models trained here saw no BOS; a Hugging Face base gets one if its tokenizer adds it
         bos = bool(hf_folder) and _tokenizer_adds_bos(tokenizer)
