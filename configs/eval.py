@@ -27,6 +27,9 @@ A budget b is the fraction of the context's KV bytes kept: keys + values (half e
   routed                    the adapted model of WORKDIR/adapt, its router at value budget rho = 2b - 1
                             (fixed_k: rounded down to k/G; adaptive: rho met exactly over each context, see
                             routed.exact_budget)
+  routed_tokens             routed at rho = routed.value_fraction, then routed.token_selector (query-free) keeps
+                            tau = 2b / (1 + rho) of the tokens, scored on the routed model's cached keys; at
+                            b >= (1 + rho) / 2 it is routed
   norm_groups random_groups every key, and per token and KV head the floor(rho G) value groups of largest norm /
                             random ones, on the base model (query-independent baselines, no training)
   norm_span                 every key, and rho of each KV head's (token, group) pairs of largest norm over the
@@ -64,7 +67,7 @@ def get_config() -> ConfigDict:
 
     c.tasks = ("perplexity", "needle", "variable_tracking")  # and "mmlu" (needs mmlu.files)
     c.methods = ("full", "snapkv", "h2o", "streaming", "key_norm", "random", "expected_attention", "subtoken",
-                 "combined", "joint", "routed")  # and norm_groups, random_groups, norm_span
+                 "combined", "joint", "routed")  # and routed_tokens, norm_groups, random_groups, norm_span
     c.budgets = (1.0, 0.75, 0.5, 0.25)  # fractions of the context's KV bytes kept, in (0, 1]
     c.batch_size = 4  # prompts per batch
     c.pad_multiple = 32  # contexts are left-padded to a multiple of this (fewer shapes to compile)
@@ -112,6 +115,11 @@ def get_config() -> ConfigDict:
     # scores ranked over the context, an ablation)
     c.routed.exact_budget = True
     c.routed.exact_rule = "calibrated"
+    # routed_tokens (both axes, query-independent): the router keeps value_fraction (rho) of the groups and
+    # token_selector (key_norm, streaming or random) keeps tau = 2b / (1 + rho) of the tokens; budgets b >= (1 + rho)/2
+    # keep every token and rho = 2b - 1 (as routed). rho = 0.5 is the combined method's default, not tuned here
+    c.routed.value_fraction = 0.5
+    c.routed.token_selector = "key_norm"
 
     c.predictor = ConfigDict()  # the learned value-group scorer (scorer = "predictor"; not for perplexity)
     c.predictor.workdir = ""  # folder written by train.py --config configs/predictor.py (config.json + params)

@@ -141,6 +141,7 @@ RULES = {
     "selectors.expected_attention_sinks": count(0),
     "selectors.n_future": count(1),
     "combined.value_fraction": fraction(),
+    "routed.value_fraction": fraction(),
     "combined.token_fractions": fraction(each=True),
     "perplexity.max_bytes": count(1),
     "perplexity.seq_len": count(2),

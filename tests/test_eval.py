@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from subtoken_jax import ConfigError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"task", "method", "budget", "kv_budget", "key_fraction", "value_fraction", "index_fraction", "tau", "rho",
           "metric", "value", "num_examples"}
@@ -244,6 +246,72 @@ def test_group_baselines_match_a_dense_brute_force(workdir, tmp_path):
 
     assert records["full", 1.0]["value"] == pytest.approx(dense_perplexity(None), rel=1e-4)
     assert records["norm_groups", 0.75]["value"] == pytest.approx(dense_perplexity(tuple(masks)), rel=1e-4)
+
+
+def test_routed_tokens_evicts_by_the_routed_cache_keys():
+    """routed_tokens' token masks: key-norm over the keys the routed prefill cached (not the base capture's), the
+    floor(tau n) lowest-norm tokens per layer, row and KV head (brute force), at the combined split of the budget."""
+    from subtoken_jax.evaluation import methods as methods_lib
+    from subtoken_jax.kv_cache import KVCache
+    from subtoken_jax.selectors import PrefillState
+
+    rng = np.random.default_rng(0)
+    layers, batch, length, heads, dim = 2, 2, 12, 2, 8
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    positions = np.tile(np.arange(length), (batch, 1))
+    positions[1, :3] = -1  # left padding in the second row
+    state = PrefillState(keys=tuple(normal(batch, length, heads, dim) for _ in range(layers)),
+                         values=tuple(normal(batch, length, heads, dim) for _ in range(layers)),
+                         queries=tuple(normal(batch, 1, 4, dim) for _ in range(layers)),
+                         positions=jnp.asarray(positions, jnp.int32), query_positions=jnp.full((batch, 1), length),
+                         inv_freq=jnp.ones((dim // 2,)), value_groups=4)
+    cached = [np.asarray(rng.normal(size=(batch, length + 4, heads, dim)), np.float32) for _ in range(layers)]
+    cache = KVCache(keys=tuple(map(jnp.asarray, cached)), values=tuple(map(jnp.asarray, cached)),
+                    positions=jnp.zeros((batch, length + 4), jnp.int32), index=jnp.asarray(length, jnp.int32))
+    config = _config(methods=("routed_tokens",))
+    plan, _ = methods_lib.plan_method("routed_tokens", 0.625, config)
+    assert (plan.token_fraction, plan.value_fraction) == (pytest.approx(0.625 * 2 / 1.5), 0.5)
+    high, _ = methods_lib.plan_method("routed_tokens", 0.875, config)
+    assert (high.token_fraction, high.value_fraction) == (1.0, 0.75)  # b >= 3/4: every token, routed alone
+    # the router's groups: about 7 of 8 pairs kept, so the survivors hold more than rho of theirs and are trimmed
+    routed = [(rng.random((batch, length, heads, 4)) < 0.875).astype(np.float32) for _ in range(layers)]
+    masks, groups = methods_lib.routed_token_masks(state, cache, tuple(map(jnp.asarray, routed)), plan, config,
+                                                   methods_lib.make_selectors(config))
+    for layer in range(layers):
+        norms = np.linalg.norm(cached[layer][:, :length].astype(np.float64), axis=-1)
+        group_norms = np.linalg.norm(cached[layer][:, :length].reshape(batch, length, heads, 4, 2), axis=-1)
+        for b in range(batch):
+            real = np.flatnonzero(positions[b] >= 0)
+            keep = max(1, int(np.floor(plan.token_fraction * len(real) + 1e-6)))
+            for h in range(heads):
+                expected = np.zeros(length)
+                expected[real[np.argsort(norms[b, real, h], kind="stable")[:keep]]] = 1
+                np.testing.assert_array_equal(np.asarray(masks[layer])[b, :, h], expected)
+                # groups: the router's on surviving tokens, the largest-norm ones up to floor(rho x kept x G)
+                held = [(t, g) for t in range(length) for g in range(4) if expected[t] and routed[layer][b, t, h, g]]
+                allowed = int(np.floor(0.5 * keep * 4 + 1e-6))
+                assert len(held) > allowed
+                best = sorted(held, key=lambda p: -group_norms[b, p[0], h, p[1]])[:allowed]
+                want = np.zeros((length, 4))
+                for t, g in best:
+                    want[t, g] = 1
+                np.testing.assert_array_equal(np.asarray(groups[layer])[b, :, h], want)
+
+
+def test_routed_tokens_end_to_end(workdir, tmp_path):
+    from subtoken_jax.evaluation import runner
+
+    config = _config(**SMALL, tasks=("perplexity",), budgets=(0.75, 0.625), methods=("routed", "routed_tokens"))
+    config.diagnostic.enabled = False
+    records = {(r["method"], r["budget"]): r for r in runner.run(config, str(tmp_path), str(workdir))["records"]}
+    assert records["routed_tokens", 0.75]["value"] == pytest.approx(records["routed", 0.75]["value"], rel=1e-6)
+    both = records["routed_tokens", 0.625]
+    assert both["key_fraction"] < 0.85 and both["value_fraction"] <= 0.5 * both["key_fraction"] + 1e-6
+    assert both["kv_budget"] - both["index_fraction"] <= 0.625 + 1e-6
+    assert ("routed", 0.625) in records  # routed alone spends the same bytes on values only
+    with pytest.raises(ConfigError, match="routed.token_selector='snapkv' must be a selector that needs no question"):
+        runner.run(_config(**SMALL, tasks=("perplexity",), budgets=(0.625,), methods=("routed_tokens",),
+                           **{"routed.token_selector": "snapkv"}), str(tmp_path / "bad"), str(workdir))
 
 
 def full_count(records, task):

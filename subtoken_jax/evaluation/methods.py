@@ -50,8 +50,13 @@ TOKEN_METHODS = tuple(TOKEN_SELECTORS)
 GROUP_BASELINES = {"norm_groups": dict(mode="fixed_k", scorer="norm"),
                    "random_groups": dict(mode="fixed_k", scorer="random"),
                    "norm_span": dict(mode="adaptive", scorer="norm", exact_budget=True, exact_rule="topb")}
-# methods whose value-group masks come from a router during the prefill (routed_prefill), not from a recipe
-ROUTER_METHODS = ("routed",) + tuple(GROUP_BASELINES)
+# methods whose value-group masks come from a router during the prefill (routed_prefill), not from a recipe.
+# routed_tokens: both axes, query-independent: the router keeps rho of the value groups, then a query-independent
+# token selector (routed.token_selector, on the routed model's own cached keys) keeps tau of the tokens
+ROUTER_METHODS = ("routed", "routed_tokens") + tuple(GROUP_BASELINES)
+ROUTED_METHODS = ("routed", "routed_tokens")  # the adapted model of WORKDIR/adapt
+# token selectors that need no question (they run on the routed cache, which has no observation window)
+QUERY_FREE_SELECTORS = ("key_norm", "streaming", "random")
 METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "joint") + ROUTER_METHODS
 # attention: the question's attention x group norm; snapkv: that attention pooled like SnapKV's (kernel 5);
 # expected: closed-form expected attention; predictor: a trained ValueGroupPredictor (predictor.workdir)
@@ -100,19 +105,24 @@ def plan_method(method: str, budget: float, config, model_cfg: Optional[ModelCon
     if method == "combined":
         tau, rho = combined_split(budget, config.combined.value_fraction, tuple(config.combined.token_fractions))
         return Plan(method, budget, tau, rho), ""
-    rho = 2 * budget - 1  # keys are all kept: (1 + rho) / 2 = budget
+    if method == "routed_tokens":  # the combined method's split: rho = routed.value_fraction, tau the rest
+        tau, rho = combined_split(budget, config.routed.value_fraction)
+    else:
+        tau, rho = 1.0, 2 * budget - 1  # keys are all kept: (1 + rho) / 2 = budget
     fixed_k = (GROUP_BASELINES.get(method, {}).get("mode") == "fixed_k"
-               or (method == "routed" and routed_cfg is not None and routed_cfg.routing.mode == "fixed_k"))
+               or (method in ROUTED_METHODS and routed_cfg is not None and routed_cfg.routing.mode == "fixed_k"))
     if fixed_k and rho > 0:
-        groups = (routed_cfg if method == "routed" else model_cfg).value_groups
+        groups = (routed_cfg if method in ROUTED_METHODS else model_cfg).value_groups
         kept = math.floor(rho * groups + 1e-9)  # fixed-K keeps round(rho * G) >= 1 groups: stay at or under
         if kept < 1:
             return None, (f"{method} (fixed-K) keeps every key and at least 1 of G={groups} value groups per token: "
                           f"it cannot fit budgets below {(1 + 1 / groups) / 2:g}")
         rho = kept / groups
+        if method == "routed_tokens":
+            tau = min(1.0, 2 * budget / (1 + rho))
     if rho <= 0:
         return None, f"{method} keeps every key, i.e. half the KV bytes: it cannot fit budgets <= 0.5"
-    return Plan(method, budget, 1.0, rho), ""
+    return Plan(method, budget, tau, rho), ""
 
 
 def committed(tree):
@@ -203,6 +213,44 @@ def cache_from_state(state: PrefillState, model_cfg: ModelConfig, capacity: int)
 def group_baseline_model(method: str, base_cfg: ModelConfig) -> DecoderLM:
     """The base model under the parameter-free router of a group baseline (norm_groups, random_groups, norm_span)."""
     return DecoderLM(base_cfg.replace(routing=RoutingConfig(**GROUP_BASELINES[method])))
+
+
+def routed_state(state: PrefillState, cache: KVCache) -> PrefillState:
+    """`state` (the base model's capture of the same context) with the keys and values a routed prefill cached."""
+    length = state.positions.shape[1]
+    return state.replace(keys=tuple(k[:, :length] for k in cache.keys),
+                         values=tuple(v[:, :length] for v in cache.values))
+
+
+def routed_token_masks(state: PrefillState, cache: KVCache, groups, plan: Plan, config, selectors: Dict[str, object]):
+    """routed_tokens' per-layer (token keep [B, S, Hkv], value groups [B, S, Hkv, G]) context masks.
+
+    routed.token_selector keeps tau of the context's tokens, scored on the keys the routed model cached (its LoRA
+    moves them). The router chose rho of the groups over every token; where the survivors hold more than rho of
+    their own pairs (per row and KV head), their smallest-norm groups are dropped, so the bytes never exceed b.
+    """
+    if plan.token_fraction >= 1.0:
+        return real_masks(state)[0], groups
+    evict = Compression(plan.token_fraction, 1.0, selector=selectors[config.routed.token_selector],
+                        scope=config.allocation_scope)
+    tokens, _ = evict(routed_state(state, cache))
+    length = state.positions.shape[1]
+    trimmed = tuple(_keep_largest_norm(g * t[..., None], jnp.sum(t, axis=1), v[:, :length], plan.value_fraction)
+                    for g, t, v in zip(groups, tokens, cache.values))
+    return committed(tokens), committed(trimmed)
+
+
+@jax.jit
+def _keep_largest_norm(kept, tokens, values, fraction):
+    """kept [B, S, Hkv, G] (0/1) trimmed to at most floor(fraction x tokens x G) pairs per row and KV head, dropping
+    the kept groups of smallest norm; tokens [B, Hkv] kept tokens; values [B, S, Hkv, D]."""
+    batch, length, heads, groups = kept.shape
+    norms = jnp.sum(jnp.square(values.astype(jnp.float32).reshape(batch, length, heads, groups, -1)), axis=-1)
+    allowed = jnp.floor(fraction * tokens * groups + 1e-6).astype(jnp.int32)
+    flat = jnp.where(kept > 0, norms, -1.0).transpose(0, 2, 1, 3).reshape(batch, heads, -1)
+    ranks = jnp.argsort(jnp.argsort(-flat, axis=-1, stable=True), axis=-1)
+    keep = (ranks < allowed[..., None]).reshape(batch, heads, length, groups).transpose(0, 2, 1, 3)
+    return (keep & (kept > 0)).astype(kept.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "capacity"))
@@ -300,9 +348,12 @@ def check_method_config(config) -> None:
             continue
         if config[section].scorer not in SCORERS:
             raise ConfigError(f"{section}.scorer={config[section].scorer!r} is unknown; choose one of {SCORERS}")
-    rule = config.get("routed", {}).get("exact_rule", "calibrated")
-    if rule not in EXACT_RULES:
-        raise ConfigError(f"routed.exact_rule={rule!r} is unknown; choose one of {EXACT_RULES}")
+    routed = config.get("routed", {})
+    if routed.get("exact_rule", "calibrated") not in EXACT_RULES:
+        raise ConfigError(f"routed.exact_rule={routed.get('exact_rule')!r} is unknown; choose one of {EXACT_RULES}")
+    if "routed_tokens" in config.methods and routed.get("token_selector") not in QUERY_FREE_SELECTORS:
+        raise ConfigError(f"routed.token_selector={routed.get('token_selector')!r} must be a selector that needs no "
+                          f"question: one of {QUERY_FREE_SELECTORS}")
     if "joint" in config.methods and config.joint.scorer == "predictor":
         raise ConfigError("joint.scorer='predictor': the predictor's scores are log-relevance, and the joint "
                           "allocation prices contributions (>= 0); use attention, snapkv or expected")

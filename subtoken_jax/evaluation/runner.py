@@ -138,7 +138,7 @@ def resolve_source(config: ConfigDict, workdir: str) -> Source:
         else:
             pretrain_dir = workdir_lib.pretrain_checkpoints(workdir)
     routed_cfg, adapt_dir = None, os.path.join(workdir, "adapt", "checkpoints")
-    if "routed" in config.methods:
+    if any(m in config.methods for m in methods_lib.ROUTED_METHODS):
         if train_cfg is None or not workdir_lib.has_checkpoint_steps(adapt_dir):
             notes.append(f"routed: skipped, {adapt_dir} holds no adapted model")
         else:
@@ -250,12 +250,14 @@ class Evaluator:
         """(model, params, cache, context token masks, context group masks) of one plan (cache None unless
         need_cache: packed generation builds its own)."""
         if plan.method in methods_lib.ROUTER_METHODS:
-            model, params = ((self.routed_model, self.routed_params) if plan.method == "routed"
+            model, params = ((self.routed_model, self.routed_params) if plan.method in methods_lib.ROUTED_METHODS
                              else (self.group_baselines[plan.method], self.base_params))
             cache, groups = methods_lib.routed_prefill(model, params, context, context_mask,
                                                        methods_lib.committed(jnp.float32(plan.value_fraction)),
                                                        capacity)
             tokens, _ = methods_lib.real_masks(state)
+            if plan.method == "routed_tokens":
+                tokens, groups = methods_lib.routed_token_masks(state, cache, groups, plan, self.config, self.selectors)
             return model, params, cache, tokens, groups
         tokens, groups = methods_lib.build_masks(state, plan, self.config, self.selectors, self.scorers)
         cache = methods_lib.cache_from_state(state, self.base_model.config, capacity) if need_cache else None
@@ -299,7 +301,7 @@ def make_plans(config: ConfigDict, source: Source) -> Tuple[List[methods_lib.Pla
     plans, notes = [], []
     budgets = sorted({float(b) for b in config.budgets}, reverse=True)
     for method in dict.fromkeys(config.methods):
-        if method == "routed" and source.routed_cfg is None:
+        if method in methods_lib.ROUTED_METHODS and source.routed_cfg is None:
             continue
         for budget in ([1.0] if method == "full" else budgets):  # the full cache is one point, at b = 1
             plan, why = methods_lib.plan_method(method, budget, config, source.base_cfg, source.routed_cfg)
