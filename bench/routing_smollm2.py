@@ -59,6 +59,10 @@ ALIAS_ROWS = (
     ("routed adaptive + routed LoRA, exact budget by a top-B of raw scores (ablation)", "smollm2_adaptive",
      "smollm2_adaptive_topb", {"routed.exact_rule": "topb"}),
 )
+# both axes, query-independent: the routed adapter's groups at rho = 0.5 plus key-norm token eviction on its own keys
+# (eval method routed_tokens: tau = 2b / 1.5), at the KV budgets below 0.75 where value routing alone runs out
+BOTH_AXES_ROW = ("routed adaptive (rho = 0.5) + key-norm tokens on its keys", "smollm2_adaptive",
+                 "smollm2_adaptive_tokens", (0.375, 0.25))
 # the unadapted base: (label, eval method)
 BASE_ROWS = (
     ("keep-largest-norm groups (base)", "norm_groups"),
@@ -166,6 +170,10 @@ def evaluate() -> None:
         if os.path.isfile(os.path.join(RUNS, trained, "summary.json")):
             _alias_workdir(os.path.join(RUNS, trained), os.path.join(RUNS, alias))
             _eval(os.path.join(RUNS, alias), ("routed",), [kv_bytes(r) for r in RHOS[1:]], **overrides)
+    label, trained, alias, rhos = BOTH_AXES_ROW
+    if os.path.isfile(os.path.join(RUNS, trained, "summary.json")):
+        _alias_workdir(os.path.join(RUNS, trained), os.path.join(RUNS, alias))
+        _eval(os.path.join(RUNS, alias), ("routed_tokens",), [kv_bytes(r) for r in rhos])
     if os.path.isfile(os.path.join(merged_folder(), "model.safetensors")):
         _eval(os.path.join(RUNS, MERGED_WORKDIR), tuple(m for _, m in MERGED_ROWS), [kv_bytes(r) for r in RHOS[1:]],
               **{"model.checkpoint": merged_folder()})
@@ -284,6 +292,7 @@ def collect():
         _read_rows(table, eval_folder(name), label, "routed", rhos)
     for label, _, alias, _ in ALIAS_ROWS:
         _read_rows(table, eval_folder(alias), label, "routed", RHOS[1:])
+    _read_rows(table, eval_folder(BOTH_AXES_ROW[2]), BOTH_AXES_ROW[0], "routed_tokens", BOTH_AXES_ROW[3])
     for label, method in KVPRESS_ROWS:
         _read_rows(table, os.path.join(OUT, "kvpress"), label, method, RHOS[1:])
     return table, full
@@ -293,7 +302,8 @@ def _keep_eval_outputs() -> None:
     """Copies each eval's results.json / examples.jsonl under OUT/evals/ (runs/ is not committed)."""
     import shutil
 
-    for name in (BASE_WORKDIR, MERGED_WORKDIR) + tuple(row[2] for row in ALIAS_ROWS) + tuple(row[1] for row in ADAPTED):
+    for name in ((BASE_WORKDIR, MERGED_WORKDIR, BOTH_AXES_ROW[2]) + tuple(row[2] for row in ALIAS_ROWS)
+                 + tuple(row[1] for row in ADAPTED)):
         folder = os.path.join(RUNS, name, "eval")
         for file in ("results.json", "examples.jsonl"):
             if os.path.isfile(os.path.join(folder, file)):
@@ -312,7 +322,7 @@ def report() -> None:
     full_ppl = perplexity(full)
     lines = [f"Token-level perplexity of WikiText-2 test continuations (256 tokens) over a compressed 256-token prefix, "
              f"{len(full)} sequences, SmolLM2-135M-Instruct; full cache {full_ppl:.3f}. Cells: perplexity "
-             "[realised value fraction kept among kept tokens / realised KV bytes]; best per column in bold.", "",
+             "[realised fraction of the value bytes kept / realised KV bytes]; best per column in bold.", "",
              "| method | " + " | ".join(f"rho={r:g} (KV {kv_bytes(r):g})" for r in RHOS) + " |",
              "|---|" + "---|" * len(RHOS)]
     for label, cells in table.items():
