@@ -267,9 +267,11 @@ def test_smollm2_save_pretrained_reloads_in_transformers(smollm2, tmp_path):
     folder = save_pretrained(str(tmp_path / "smollm2"), model.config, params, tokenizer=tokenizer)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = np.asarray([tokenizer.encode(TEXTS["code"])[:32]])
+    # the tolerance of test_smollm2_logits_match_transformers: 30 float32 layers summed in another order (the
+    # largest difference was 1e-5 of the logits' scale with transformers 5.25: 1.4e-4 on logits near 18)
     np.testing.assert_allclose(_torch_logits(reloaded, ids), np.asarray(model.apply({"params": params},
                                                                                     jnp.asarray(ids))),
-                               atol=1e-4, rtol=0)
+                               atol=1e-3, rtol=0)
     folder_tok = transformers.AutoTokenizer.from_pretrained(folder)
     for text in SPECIAL_AND_UNICODE + [TEXTS["digits"]]:
         assert folder_tok(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
