@@ -50,19 +50,19 @@ ADAPTED = (
     ("routed adaptive, adapter trained at rho = 0.5 only", "smollm2_adaptive_rho05", {"adapt.budgets": (0.5,)},
      (0.5,)),
 )
-# the same adapter evaluated under another rule: (label, trained workdir, alias workdir under runs/, eval overrides).
-# The adaptive router trained with its causal threshold; the exact budget (the causal thresholds shifted onto rho)
-# is what the first ADAPTED row evaluates; a top-B of the raw scores was the exact rule before (an ablation now)
+# the same adapter evaluated another way: (label, trained workdir, alias workdir under runs/, eval method, value
+# budgets, eval overrides). The adaptive router trained with its causal threshold; the exact budget (the causal
+# thresholds shifted onto rho) is what the first ADAPTED row evaluates; a top-B of the raw scores was the exact rule
+# before (an ablation now). Both axes, query-independent: the router's groups at rho = 0.5 plus key-norm token
+# eviction on its own keys (eval method routed_tokens: tau = 2b / 1.5), below KV 0.75 where routing alone runs out
 ALIAS_ROWS = (
     ("routed adaptive + routed LoRA, causal threshold as trained (budget met on average)", "smollm2_adaptive",
-     "smollm2_adaptive_causal", {"routed.exact_budget": False}),
+     "smollm2_adaptive_causal", "routed", RHOS[1:], {"routed.exact_budget": False}),
     ("routed adaptive + routed LoRA, exact budget by a top-B of raw scores (ablation)", "smollm2_adaptive",
-     "smollm2_adaptive_topb", {"routed.exact_rule": "topb"}),
+     "smollm2_adaptive_topb", "routed", RHOS[1:], {"routed.exact_rule": "topb"}),
+    ("routed adaptive (rho = 0.5) + key-norm tokens on its keys", "smollm2_adaptive",
+     "smollm2_adaptive_tokens", "routed_tokens", (0.375, 0.25), {}),
 )
-# both axes, query-independent: the routed adapter's groups at rho = 0.5 plus key-norm token eviction on its own keys
-# (eval method routed_tokens: tau = 2b / 1.5), at the KV budgets below 0.75 where value routing alone runs out
-BOTH_AXES_ROW = ("routed adaptive (rho = 0.5) + key-norm tokens on its keys", "smollm2_adaptive",
-                 "smollm2_adaptive_tokens", (0.375, 0.25))
 # the unadapted base: (label, eval method)
 BASE_ROWS = (
     ("keep-largest-norm groups (base)", "norm_groups"),
@@ -166,14 +166,10 @@ def evaluate() -> None:
             print(f"skipped {label}: {workdir} has not finished training (stage train)")
             continue
         _eval(workdir, ("routed",), [kv_bytes(r) for r in rhos])
-    for label, trained, alias, overrides in ALIAS_ROWS:
+    for label, trained, alias, method, rhos, overrides in ALIAS_ROWS:
         if os.path.isfile(os.path.join(RUNS, trained, "summary.json")):
             _alias_workdir(os.path.join(RUNS, trained), os.path.join(RUNS, alias))
-            _eval(os.path.join(RUNS, alias), ("routed",), [kv_bytes(r) for r in RHOS[1:]], **overrides)
-    label, trained, alias, rhos = BOTH_AXES_ROW
-    if os.path.isfile(os.path.join(RUNS, trained, "summary.json")):
-        _alias_workdir(os.path.join(RUNS, trained), os.path.join(RUNS, alias))
-        _eval(os.path.join(RUNS, alias), ("routed_tokens",), [kv_bytes(r) for r in rhos])
+            _eval(os.path.join(RUNS, alias), (method,), [kv_bytes(r) for r in rhos], **overrides)
     if os.path.isfile(os.path.join(merged_folder(), "model.safetensors")):
         _eval(os.path.join(RUNS, MERGED_WORKDIR), tuple(m for _, m in MERGED_ROWS), [kv_bytes(r) for r in RHOS[1:]],
               **{"model.checkpoint": merged_folder()})
@@ -290,9 +286,8 @@ def collect():
                    (1.0,) if method == "full" else RHOS[1:])
     for label, name, _, rhos in ADAPTED:
         _read_rows(table, eval_folder(name), label, "routed", rhos)
-    for label, _, alias, _ in ALIAS_ROWS:
-        _read_rows(table, eval_folder(alias), label, "routed", RHOS[1:])
-    _read_rows(table, eval_folder(BOTH_AXES_ROW[2]), BOTH_AXES_ROW[0], "routed_tokens", BOTH_AXES_ROW[3])
+    for label, _, alias, method, rhos, _ in ALIAS_ROWS:
+        _read_rows(table, eval_folder(alias), label, method, rhos)
     for label, method in KVPRESS_ROWS:
         _read_rows(table, os.path.join(OUT, "kvpress"), label, method, RHOS[1:])
     return table, full
@@ -302,8 +297,7 @@ def _keep_eval_outputs() -> None:
     """Copies each eval's results.json / examples.jsonl under OUT/evals/ (runs/ is not committed)."""
     import shutil
 
-    for name in ((BASE_WORKDIR, MERGED_WORKDIR, BOTH_AXES_ROW[2]) + tuple(row[2] for row in ALIAS_ROWS)
-                 + tuple(row[1] for row in ADAPTED)):
+    for name in (BASE_WORKDIR, MERGED_WORKDIR) + tuple(row[2] for row in ALIAS_ROWS) + tuple(row[1] for row in ADAPTED):
         folder = os.path.join(RUNS, name, "eval")
         for file in ("results.json", "examples.jsonl"):
             if os.path.isfile(os.path.join(folder, file)):

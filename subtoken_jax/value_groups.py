@@ -204,12 +204,12 @@ def route_value_groups(scores: jax.Array, budget, mode: str, temperature: float 
     if mode == "fixed_k":
         return fixed_k_mask(scores, budget, temperature), prefix_stats
     if mode == "adaptive":
-        if exact_budget and scores.shape[1] > 1 and exact_rule == "topb":
-            _, stats = adaptive_mask(scores, budget, temperature, valid, prefix_stats)
+        if not exact_budget or scores.shape[1] == 1:
+            return adaptive_mask(scores, budget, temperature, valid, prefix_stats)
+        if exact_rule == "topb":
+            _, stats = _causal_threshold(scores, budget, valid, prefix_stats)
             return exact_budget_mask(scores, budget, temperature, valid), stats
-        if exact_budget and scores.shape[1] > 1:
-            return calibrated_adaptive_mask(scores, budget, temperature, valid, prefix_stats)
-        return adaptive_mask(scores, budget, temperature, valid, prefix_stats)
+        return calibrated_adaptive_mask(scores, budget, temperature, valid, prefix_stats)
     raise InputError(f"unknown routing mode {mode!r}; use fixed_k or adaptive")
 
 

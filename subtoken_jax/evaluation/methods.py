@@ -53,8 +53,8 @@ GROUP_BASELINES = {"norm_groups": dict(mode="fixed_k", scorer="norm"),
 # methods whose value-group masks come from a router during the prefill (routed_prefill), not from a recipe.
 # routed_tokens: both axes, query-independent: the router keeps rho of the value groups, then a query-independent
 # token selector (routed.token_selector, on the routed model's own cached keys) keeps tau of the tokens
-ROUTER_METHODS = ("routed", "routed_tokens") + tuple(GROUP_BASELINES)
 ROUTED_METHODS = ("routed", "routed_tokens")  # the adapted model of WORKDIR/adapt
+ROUTER_METHODS = ROUTED_METHODS + tuple(GROUP_BASELINES)
 # token selectors that need no question (they run on the routed cache, which has no observation window)
 QUERY_FREE_SELECTORS = ("key_norm", "streaming", "random")
 METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "joint") + ROUTER_METHODS
