@@ -9,7 +9,11 @@ nominal bytes tau * (1 + rho) / 2 of the full cache. Splits used (tau, rho):
 Layouts (packed_cache.py):
   - global: per-head token selection (top key norm, compact head-major keys) + value groups
     allocated per head (top group norm) under rho, stored as a list of (token, group) entries;
-  - fixed-K: tokens shared by the KV heads (top mean key norm) + K = rho * G groups per token.
+  - fixed-K: tokens shared by the KV heads (top mean key norm) + K = rho * G groups per token, stored
+    the way `pack_cache` stores it for the read-out in use: group-major (the global entry format,
+    `pack_fixed_k_group_major`) for --impl xla, token-major `FixedKValues` for --impl pallas;
+  - fixed_k_token_major: the same masks stored token-major but read by XLA (a one-hot contraction with
+    K times the dense read-out's work: what the XLA fixed-K path did before the group-major storage).
 Bytes come from `cache_nbytes` (keys, values, indices, positions, counts: all arrays, metadata
 included), as a fraction of the dense keys + values. Times are one layer's decode attention over
 prefix + tail: `packed_attention` (global; XLA) and `packed_decode_attention` (fixed-K; --impl xla or
@@ -39,7 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import machine_info, machine_line, markdown_table, time_interleaved, write_json  # noqa: E402
 from subtoken_jax.attention import attend, attention_allowed  # noqa: E402
 from subtoken_jax.kernels.packed_decode import packed_decode_attention  # noqa: E402
-from subtoken_jax.packed_cache import cache_nbytes, pack_fixed_k_layer, pack_global, packed_attention  # noqa: E402
+from subtoken_jax.packed_cache import (cache_nbytes, pack_fixed_k_group_major, pack_fixed_k_layer,  # noqa: E402
+                                       pack_global, packed_attention)
 from subtoken_jax.selectors import allocate_value_groups, select_tokens  # noqa: E402
 from subtoken_jax.value_groups import fixed_k_mask, group_norm_scores  # noqa: E402
 
@@ -63,7 +68,7 @@ def dense_einsum(query, q_pos, keys, values, positions, *, head_major: bool):
     return jnp.einsum(f"bhrs,{cache}->bhrd", weights.astype(values.dtype), values).reshape(batch, heads, dim)
 
 
-def pack_layer(layout, keys, values, positions, budget, groups):
+def pack_layer(layout, keys, values, positions, budget, groups, impl="xla"):
     """(layer packed in `layout` at this budget's (tau, rho), token keep mask [B, T, Hkv], group mask)."""
     tau, rho = SPLITS[budget]
     key_norm = jnp.linalg.norm(keys.astype(jnp.float32), axis=-1)  # [B, T, Hkv]
@@ -75,7 +80,9 @@ def pack_layer(layout, keys, values, positions, budget, groups):
         return pack_global(keys, values, positions, per_head, group_mask), per_head, group_mask
     shared = select_tokens(jnp.mean(key_norm, axis=-1), tau, positions)  # [B, T, 1]
     group_mask = fixed_k_mask(scores, rho)  # K = round(rho * G) groups of every token
-    layer = pack_fixed_k_layer(keys, values, positions, group_mask, token_keep_mask=shared[..., 0])
+    group_major = layout == "fixed_k" and impl == "xla"
+    pack = pack_fixed_k_group_major if group_major else pack_fixed_k_layer
+    layer = pack(keys, values, positions, group_mask, token_keep_mask=shared[..., 0])
     return layer, jnp.broadcast_to(shared, keys.shape[:3]), group_mask
 
 
@@ -108,12 +115,14 @@ def bench_context(length, args, rng):
     tail_kwargs = dict(tail_keys=tail_keys, tail_values=tail_values, tail_positions=tail_pos)
     attention = {
         "global": jax.jit(lambda q, layer: packed_attention(q[:, None], q_pos[:, None], layer, **tail_kwargs)[:, 0]),
-        "fixed_k": jax.jit(lambda q, layer: packed_decode_attention(q, q_pos, layer, impl=args.impl, **tail_kwargs))}
+        "fixed_k": jax.jit(lambda q, layer: packed_decode_attention(q, q_pos, layer, impl=args.impl, **tail_kwargs)),
+        "fixed_k_token_major": jax.jit(lambda q, layer: packed_decode_attention(q, q_pos, layer, impl="xla",
+                                                                                **tail_kwargs))}
     rows = []
     for layout in args.layouts:  # one interleaved group per layout, each with the dense baselines
         fns, group = dict(dense_fns), []
         for budget in args.budgets:
-            layer, token_mask, group_mask = pack_layer(layout, keys, values, positions, budget, groups)
+            layer, token_mask, group_mask = pack_layer(layout, keys, values, positions, budget, groups, args.impl)
             name = f"{layout} @ {budget:g}"
             fns[name] = (lambda layer=layer, fn=attention[layout]: fn(query, layer))
             if args.check:  # equals attend on the masked dense cache (the tail kept whole)
@@ -150,7 +159,8 @@ def main():
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--budgets", type=float, nargs="+", default=sorted(SPLITS, reverse=True),
                         choices=sorted(SPLITS))
-    parser.add_argument("--layouts", nargs="+", default=["global", "fixed_k"], choices=["global", "fixed_k"])
+    layouts = ["global", "fixed_k", "fixed_k_token_major"]
+    parser.add_argument("--layouts", nargs="+", default=layouts, choices=layouts)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--heads", type=int, default=32)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from subtoken_jax import sharding
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids, check_max_new_tokens
-from subtoken_jax.kernels.packed_decode import IMPLS
+from subtoken_jax.packed_cache import IMPLS
 from subtoken_jax.model import DecoderLM, default_positions
 from subtoken_jax.packed_cache import LAYOUTS, PackedCache, bucketed_sizes, pack_cache, shard_cache
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
@@ -159,7 +159,7 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     `shape_buckets` length, so a stream of prompts compiles a bounded number of programs, at the cost of up to
     twice the packed slots; padding slots are never attended). value_fill: what a dropped group reads as
     ("zero" | "mean", see `pack_cache`).
-    impl: attention for the fixed-K layout. temperature 0 is greedy; after eos_id
+    impl: attention for the fixed-K layout (and so how its values are stored, see `pack_cache`). temperature 0 is greedy; after eos_id
     a row keeps emitting eos_id. Returns (int32 [B, max_new_tokens], the final PackedCache).
     """
     max_new_tokens = check_max_new_tokens(max_new_tokens)
@@ -182,7 +182,7 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
         tail = bucket_length(tail)  # question and answer lengths vary per prompt
     packed = pack_cache(cast(state.keys), cast(state.values), state.positions, token_masks, group_masks,
                         layout=layout, tail_capacity=tail, capacity=capacity,
-                        key_capacity=key_capacity, k=k, fill=value_fill).replace(impl=impl)
+                        key_capacity=key_capacity, k=k, fill=value_fill, impl=impl)
     packed = jax.jit(shard_cache)(packed) if sharding.active_mesh() is not None else packed
     next_position = packed.prefix_end
     logits = first_logits

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 
 from subtoken_jax.attention import attend, attention_allowed
 from subtoken_jax.errors import InputError
-from subtoken_jax.kernels.packed_decode import IMPLS, packed_decode_attention
+from subtoken_jax.kernels.packed_decode import packed_decode_attention
 from subtoken_jax.kv_cache import KVCache
-from subtoken_jax.packed_cache import FixedKValues, PackedCache, PackedLayer, packed_attention
+from subtoken_jax.packed_cache import IMPLS, FixedKValues, PackedCache, PackedLayer, packed_attention
 
 
 def _write_at(old: jax.Array, new: jax.Array, index) -> jax.Array:

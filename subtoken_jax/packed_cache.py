@@ -6,10 +6,14 @@ without ever rebuilding the dense [B, S, Hkv, D] value tensor.
 
 Two value layouts (G groups of gd = D / G channels per KV head):
 
-* fixed-K (`FixedKValues`): every (token, KV head) keeps K of G groups. values [B, T, Hkv, K, gd]
-  and the kept group of each slot, groups [B, T, Hkv, K] (uint8 for G <= 256). Slots beyond a row's
-  kept count hold zeros. This is the layout of `routing.mode = "fixed_k"`; keys stay token-major,
-  and a token selection shared by the KV heads drops the evicted tokens' rows altogether.
+* fixed-K: every (token, KV head) keeps K of G groups; the layout of `routing.mode = "fixed_k"`, and a
+  token selection shared by the KV heads drops the evicted tokens' rows altogether. Stored one of two
+  ways, whichever the decode attention reads fastest (`pack_cache(impl=...)`): token-major
+  (`FixedKValues`, for the Pallas kernel): values [B, T, Hkv, K, gd] and the kept group of each slot,
+  groups [B, T, Hkv, K] (uint8 for G <= 256), slots beyond a row's kept count hold zeros, keys stay
+  token-major; or group-major in the global entry format below (`pack_fixed_k_group_major`, for the
+  XLA read-out, which would otherwise do K times the dense read-out's work), with a static capacity
+  of key slots x K.
 * global budget (`GlobalValues`): a fixed-capacity list of kept (token, group) entries per (batch,
   KV head): values [B, Hkv, C, gd], the entry's token slot tokens [B, Hkv, C] (an index into the
   key axis, smallest unsigned type that holds it: uint8 / uint16 / int32), its group groups
@@ -44,6 +48,7 @@ from subtoken_jax.value_groups import per_layer
 
 
 LAYOUTS = ("global", "fixed_k")
+IMPLS = ("auto", "xla", "pallas")  # decode attention of the fixed-K layout (kernels/packed_decode.py)
 FILLS = ("zero", "mean")  # what a dropped value group of a kept token reads as
 
 
@@ -288,6 +293,46 @@ def pack_fixed_k_layer(keys: jax.Array, values: jax.Array, positions: jax.Array,
     if k is None:
         k = _concrete("K", fixed_k_of, group_mask)
     return PackedLayer(keys=PackedKeys(keys, positions), values=pack_fixed_k(values, group_mask, k))
+
+
+def resolve_impl(impl: str) -> str:
+    """"xla" or "pallas": "auto" is the Pallas kernel on GPU/TPU and the XLA read-out elsewhere."""
+    if impl not in IMPLS:
+        raise InputError(f"unknown attention impl {impl!r}; choose from {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    return impl
+
+
+def pack_fixed_k_group_major(keys: jax.Array, values: jax.Array, positions: jax.Array, group_mask: jax.Array,
+                             k: Optional[int] = None, token_keep_mask: Optional[jax.Array] = None, *,
+                             key_capacity: Optional[int] = None) -> PackedLayer:
+    """The fixed-K layout (K groups per token, tokens shared by the KV heads) stored in the global entry format.
+
+    Same arguments and kept pairs as `pack_fixed_k_layer` (a token with more than K kept groups keeps its
+    first K), but the values are a group-major list per (batch, KV head), as `pack_global` stores them, and
+    the keys are head-major. The XLA read-out then reads each kept group once (`_read_global`), where the
+    token-major `FixedKValues` needs a one-hot contraction that does K times the dense read-out's work. The
+    list's capacity is static, key_capacity x K rounded up to a whole read-out block, so with k and
+    key_capacity given this packs inside jit. Costs an entry's token index (uint16 up to 65,536 slots) over
+    the token-major form.
+    """
+    groups, _ = _check_groups(values, group_mask)
+    if k is None:
+        k = _concrete("K", fixed_k_of, group_mask)
+    k = int(k)
+    if not 1 <= k <= groups:
+        raise InputError(f"K={k} kept groups must be in [1, G={groups}]")
+    if token_keep_mask is not None and token_keep_mask.ndim != 2:
+        raise InputError("the fixed-K layout shares its token axis across KV heads: token_keep_mask must be "
+                         "[B, T]; use pack_global for per-head token selection")
+    kept = group_mask != 0
+    kept = kept & (jnp.cumsum(kept.astype(jnp.int32), axis=-1) <= k)  # a token's first K groups, like pack_fixed_k
+    tokens = jnp.ones(positions.shape, bool) if token_keep_mask is None else token_keep_mask
+    if key_capacity is None:
+        key_capacity = _concrete("key_capacity", key_capacity_of, tokens, positions, 1)
+    return pack_global(keys, values, positions, tokens, kept, _round_capacity(int(key_capacity) * k),
+                       key_capacity=key_capacity)
 
 
 def pack_global(keys: jax.Array, values: jax.Array, positions: jax.Array, token_keep_mask: Optional[jax.Array],
@@ -548,7 +593,7 @@ def packed_attention(query: jax.Array, q_positions: jax.Array, layer: PackedLaye
 
 def pack_cache(keys: Sequence[jax.Array], values: Sequence[jax.Array], positions: jax.Array, token_keep_masks,
                group_masks, *, layout: str = "global", tail_capacity: int = 1, capacity=None, key_capacity=None,
-               k=None, fill: str = "zero") -> PackedCache:
+               k=None, fill: str = "zero", impl: str = "auto") -> PackedCache:
     """Packs every layer of a prefilled cache (keys/values per layer [B, T, Hkv, D], positions [B, T]).
 
     token_keep_masks / group_masks: None, one array for all layers, or one per layer. layout "global"
@@ -557,10 +602,13 @@ def pack_cache(keys: Sequence[jax.Array], values: Sequence[jax.Array], positions
     token reads as: "zero" (the method as built) or "mean" (the mean of that layer's and KV head's
     context values; stored once per layer, [B, Hkv, D]): zero-filled groups of low-weight tokens pull the
     read-out towards 0, the mean keeps it where the dropped contributions would on average have put it.
-    Returns a PackedCache with an empty dense tail of tail_capacity slots for decoding.
+    impl: the decode attention the cache will use (`resolve_impl`); it picks how fixed-K values are stored:
+    token-major `FixedKValues` for the Pallas kernel, the global entry format for the XLA read-out
+    (`pack_fixed_k_group_major`). Returns a PackedCache with an empty dense tail of tail_capacity slots.
     """
     if fill not in FILLS:
         raise InputError(f"unknown value fill {fill!r}; choose from {', '.join(FILLS)}")
+    resolve_impl(impl)
     num_layers = len(keys)
     token_keep_masks = per_layer(token_keep_masks, num_layers, "token_keep_masks")
     group_masks = per_layer(group_masks, num_layers, "group_masks")
@@ -574,9 +622,10 @@ def pack_cache(keys: Sequence[jax.Array], values: Sequence[jax.Array], positions
         mean = context_value_mean(values[i], positions) if fill == "mean" else None
         layer_values = values[i] if mean is None else values[i] - mean[:, None].astype(values[i].dtype)
         layers.append(_pack_layer(layout, keys[i], layer_values, positions, token_keep_masks[i], group_masks[i],
-                                  capacity[i], key_capacity[i], k[i]).replace(value_mean=mean))
+                                  capacity[i], key_capacity[i], k[i], impl).replace(value_mean=mean))
     prefix_end = jnp.max(positions, axis=1).astype(jnp.int32) + 1
-    return PackedCache.with_empty_tail(layers, max(int(tail_capacity), 1), prefix_end, dtype=values[0].dtype)
+    cache = PackedCache.with_empty_tail(layers, max(int(tail_capacity), 1), prefix_end, dtype=values[0].dtype)
+    return cache.replace(impl=impl)
 
 
 def shard_cache(cache: PackedCache) -> PackedCache:
@@ -621,11 +670,12 @@ def context_value_mean(values: jax.Array, positions: jax.Array) -> jax.Array:
     return (total / jnp.maximum(jnp.sum(real, axis=1), 1.0)).astype(values.dtype)
 
 
-def _pack_layer(layout, keys, values, positions, token_keep_mask, group_mask, capacity, key_capacity, k):
+def _pack_layer(layout, keys, values, positions, token_keep_mask, group_mask, capacity, key_capacity, k, impl):
     if layout == "global":
         return pack_global(keys, values, positions, token_keep_mask, group_mask, capacity, key_capacity=key_capacity)
     if layout == "fixed_k":
         if group_mask is None:
             group_mask = jnp.ones(values.shape[:3] + (1,), jnp.float32)
-        return pack_fixed_k_layer(keys, values, positions, group_mask, k, token_keep_mask, key_capacity=key_capacity)
+        pack = pack_fixed_k_layer if resolve_impl(impl) == "pallas" else pack_fixed_k_group_major
+        return pack(keys, values, positions, group_mask, k, token_keep_mask, key_capacity=key_capacity)
     raise InputError(f"unknown packed layout {layout!r}; choose from {', '.join(LAYOUTS)}")

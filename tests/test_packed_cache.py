@@ -12,8 +12,8 @@ from subtoken_jax.attention import attend, attention_allowed
 from subtoken_jax.compressed_generate import compressed_generate
 from subtoken_jax.kernels.packed_decode import packed_decode_attention
 from subtoken_jax.packed_cache import (FixedKValues, GlobalValues, PackedCache, cache_nbytes, fixed_k_of,
-                                       global_capacity_of, index_dtype, pack_fixed_k, pack_fixed_k_layer,
-                                       pack_global, packed_attention, unpack_dense)
+                                       global_capacity_of, index_dtype, pack_fixed_k, pack_fixed_k_group_major,
+                                       pack_fixed_k_layer, pack_global, packed_attention, unpack_dense)
 from subtoken_jax.selectors.allocate import allocate_value_groups
 from subtoken_jax.value_groups import group_norm_scores
 
@@ -169,6 +169,36 @@ def test_fixed_k_with_shared_token_selection_drops_evicted_rows():
     np.testing.assert_array_equal(layer.keys.positions, [[2, 3, 6, 8], [1, 4, 7, -1]])
     ours = jax.jit(lambda q, l: packed_attention(q, case["q_positions"], l, **_tail_kwargs(case)))(case["query"], layer)
     np.testing.assert_allclose(ours, jax.jit(lambda c: _dense_reference(c, group_mask, keep))(case), atol=1e-5)
+
+
+def test_fixed_k_group_major_keeps_the_same_pairs_as_token_major():
+    """The XLA storage of fixed-K: same kept pairs (a row with more than K keeps its first K), static capacity
+    key slots x K, entries sorted by group; attention equals the token-major layer's and the masked dense one."""
+    rng, case = _case(4, 2, 9, 2, 2, 4, 2, 1, 2)
+    group_mask = rng.random((2, 9, 2, 4)) < 0.5
+    group_mask[0, 3, 1] = True  # 4 kept groups: K = 2 keeps groups 0 and 1
+    group_mask = jnp.asarray(group_mask, jnp.float32)
+    first_k = group_mask * (jnp.cumsum(group_mask, axis=-1) <= 2)
+    keep = jnp.asarray(rng.random((2, 9)) < 0.7)
+    pack = jax.jit(lambda *a: pack_fixed_k_group_major(*a, group_mask, 2, keep, key_capacity=9))
+    layer = pack(case["keys"], case["values"], case["positions"])
+    token_major = pack_fixed_k_layer(case["keys"], case["values"], case["positions"], group_mask, 2, keep,
+                                     key_capacity=9)
+    assert isinstance(layer.values, GlobalValues) and layer.values.capacity >= 9 * 2 and layer.keys.compact
+    for b in range(2):
+        for h in range(2):
+            n = int(layer.values.count[b, h])
+            assert np.all(np.diff(np.asarray(layer.values.groups[b, h, :n], int)) >= 0)  # sorted by group
+    np.testing.assert_array_equal(unpack_dense(layer, case["positions"]),
+                                  np.asarray(case["values"]) * np.repeat(np.asarray(first_k) * np.asarray(
+                                      keep & (case["positions"] >= 0))[..., None, None], 2, axis=-1))
+    ours = packed_attention(case["query"], case["q_positions"], layer, **_tail_kwargs(case))
+    np.testing.assert_allclose(ours, packed_attention(case["query"], case["q_positions"], token_major,
+                                                      **_tail_kwargs(case)), atol=1e-5)
+    np.testing.assert_allclose(ours, _dense_reference(case, first_k, keep), atol=1e-5)
+    with pytest.raises(InputError, match="pack_global"):
+        pack_fixed_k_group_major(case["keys"], case["values"], case["positions"], group_mask, 2,
+                                 jnp.ones((2, 9, 2), bool))
 
 
 def test_packing_jits_with_static_sizes_index_dtypes_and_shared_token_masks():
@@ -336,7 +366,8 @@ def test_compressed_generation_equals_masked_dense(tiny_model, layout, compressi
     expected = _masked_dense_generate(model, params, prompt, compression(prefill), new, attention_mask)
     np.testing.assert_array_equal(tokens, expected)
     assert tokens.shape == (2, new) and tokens.dtype == jnp.int32
-    assert isinstance(packed.layers[0].values, FixedKValues if layout == "fixed_k" else GlobalValues)
+    # fixed-K values are stored token-major for the Pallas kernel, group-major for the XLA read-out
+    assert isinstance(packed.layers[0].values, FixedKValues if impl == "pallas" else GlobalValues)
     assert int(packed.tail_index) == new - 1
     dense_bytes = sum(x.nbytes for x in prefill.keys + prefill.values)
     prefix_bytes = cache_nbytes(packed.layers[0]) + cache_nbytes(packed.layers[1])
@@ -370,15 +401,16 @@ def test_mean_fill_reads_dropped_groups_as_the_context_mean(layout):
     group_mask = jnp.asarray(rng.random((2, 7, 2, 4)) < 0.5, jnp.float32)
     token_keep = rng.random((2, 7) if layout == "fixed_k" else (2, 7, 2)) < 0.7
     token_keep[:, -1] = True
+    impl = "pallas" if layout == "fixed_k" else "auto"  # fixed-K token-major (the group-major one reads as global)
     cache = pack_cache([case["keys"]], [case["values"]], case["positions"], [jnp.asarray(token_keep)], [group_mask],
-                       layout=layout, fill="mean")
+                       layout=layout, fill="mean", impl=impl)
     layer = cache.layers[0]
     assert layer.value_mean.shape == (2, 2, 8)
     got = packed_attention(case["query"], case["q_positions"], layer, **_tail_kwargs(case))
     np.testing.assert_allclose(got, _mean_filled_reference(case, np.asarray(group_mask), jnp.asarray(token_keep)),
                                atol=1e-5)
     zero = pack_cache([case["keys"]], [case["values"]], case["positions"], [jnp.asarray(token_keep)], [group_mask],
-                      layout=layout)
+                      layout=layout, impl=impl)
     assert cache_nbytes(cache) - cache_nbytes(zero) == layer.value_mean.nbytes  # one mean per (row, layer, head)
     if layout == "fixed_k":  # the Pallas decode kernel adds the mean the same way
         query, q_pos = case["query"][:, 0], case["q_positions"][:, 0]

@@ -30,9 +30,8 @@ from jax.experimental import pallas as pl
 
 from subtoken_jax.attention import attention_allowed, grouped_readout
 from subtoken_jax.errors import InputError
-from subtoken_jax.packed_cache import FixedKValues, PackedKeys, PackedLayer, key_scores, packed_attention
-
-IMPLS = ("auto", "xla", "pallas")
+from subtoken_jax.packed_cache import (FixedKValues, PackedKeys, PackedLayer, key_scores, packed_attention,
+                                       resolve_impl)
 
 
 def _kernel(q_ref, k_ref, mask_ref, v_ref, g_ref, o_ref, m_ref, l_ref, *, num_groups: int, k_slots: int,
@@ -106,11 +105,8 @@ def packed_decode_attention(query: jax.Array, q_positions: jax.Array, layer: Pac
     and query-head axes to powers of two (query heads to >= 16); padding is masked out and changes
     nothing. Returns [B, Hq, D]. Inference only: no custom VJP, not differentiable through Pallas.
     """
-    if impl not in IMPLS:
-        raise InputError(f"unknown impl {impl!r}; choose one of {IMPLS}")
+    impl = resolve_impl(impl)
     backend = jax.default_backend()
-    if impl == "auto":
-        impl = "pallas" if backend in ("gpu", "tpu") else "xla"
     if impl == "xla":
         out = packed_attention(query[:, None], q_positions[:, None], layer, tail_keys=tail_keys,
                                tail_values=tail_values, tail_positions=tail_positions, sliding_window=sliding_window)
