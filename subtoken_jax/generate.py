@@ -26,10 +26,29 @@ def _forward_with_cache(model: DecoderLM, params, ids, cache, attention_mask=Non
                        value_group_mask=value_group_mask, token_keep_mask=token_keep_mask)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "steps", "temperature", "top_k", "eos_id"))
+def decode_full_cache(model: DecoderLM, params, cache: KVCache, token, done, rng, steps: int, temperature: float = 0.0,
+                      top_k: Optional[int] = None, eos_id: Optional[int] = None):
+    """`steps` decode steps over a full KVCache from `token` [B] (already emitted), as one compiled scan.
+
+    Returns (next tokens int32 [B, steps], (cache, last token, done, rng)). One program per `steps`, and no
+    host round trip per token (a Python loop of single steps pays one dispatch per token and layer call).
+    """
+    def step(carry, _):
+        cache, token, done, rng = carry
+        logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+        rng, sub = jax.random.split(rng)
+        token, done = hold_eos(pick_token(logits[:, -1], sub, temperature, top_k), done, eos_id)
+        return (cache, token, done, rng), token
+
+    carry, tokens = jax.lax.scan(step, (cache, token, done, rng), None, length=steps)
+    return jnp.transpose(tokens), carry
+
+
 def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, attention_mask=None,
              temperature: float = 0.0, top_k: Optional[int] = None, rng: Optional[jax.Array] = None,
              eos_id: Optional[int] = None, progress: bool = False, compression=None, question_ids=None,
-             question_mask=None, bucket: Optional[bool] = None, mesh=None, **compressed_kwargs):
+             question_mask=None, bucket: Optional[bool] = None, mesh=None, chunk: int = 64, **compressed_kwargs):
     """Generates max_new_tokens after prompt_ids [B, T] (left-pad ragged prompts and pass attention_mask).
 
     Returns int32 [B, max_new_tokens]; after an EOS a row keeps emitting EOS. temperature 0 is greedy.
@@ -42,20 +61,21 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     programs; padding is masked and changes no token. None: on for the full cache, off with compression
     (see `compressed_generate`). mesh: a `jax.sharding.Mesh` to run on (rows over its batch axes, params by
     the model's logical rules, the cache by batch and KV head); None: an enclosing `sharding.use_mesh`'s, if any.
+    chunk: decode steps per compiled scan when progress is shown (without progress, one scan decodes them all).
     """
     if mesh is not None:
         with sharding.use_mesh(mesh, sharding.active_rules()):
             return generate(model, params, prompt_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
                             temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id, progress=progress,
                             compression=compression, question_ids=question_ids, question_mask=question_mask,
-                            bucket=bucket, **compressed_kwargs)
+                            bucket=bucket, chunk=chunk, **compressed_kwargs)
     check_ids(prompt_ids, "prompt_ids")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     if compression is not None:
         return compressed_generate(model, params, prompt_ids, compression=compression, max_new_tokens=max_new_tokens,
                                    question_ids=question_ids, attention_mask=attention_mask, question_mask=question_mask,
                                    temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id, progress=progress,
-                                   bucket=bool(bucket), **compressed_kwargs)
+                                   bucket=bool(bucket), chunk=chunk, **compressed_kwargs)
     if compressed_kwargs:
         raise InputError(f"{', '.join(sorted(compressed_kwargs))} apply only with compression=...")
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
@@ -81,15 +101,18 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     params, prompt_ids, attention_mask = on_active_mesh(model, params, prompt_ids, attention_mask)
     cache = KVCache.create(model.config, batch, capacity)
     logits, cache = _forward_with_cache(model, params, prompt_ids, cache, attention_mask)
-    tokens = []
-    done = jnp.zeros((batch,), bool)
-    next_logits = logits[:, -1]
-    for _ in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
-        rng, step_rng = jax.random.split(rng)
-        token, done = hold_eos(pick_token(next_logits, step_rng, temperature, top_k), done, eos_id)
-        tokens.append(token)
-        if len(tokens) == max_new_tokens:
-            break
-        logits, cache = _forward_with_cache(model, params, token[:, None], cache)
-        next_logits = logits[:, -1]
-    return jnp.stack(tokens, axis=1)
+    rng, first_rng = jax.random.split(rng)
+    token, done = hold_eos(pick_token(logits[:, -1], first_rng, temperature, top_k), jnp.zeros((batch,), bool),
+                           eos_id)
+    pieces = [token[:, None]]
+    remaining = max_new_tokens - 1
+    # progress: chunks of `chunk` steps (two programs at most); otherwise one scan over all of them
+    sizes = [min(chunk, remaining - i) for i in range(0, remaining, chunk)] if progress else [remaining] * bool(remaining)
+    with tqdm(total=max_new_tokens, desc="generate", disable=not progress, leave=False) as bar:
+        bar.update(1)
+        for steps in sizes:
+            tokens, (cache, token, done, rng) = decode_full_cache(model, params, cache, token, done, rng, steps,
+                                                                  float(temperature), top_k, eos_id)
+            pieces.append(tokens)
+            bar.update(steps)
+    return jnp.concatenate(pieces, axis=1)
