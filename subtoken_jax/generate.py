@@ -13,7 +13,7 @@ from subtoken_jax import sharding
 from subtoken_jax.compressed_generate import compressed_generate, on_active_mesh
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids, check_max_new_tokens
-from subtoken_jax.kv_cache import KVCache
+from subtoken_jax.kv_cache import KVCache, TailedKVCache
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
 from subtoken_jax.shape_buckets import bucket_length, left_pad
@@ -33,7 +33,12 @@ def decode_full_cache(model: DecoderLM, params, cache: KVCache, token, done, rng
 
     Returns (next tokens int32 [B, steps], (cache, last token, done, rng)). One program per `steps`, and no
     host round trip per token (a Python loop of single steps pays one dispatch per token and layer call).
+    The loop writes to a `TailedKVCache` (the cache itself read-only) and moves the tail in at the end.
     """
+    tailed = cache.group_masks is None  # a routed model's cache also carries group masks: decoded in place
+    if tailed:
+        cache = TailedKVCache.open(cache, steps)
+
     def step(carry, _):
         cache, token, done, rng = carry
         logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
@@ -41,8 +46,8 @@ def decode_full_cache(model: DecoderLM, params, cache: KVCache, token, done, rng
         token, done = hold_eos(pick_token(logits[:, -1], sub, temperature, top_k), done, eos_id)
         return (cache, token, done, rng), token
 
-    carry, tokens = jax.lax.scan(step, (cache, token, done, rng), None, length=steps)
-    return jnp.transpose(tokens), carry
+    (cache, token, done, rng), tokens = jax.lax.scan(step, (cache, token, done, rng), None, length=steps)
+    return jnp.transpose(tokens), (cache.close() if tailed else cache, token, done, rng)
 
 
 def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, attention_mask=None,

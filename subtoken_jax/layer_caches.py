@@ -9,23 +9,29 @@ routing state of a query-independent routed model); `PackedLayerCache` is a comp
 written to, attended with one softmax over both. `Attention` only calls `write` and `attend`, so the
 decoder (`DecoderLM`), or anyone's Flax model built on our `Attention`, decodes from either cache.
 
-`layer_view(cache, i)` / `reassemble(cache, views)` go between a whole-model cache (`KVCache`,
-`PackedCache`) and its per-layer views; `next_positions(cache)` is where the next token of each row goes.
+`TailedLayerCache` is a read-only dense prefix plus such a tail (`kv_cache.TailedKVCache`, what a compiled
+full-cache decode loop writes to). `layer_view(cache, i)` / `reassemble(cache, views)` go between a whole-model
+cache (`KVCache`, `PackedCache`, `TailedKVCache`) and its per-layer views; `next_positions(cache)` is where the next token of each row goes.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from subtoken_jax.attention import attend, attention_allowed
+from subtoken_jax.attention import attend, attend_cache_and_chunk, attention_allowed
 from subtoken_jax.errors import InputError
 from subtoken_jax.kernels.packed_decode import packed_decode_attention
-from subtoken_jax.kv_cache import KVCache
+from subtoken_jax.kv_cache import KVCache, TailedKVCache
 from subtoken_jax.packed_cache import IMPLS, FixedKValues, PackedCache, PackedLayer, packed_attention
+
+
+# A chunk of at most this many tokens (decode steps, a short question) is attended apart from the cache it
+# is written into; a longer one (a prefill) attends over the written cache, with attend's query chunking.
+CHUNK_APART_MAX = 64
 
 
 def _write_at(old: jax.Array, new: jax.Array, index) -> jax.Array:
@@ -45,6 +51,9 @@ class DenseLayerCache:
     index: jax.Array
     group_mask: Optional[jax.Array] = None
     route_stats: Optional[jax.Array] = None
+    # after `write` of a short chunk: (keys, values, positions) before it and the chunk's own (keys, values,
+    # positions); `attend` reads these instead of the written arrays (see attention.attend_cache_and_chunk)
+    pending: Optional[Tuple[jax.Array, ...]] = None
 
     @property
     def routed(self) -> bool:
@@ -57,9 +66,12 @@ class DenseLayerCache:
 
     def write(self, key, value, positions, *, group_mask=None, route_stats=None) -> "DenseLayerCache":
         """Writes a chunk at `index` (and, for a routed model, its routed group mask) and advances it."""
+        pending = None
+        if key.shape[1] <= CHUNK_APART_MAX and not self.routed:
+            pending = (self.keys, self.values, self.positions, key, value, positions)
         new = self.replace(keys=_write_at(self.keys, key, self.index), values=_write_at(self.values, value, self.index),
                            positions=_write_at(self.positions, positions, self.index),
-                           index=self.index + key.shape[1])
+                           index=self.index + key.shape[1], pending=pending)
         if self.routed and group_mask is not None:
             new = new.replace(group_mask=_write_at(self.group_mask, group_mask, self.index), route_stats=route_stats)
         return new
@@ -68,6 +80,13 @@ class DenseLayerCache:
                layer: int = 0):
         """Attention of query [B, T, Hq, D] over every slot; explicit masks cover the L slots (the routed
         masks of the cached tokens when value_group_mask is None)."""
+        if self.pending is not None and value_group_mask is None and token_keep_mask is None:
+            keys, values, positions, chunk_keys, chunk_values, chunk_positions = self.pending
+            return attend_cache_and_chunk(
+                query, keys.astype(query.dtype), values.astype(query.dtype),
+                attention_allowed(q_positions, positions, sliding_window=sliding_window),
+                chunk_keys.astype(query.dtype), chunk_values.astype(query.dtype),
+                attention_allowed(q_positions, chunk_positions, sliding_window=sliding_window))
         allowed = attention_allowed(q_positions, self.positions, sliding_window=sliding_window,
                                     token_keep_mask=token_keep_mask)
         mask = value_group_mask if value_group_mask is not None else self.group_mask
@@ -111,15 +130,53 @@ class PackedLayerCache:
         return packed_attention(query, q_positions, self.prefix, **tail)
 
 
-LayerCache = Union[DenseLayerCache, PackedLayerCache]
+@flax.struct.dataclass
+class TailedLayerCache:
+    """One layer of a `TailedKVCache`: a read-only dense prefix and the tail new tokens are written to."""
+
+    keys: jax.Array  # prefix [B, S, Hkv, D]
+    values: jax.Array
+    positions: jax.Array  # [B, S]
+    tail_keys: jax.Array  # [B, L, Hkv, D]
+    tail_values: jax.Array
+    tail_positions: jax.Array  # [B, L]
+    index: jax.Array  # next tail slot
+
+    routed = False
+    mask_slots = None  # no explicit masks: like a packed cache, a tail is for plain decoding
+
+    def write(self, key, value, positions, **_) -> "TailedLayerCache":
+        return self.replace(tail_keys=_write_at(self.tail_keys, key, self.index),
+                            tail_values=_write_at(self.tail_values, value, self.index),
+                            tail_positions=_write_at(self.tail_positions, positions, self.index),
+                            index=self.index + key.shape[1])
+
+    def attend(self, query, q_positions, *, sliding_window=None, value_group_mask=None, token_keep_mask=None,
+               layer: int = 0):
+        """One softmax over the prefix and the tail (this chunk included)."""
+        if value_group_mask is not None or token_keep_mask is not None:
+            raise InputError(f"layer {layer}: a tailed KV cache takes no value_group_mask or token_keep_mask")
+        return attend_cache_and_chunk(
+            query, self.keys.astype(query.dtype), self.values.astype(query.dtype),
+            attention_allowed(q_positions, self.positions, sliding_window=sliding_window),
+            self.tail_keys.astype(query.dtype), self.tail_values.astype(query.dtype),
+            attention_allowed(q_positions, self.tail_positions, sliding_window=sliding_window))
 
 
-def layer_view(cache: Union[KVCache, PackedCache], i: int) -> LayerCache:
+LayerCache = Union[DenseLayerCache, PackedLayerCache, TailedLayerCache]
+WholeCache = Union[KVCache, PackedCache, TailedKVCache]
+
+
+def layer_view(cache: WholeCache, i: int) -> LayerCache:
     """Layer i of a whole-model cache, as `Attention` takes it (a packed one with the cache's own `impl`)."""
     if isinstance(cache, KVCache):
         routed = cache.group_masks is not None
         return DenseLayerCache(cache.keys[i], cache.values[i], cache.positions, cache.index,
                                cache.group_masks[i] if routed else None, cache.route_stats[i] if routed else None)
+    if isinstance(cache, TailedKVCache):
+        prefix = cache.prefix
+        return TailedLayerCache(prefix.keys[i], prefix.values[i], prefix.positions, cache.tail_keys[i],
+                                cache.tail_values[i], cache.tail_positions, cache.tail_index)
     if isinstance(cache, PackedCache):
         if cache.impl not in IMPLS:
             raise InputError(f"unknown attention impl {cache.impl!r}; choose from {', '.join(IMPLS)}")
@@ -128,7 +185,7 @@ def layer_view(cache: Union[KVCache, PackedCache], i: int) -> LayerCache:
     raise InputError(f"cache must be a KVCache or a PackedCache, got {type(cache).__name__}")
 
 
-def reassemble(cache: Union[KVCache, PackedCache], views: Sequence[LayerCache]) -> Union[KVCache, PackedCache]:
+def reassemble(cache: WholeCache, views: Sequence[LayerCache]) -> WholeCache:
     """The whole-model cache after every layer wrote its chunk (positions and index from the last view)."""
     last = views[-1]
     if isinstance(cache, KVCache):
@@ -137,18 +194,24 @@ def reassemble(cache: Union[KVCache, PackedCache], views: Sequence[LayerCache]) 
                              positions=last.positions, index=last.index,
                              group_masks=tuple(v.group_mask for v in views) if routed else None,
                              route_stats=tuple(v.route_stats for v in views) if routed else None)
+    # a packed or a tailed cache: only the tail changed
     return cache.replace(tail_keys=tuple(v.tail_keys for v in views), tail_values=tuple(v.tail_values for v in views),
                          tail_positions=last.tail_positions, tail_index=last.index)
 
 
-def room(cache: Union[KVCache, PackedCache]) -> int:
+def room(cache: WholeCache) -> int:
     """Slots a chunk may fill: the dense cache's capacity, or the packed cache's tail capacity."""
-    return cache.capacity if isinstance(cache, KVCache) else cache.tail_capacity
+    if isinstance(cache, KVCache):
+        return cache.capacity
+    return cache.tail_positions.shape[1]
 
 
-def next_positions(cache: Union[KVCache, PackedCache]) -> jax.Array:
+def next_positions(cache: WholeCache) -> jax.Array:
     """[B, 1] int32: each row's next position (after the last real cached token, left padding included)."""
     if isinstance(cache, KVCache):
         return jnp.max(cache.positions, axis=1, keepdims=True) + 1
-    prefix_end = cache.prefix_end[:, None]
+    if isinstance(cache, TailedKVCache):
+        prefix_end = next_positions(cache.prefix)
+    else:
+        prefix_end = cache.prefix_end[:, None]
     return jnp.maximum(prefix_end, jnp.max(cache.tail_positions, axis=1, keepdims=True) + 1)

@@ -238,3 +238,53 @@ def test_recipes_round_kept_counts_down(setup):
     for t, g in zip(tokens, groups):
         spent = CONFIG.value_groups * np.asarray(t).sum(1) + np.asarray(g).sum((1, 3))  # key = G group units
         assert np.all(spent <= 0.3 * 2 * CONFIG.value_groups * real[:, None] + 1e-4)
+
+
+def test_full_cache_decode_loop_writes_a_tail_and_equals_a_per_token_loop(setup):
+    """decode_full_cache (a scan writing to a TailedKVCache, moved into the cache at the end) against the plain
+    loop over model.apply on the KVCache (each token written into the cache, attended over the written cache):
+    same tokens, same logits within float tolerance, and the same final cache; a sliding-window model too."""
+    from subtoken_jax.generate import decode_full_cache
+
+    model, params, context, _, mask = setup
+    for window_model in (False, True):
+        if window_model:
+            cfg = CONFIG.replace(sliding_windows=(5, None))
+            model, params = init_params(cfg, jax.random.key(11))
+        cache = KVCache.create(model.config, 2, CONTEXT + NEW + 2)
+        logits, cache = model.apply({"params": params}, context, cache=cache, attention_mask=mask)
+        first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+        tokens, (scanned, last, _, _) = decode_full_cache(model, params, cache, first, jnp.zeros((2,), bool),
+                                                          jax.random.key(0), NEW)
+        expected, loop_cache, token = [], cache, first
+        for _ in range(NEW):
+            step_logits, loop_cache = model.apply({"params": params}, token[:, None], cache=loop_cache)
+            token = jnp.argmax(step_logits[:, -1], -1).astype(jnp.int32)
+            expected.append(token)
+        np.testing.assert_array_equal(tokens, jnp.stack(expected, axis=1))
+        np.testing.assert_array_equal(last, expected[-1])
+        assert int(scanned.index) == int(loop_cache.index) == CONTEXT + NEW
+        np.testing.assert_array_equal(scanned.positions, loop_cache.positions)
+        for ours, theirs in zip(scanned.keys + scanned.values, loop_cache.keys + loop_cache.values):
+            np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_attending_a_chunk_apart_equals_attending_the_written_cache():
+    """attend_cache_and_chunk (the cache before the write + the chunk) against attend on the written cache,
+    with padding slots, a sliding window and a 3-token chunk attending causally to itself."""
+    from subtoken_jax.attention import attend, attend_cache_and_chunk, attention_allowed
+
+    rng = np.random.default_rng(0)
+    f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    keys, values, chunk_k, chunk_v, query = f(2, 10, 2, 8), f(2, 10, 2, 8), f(2, 3, 2, 8), f(2, 3, 2, 8), f(2, 3, 4, 8)
+    positions = np.where(np.arange(10) < 6, np.arange(10), -1)[None].repeat(2, 0)
+    positions[1, :2] = -1  # left padding
+    chunk_pos = jnp.asarray([[6, 7, 8]] * 2, jnp.int32)
+    written_pos = jnp.asarray(positions).at[:, 6:9].set(chunk_pos)
+    written_k, written_v = keys.at[:, 6:9].set(chunk_k), values.at[:, 6:9].set(chunk_v)
+    for window in (None, 4):
+        apart = attend_cache_and_chunk(query, keys, values, attention_allowed(chunk_pos, jnp.asarray(positions),
+                                                                              sliding_window=window),
+                                       chunk_k, chunk_v, attention_allowed(chunk_pos, chunk_pos, sliding_window=window))
+        whole = attend(query, written_k, written_v, attention_allowed(chunk_pos, written_pos, sliding_window=window))
+        np.testing.assert_allclose(apart, whole, atol=1e-5)

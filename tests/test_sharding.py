@@ -230,9 +230,9 @@ def test_packed_cache_is_sharded_by_batch_and_kv_head(eval_runs):
         assert global_layout[f".layers[0].{leaf}"] == both, leaf
     assert global_layout[".tail_keys[0]"] == "P(('data', 'fsdp'), None, 'tensor')"
     assert global_layout[".prefix_end"] == batch
-    fixed_k = mesh["cache_shardings"]["fixed_k/head"]
-    assert fixed_k[".layers[1].values.values"] == "P(('data', 'fsdp'), None, 'tensor')"
-    assert fixed_k[".layers[1].keys.positions"] == batch
+    fixed_k = mesh["cache_shardings"]["fixed_k/head"]  # on CPU stored group-major: entries [B, Hkv, C, gd]
+    assert fixed_k[".layers[1].values.values"] == both
+    assert fixed_k[".layers[1].keys.positions"] == both  # head-major compact keys [B, Hkv, Tk]
 
 
 def test_decode_step_gathers_no_cache_array(eval_runs):
