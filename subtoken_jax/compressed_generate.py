@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from subtoken_jax import sharding
@@ -108,7 +109,7 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
                                        max_new_tokens=max_new_tokens, question_ids=question_ids,
                                        attention_mask=attention_mask, question_mask=question_mask,
                                        return_cache=return_cache, bucket=bucket, **kwargs)
-    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    prompt_ids = np.asarray(prompt_ids, np.int32)  # on the host: a cast on the device compiles per prompt length
     _check_lengths(model, prompt_ids, question_ids, max_new_tokens)
     if bucket:
         prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, bucket_length(prompt_ids.shape[1]))
@@ -119,15 +120,41 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
         model, params, prompt_ids, attention_mask, question_ids, question_mask)
     window = getattr(compression, "window", 8)
     lookahead = getattr(compression, "lookahead", 0)  # capture_prefill_state refuses it without a question
-    state, logits = capture_prefill_state(model, params, prompt_ids, question_ids, context_mask=attention_mask,
-                                          question_mask=question_mask, window=min(window, prompt_ids.shape[1]),
-                                          return_logits=True, lookahead=lookahead)
-    masks = compression(state)
+    capture = _compiled_capture if bucket else capture_prefill_state
+    state, logits = capture(model, params, prompt_ids, question_ids, context_mask=attention_mask,
+                            question_mask=question_mask, window=min(window, prompt_ids.shape[1]), return_logits=True,
+                            lookahead=lookahead)
+    masks = _compiled_compression(compression, state) if bucket else compression(state)
     kwargs.setdefault("value_fill", getattr(compression, "value_fill", "zero"))
     tokens, packed = generate_from_state(model, params, state, masks, max_new_tokens=max_new_tokens,
                                          question_ids=question_ids, question_mask=question_mask,
                                          first_logits=None if question_ids is not None else logits, **kwargs)
     return (tokens, packed) if return_cache else tokens
+
+
+# With bucketed shapes, each stage before decoding runs as one compiled program per bucket: run op by op,
+# the capture, the recipe and the packing compiled several hundred small programs over a stream of 20 prompts.
+_compiled_capture = jax.jit(capture_prefill_state, static_argnames=(
+    "model", "window", "with_attention", "chunk", "return_logits", "lookahead"))
+
+
+@functools.partial(jax.jit, static_argnames=("compression",))
+def _jitted_compression(compression, state):
+    return compression(state)
+
+
+def _compiled_compression(compression, state):
+    """compression(state) as one compiled program, or op by op when the callable cannot be traced or hashed
+    (a user's recipe may read masks on the host)."""
+    try:
+        return _jitted_compression(compression, state)
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+            jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
+        return compression(state)
+
+
+_compiled_pack = jax.jit(pack_cache, static_argnames=("layout", "tail_capacity", "capacity", "key_capacity", "k",
+                                                       "fill", "impl"))
 
 
 def _check_lengths(model, prompt_ids, question_ids, max_new_tokens):
@@ -180,9 +207,10 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
         if layout == "global" and capacity is None and key_capacity is None:
             capacity, key_capacity = bucketed_sizes(token_masks, group_masks, state.positions)
         tail = bucket_length(tail)  # question and answer lengths vary per prompt
-    packed = pack_cache(cast(state.keys), cast(state.values), state.positions, token_masks, group_masks,
-                        layout=layout, tail_capacity=tail, capacity=capacity,
-                        key_capacity=key_capacity, k=k, fill=value_fill, impl=impl)
+    sized = all(isinstance(size, int) for size in (capacity, key_capacity)) and layout == "global"
+    pack = _compiled_pack if sized else pack_cache  # sizes known (bucketed or given): one program per size
+    packed = pack(cast(state.keys), cast(state.values), state.positions, token_masks, group_masks, layout=layout,
+                  tail_capacity=tail, capacity=capacity, key_capacity=key_capacity, k=k, fill=value_fill, impl=impl)
     packed = jax.jit(shard_cache)(packed) if sharding.active_mesh() is not None else packed
     next_position = packed.prefix_end
     logits = first_logits

@@ -7,6 +7,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from subtoken_jax import sharding
@@ -83,16 +84,17 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
                                    bucket=bool(bucket), chunk=chunk, **compressed_kwargs)
     if compressed_kwargs:
         raise InputError(f"{', '.join(sorted(compressed_kwargs))} apply only with compression=...")
-    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    # joined on the host: on the device, every distinct prompt length would compile its own concatenation
+    prompt_ids = np.asarray(prompt_ids, np.int32)
     if question_ids is not None:
         check_ids(question_ids, "question_ids")
-        question_ids = jnp.asarray(question_ids, jnp.int32)
+        question_ids = np.asarray(question_ids, np.int32)
         if attention_mask is not None or question_mask is not None:
-            context_mask = jnp.ones(prompt_ids.shape, jnp.int32) if attention_mask is None else attention_mask
-            q_mask = jnp.ones(question_ids.shape, jnp.int32) if question_mask is None else question_mask
-            attention_mask = jnp.concatenate([jnp.asarray(context_mask, jnp.int32), jnp.asarray(q_mask, jnp.int32)],
-                                             axis=1)
-        prompt_ids = jnp.concatenate([prompt_ids, question_ids], axis=1)
+            context_mask = np.ones(prompt_ids.shape, np.int32) if attention_mask is None else attention_mask
+            q_mask = np.ones(question_ids.shape, np.int32) if question_mask is None else question_mask
+            attention_mask = np.concatenate([np.asarray(context_mask, np.int32), np.asarray(q_mask, np.int32)],
+                                            axis=1)
+        prompt_ids = np.concatenate([prompt_ids, question_ids], axis=1)
     batch, prompt_len = prompt_ids.shape
     capacity = prompt_len + max_new_tokens
     if capacity > model.config.max_position_embeddings:

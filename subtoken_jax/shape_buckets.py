@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import jax.numpy as jnp
+import numpy as np
 
 STEPS_PER_OCTAVE = 4  # buckets 512, 640, 768, 896, 1024, 1280, ...: padding < 1 / STEPS_PER_OCTAVE of a length
 SMALLEST = 16  # below this, one bucket
@@ -29,10 +30,11 @@ def bucket_length(n: int) -> int:
 
 def left_pad(ids, mask: Optional[jnp.ndarray], length: int, pad_id: int = 0) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """ids [B, T] (mask [B, T], 1 = real; None = all real) left-padded to [B, length] with mask 0."""
-    ids = jnp.asarray(ids, jnp.int32)
-    mask = jnp.ones(ids.shape, jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
+    # on the host: padded on the device, every distinct prompt length would compile its own pad programs
+    ids = np.asarray(ids, np.int32)
+    mask = np.ones(ids.shape, np.int32) if mask is None else np.asarray(mask, np.int32)
     extra = length - ids.shape[1]
-    if extra <= 0:
-        return ids, mask
-    return (jnp.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id),
-            jnp.pad(mask, ((0, 0), (extra, 0)), constant_values=0))
+    if extra > 0:
+        ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+        mask = np.pad(mask, ((0, 0), (extra, 0)), constant_values=0)
+    return jnp.asarray(ids), jnp.asarray(mask)

@@ -108,6 +108,29 @@ def test_bucketed_padding_changes_no_token(setup, compression):
     assert bucket_length(21) == 24 and bucket_length(27) == 28 and bucket_length(3) == 16
 
 
+@pytest.mark.parametrize("compression", [None, Compression(token_fraction=0.5, value_fraction=0.5, scorer="snapkv")])
+def test_a_prompt_of_a_new_length_in_a_seen_bucket_compiles_nothing(setup, compression):
+    """After a prompt of 22 tokens, prompts of 23 and 24 (the same buckets: 24 for the context, 28 with the question)
+    compile no new XLA program, full cache or compressed (bucket=True): every stage runs as bucketed programs."""
+    import jax.monitoring
+
+    model, params, _, question, _ = setup
+    compiles = []
+    listener = lambda event, secs, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None  # noqa
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for length in (22, 23, 24):
+            context = np.random.default_rng(length).integers(0, CONFIG.vocab_size, (2, length))  # host ids
+            before = len(compiles)
+            kwargs = dict(compression=compression, bucket=True) if compression is not None else {}
+            jax.block_until_ready(generate(model, params, context, question_ids=np.asarray(question),
+                                           max_new_tokens=NEW, **kwargs))
+            if length != 22:
+                assert len(compiles) == before, f"{len(compiles) - before} compilations for a {length}-token prompt"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_full_budget_equals_uncompressed_generation(setup):
     model, params, context, question, mask = setup
     full = Compression(token_fraction=1.0, value_fraction=1.0)
