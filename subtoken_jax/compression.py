@@ -1,7 +1,9 @@
 """Compression recipes: a captured prefill state in, per-layer token and value-group masks out.
 
     masks = Compression(token_fraction=0.5, value_fraction=0.5, selector="snapkv", scorer="snapkv")(state)
+    masks = Compression(kept_tokens=512, value_fraction=0.5)(state)   # a token count per row instead
     masks = JointCompression(kv_budget=0.375)(state)          # one byte budget, split per token
+    masks = JointCompression(kv_tokens=384)(state)            # the bytes of 384 whole tokens per row
     kv = realised_kv_bytes(*masks, state.positions, model.config)["total"]
 
 The one place that says how a budget becomes kept counts (`floor_budget`: counts round *down*, so a
@@ -38,6 +40,25 @@ def floor_budget(fraction, counts, minimum: int = 0) -> jax.Array:
     counts = jnp.asarray(counts, jnp.float32)
     kept = jnp.minimum(jnp.maximum(jnp.floor(jnp.asarray(fraction, jnp.float32) * counts + 1e-6), minimum), counts)
     return jnp.where(counts > 0, kept / jnp.maximum(counts, 1.0), 1.0)
+
+
+def check_token_count(value, what: str) -> Optional[int]:
+    """None, or a whole number of tokens >= 1 (a budget given as a count instead of a fraction)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{what}={value!r} must be a whole number of tokens >= 1 (or None to give a fraction)")
+    return int(value)
+
+
+def fraction_of_tokens(count: int, positions, *, for_floor: bool = False) -> jax.Array:
+    """Per row [B]: the fraction of its real context tokens that `count` tokens are (at most 1).
+
+    for_floor: half a token more, so that `floor_budget` gives back exactly `count` despite float32 rounding.
+    """
+    real = jnp.sum(jnp.asarray(positions) >= 0, axis=1).astype(jnp.float32)
+    share = (count + (0.5 if for_floor else 0.0)) / jnp.maximum(real, 1.0)
+    return jnp.where(count < real, share, 1.0)
 
 
 def _check_common(scorer, scope: str, window: int, value_fill: str, lookahead: int = 0) -> None:
@@ -88,6 +109,8 @@ class Compression:
     lookahead: the answer's first tokens drafted greedily over the full cache join the question as the
     observation window (`capture_prefill_state(..., lookahead=)`; needs a question; the draft is then
     discarded). Counts round down (`floor_budget`); every row keeps at least one token.
+    kept_tokens: the token budget as a count instead, the same for every row whatever its length (a row
+    with fewer real tokens keeps them all); give it or token_fraction < 1, not both.
     """
 
     token_fraction: float = 1.0
@@ -98,9 +121,13 @@ class Compression:
     window: int = 8
     value_fill: str = "zero"  # what a dropped group reads as in the packed cache: "zero" | "mean" (pack_cache)
     lookahead: int = 0  # drafted answer tokens whose queries join the question's (0 = the question alone)
+    kept_tokens: Optional[int] = None  # the token budget as a count per row (instead of token_fraction)
 
     def __post_init__(self):
         check_budget(self.token_fraction, "token_fraction")
+        if check_token_count(self.kept_tokens, "kept_tokens") is not None and self.token_fraction < 1.0:
+            raise InputError(f"give the token budget once: kept_tokens={self.kept_tokens} or token_fraction="
+                             f"{self.token_fraction}, not both")
         check_budget(self.value_fraction, "value_fraction")
         if isinstance(self.selector, str) and self.selector not in TOKEN_SELECTORS:
             raise InputError(f"unknown token selector {self.selector!r}; choose from {', '.join(TOKEN_SELECTORS)}")
@@ -108,15 +135,19 @@ class Compression:
 
     @property
     def kv_budget(self) -> float:
-        """Fraction of the context's key + value bytes kept (before index metadata)."""
+        """Fraction of the context's key + value bytes kept (before index metadata). With kept_tokens it depends
+        on each row's length: this is then the bytes of a row that keeps all its tokens; measure the masks with
+        `realised_kv_bytes`."""
         return self.token_fraction * (1.0 + self.value_fraction) / 2.0
 
     def __call__(self, state: PrefillState):
         real = jnp.sum(state.positions >= 0, axis=1)
         tokens = _all_real(state)
-        if self.token_fraction < 1.0:
+        fraction = self.token_fraction if self.kept_tokens is None else \
+            fraction_of_tokens(self.kept_tokens, state.positions, for_floor=True)
+        if self.kept_tokens is not None or self.token_fraction < 1.0:
             selector = TOKEN_SELECTORS[self.selector]() if isinstance(self.selector, str) else self.selector
-            tokens = selector.masks(state, floor_budget(self.token_fraction, real, minimum=1))
+            tokens = selector.masks(state, floor_budget(fraction, real, minimum=1))
         if self.value_fraction >= 1.0:  # every group of every kept token: nothing to score
             return tokens, _every_group(tokens, state.value_groups)
         # valid pairs per allocation unit (every layer and KV head keeps the same number of tokens per row)
@@ -139,6 +170,8 @@ class JointCompression:
     relies on keep whole values, tokens whose value energy sits in a few groups keep those, and the rest
     are evicted. scorer, scope, window, value_fill and lookahead as in `Compression`; "snapkv" scores (the
     question's pooled attention x group norm) by default. Each scope unit spends at most kv_budget of its bytes.
+    kv_tokens: the budget as the KV bytes of this many whole tokens per row instead (kv_budget is then ignored;
+    a row with fewer real tokens keeps them all).
     """
 
     kv_budget: float = 0.375
@@ -147,15 +180,18 @@ class JointCompression:
     window: int = 8
     value_fill: str = "zero"
     lookahead: int = 0
+    kv_tokens: Optional[int] = None  # the budget as the bytes of this many whole tokens per row
 
     def __post_init__(self):
         check_budget(self.kv_budget, "kv_budget")
+        check_token_count(self.kv_tokens, "kv_tokens")
         _check_common(self.scorer, self.scope, self.window, self.value_fill, self.lookahead)
 
     def __call__(self, state: PrefillState):
         scorer = _scorer(self.scorer)
         scores = [scorer(state, layer) for layer in range(state.num_layers)]
-        return allocate_joint(scores, self.kv_budget, scope=self.scope, positions=state.positions)
+        budget = self.kv_budget if self.kv_tokens is None else fraction_of_tokens(self.kv_tokens, state.positions)
+        return allocate_joint(scores, budget, scope=self.scope, positions=state.positions)
 
 
 def realised_kv_bytes(token_masks, group_masks, positions, model_cfg: ModelConfig,

@@ -263,6 +263,31 @@ def test_recipes_round_kept_counts_down(setup):
         assert np.all(spent <= 0.3 * 2 * CONFIG.value_groups * real[:, None] + 1e-4)
 
 
+def test_budgets_given_as_token_counts(setup):
+    """kept_tokens / kv_tokens: the same count per row whatever its length (16 and 12 real tokens), all of a row's
+    tokens when it has fewer; the same masks as the fraction a count amounts to; refused with a fraction too."""
+    model, params, context, question, mask = setup
+    state = capture_prefill_state(model, params, context, question, context_mask=mask)
+    for count in (1, 5, 7, 12, 40):
+        tokens, groups = Compression(kept_tokens=count, value_fraction=0.5, scope="head")(state)
+        for t in tokens:
+            np.testing.assert_array_equal(np.asarray(t).sum(1), np.minimum(count, [[16], [12]]).repeat(2, 1))
+    # a row of 16 keeping 8 tokens: the masks of token_fraction 0.5 on that row
+    by_count = Compression(kept_tokens=8, value_fraction=0.5)(state)
+    by_fraction = Compression(token_fraction=0.5, value_fraction=0.5)(state)
+    for a, b in zip(by_count[0] + by_count[1], by_fraction[0] + by_fraction[1]):
+        np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])
+    tokens, groups = JointCompression(kv_tokens=6)(state)
+    for t, g in zip(tokens, groups):
+        spent = CONFIG.value_groups * np.asarray(t).sum(1) + np.asarray(g).sum((1, 3))  # key = G group units
+        assert np.all(spent <= 6 * 2 * CONFIG.value_groups + 1e-4) and np.all(spent > 4 * 2 * CONFIG.value_groups)
+    with pytest.raises(InputError, match="not both"):
+        Compression(kept_tokens=8, token_fraction=0.5)
+    for bad in (0, 2.5, True, "8"):
+        with pytest.raises(InputError, match="whole number of tokens"):
+            JointCompression(kv_tokens=bad)
+
+
 def test_full_cache_decode_loop_writes_a_tail_and_equals_a_per_token_loop(setup):
     """decode_full_cache (a scan writing to a TailedKVCache, moved into the cache at the end) against the plain
     loop over model.apply on the KVCache (each token written into the cache, attended over the written cache):
