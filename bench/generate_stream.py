@@ -128,8 +128,9 @@ def main():
         if one and many:
             table.append([cache, f"{one['seconds']:.0f} s / {one['compiles']}", f"{many['seconds']:.0f} s / "
                           f"{many['compiles']}", f"{many['seconds'] / one['seconds']:.2f}x"])
-    print(markdown_table([f"cache", f"{args.prompts} prompts, one length: time / compilations",
-                          f"{args.prompts} distinct lengths in [{args.min}, {args.max}]", "many / one"], table))
+    if table:
+        print(markdown_table(["cache", f"{args.prompts} prompts, one length: time / compilations",
+                              f"{args.prompts} distinct lengths in [{args.min}, {args.max}]", "many / one"], table))
     if "soak" in rows:
         samples = rows["soak"]["samples"]
         print(markdown_table(["generations", "RSS (MiB)", "compilations so far", "seconds"],
