@@ -30,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from subtoken_jax import sharding
+from subtoken_jax.compression import Compression, JointCompression
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.packed_cache import IMPLS
@@ -144,13 +145,13 @@ def _jitted_compression(compression, state):
 
 
 def _compiled_compression(compression, state):
-    """compression(state) as one compiled program, or op by op when the callable cannot be traced or hashed
-    (a user's recipe may read masks on the host)."""
-    try:
+    """compression(state) as one compiled program for the package's own recipes (frozen, hashable, traceable);
+    any other callable runs op by op (it may read masks on the host, or be a new object every call)."""
+    named = isinstance(compression.scorer, str) and isinstance(getattr(compression, "selector", ""), str) \
+        if isinstance(compression, (Compression, JointCompression)) else False
+    if named:  # scorer and selector given by name: the recipe hashes by value, one program per bucket
         return _jitted_compression(compression, state)
-    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
-            jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
-        return compression(state)
+    return compression(state)
 
 
 _compiled_pack = jax.jit(pack_cache, static_argnames=("layout", "tail_capacity", "capacity", "key_capacity", "k",

@@ -27,7 +27,6 @@ def _forward_with_cache(model: DecoderLM, params, ids, cache, attention_mask=Non
                        value_group_mask=value_group_mask, token_keep_mask=token_keep_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "temperature", "top_k", "eos_id"))
 def decode_full_cache(model: DecoderLM, params, cache: KVCache, token, done, rng, steps: int, temperature: float = 0.0,
                       top_k: Optional[int] = None, eos_id: Optional[int] = None):
     """`steps` decode steps over a full KVCache from `token` [B] (already emitted), as one compiled scan.
@@ -36,6 +35,14 @@ def decode_full_cache(model: DecoderLM, params, cache: KVCache, token, done, rng
     host round trip per token (a Python loop of single steps pays one dispatch per token and layer call).
     The loop writes to a `TailedKVCache` (the cache itself read-only) and moves the tail in at the end.
     """
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + steps > cache.capacity:
+        raise InputError(f"{steps} decode steps do not fit a KV cache of capacity {cache.capacity} holding "
+                         f"{int(cache.index)} slots")
+    return _decode_full_cache(model, params, cache, token, done, rng, steps, temperature, top_k, eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps", "temperature", "top_k", "eos_id"))
+def _decode_full_cache(model, params, cache, token, done, rng, steps, temperature, top_k, eos_id):
     tailed = cache.group_masks is None  # a routed model's cache also carries group masks: decoded in place
     if tailed:
         cache = TailedKVCache.open(cache, steps)

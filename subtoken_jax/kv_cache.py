@@ -57,8 +57,8 @@ class TailedKVCache:
     """A KVCache read-only during decoding, plus a small dense tail that decoded tokens are written to.
 
     In a compiled decode loop, writing each token into the big cache while attending over it made XLA
-    copy every layer's cache every step (on CPU, 3x the attention's time for SmolLM2 at 4k tokens); the
-    loop writes into the tail instead and `close` moves it into the cache once. Dense models only (a
+    copy every layer's cache every step (SmolLM2 at 4k tokens on CPU: 61.6 ms per step, 28.5 ms with the
+    tail); the loop writes into the tail instead and `close` moves it into the cache once. Dense models only (a
     routed model's cache also carries per-token group masks; decode it through the KVCache).
     """
 

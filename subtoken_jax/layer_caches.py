@@ -68,7 +68,9 @@ class DenseLayerCache:
         """Writes a chunk at `index` (and, for a routed model, its routed group mask) and advances it."""
         pending = None
         if key.shape[1] <= CHUNK_APART_MAX and not self.routed:
-            pending = (self.keys, self.values, self.positions, key, value, positions)
+            # the chunk as the cache will hold it (its dtype), so attending apart equals attending the written cache
+            pending = (self.keys, self.values, self.positions, key.astype(self.keys.dtype),
+                       value.astype(self.values.dtype), positions)
         new = self.replace(keys=_write_at(self.keys, key, self.index), values=_write_at(self.values, value, self.index),
                            positions=_write_at(self.positions, positions, self.index),
                            index=self.index + key.shape[1], pending=pending)
@@ -182,7 +184,7 @@ def layer_view(cache: WholeCache, i: int) -> LayerCache:
             raise InputError(f"unknown attention impl {cache.impl!r}; choose from {', '.join(IMPLS)}")
         return PackedLayerCache(cache.layers[i], cache.tail_keys[i], cache.tail_values[i], cache.tail_positions,
                                 cache.tail_index, cache.impl)
-    raise InputError(f"cache must be a KVCache or a PackedCache, got {type(cache).__name__}")
+    raise InputError(f"cache must be a KVCache, a PackedCache or a TailedKVCache, got {type(cache).__name__}")
 
 
 def reassemble(cache: WholeCache, views: Sequence[LayerCache]) -> WholeCache:

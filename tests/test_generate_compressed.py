@@ -8,6 +8,7 @@ import pytest
 
 from subtoken_jax import Compression, ConfigError, InputError, JointCompression, KVCache, ModelConfig, generate, init_params
 from subtoken_jax.attention import Attention
+from subtoken_jax import layer_caches
 from subtoken_jax.layer_caches import PackedLayerCache, layer_view
 from subtoken_jax.packed_cache import bucketed_sizes, pack_cache
 from subtoken_jax.selectors import capture_prefill_state, pad_to_capacity
@@ -127,6 +128,9 @@ def test_a_prompt_of_a_new_length_in_a_seen_bucket_compiles_nothing(setup, compr
                                            max_new_tokens=NEW, **kwargs))
             if length != 22:
                 assert len(compiles) == before, f"{len(compiles) - before} compilations for a {length}-token prompt"
+        before = len(compiles)
+        jax.jit(lambda x: x * 3 + length)(np.zeros(5))  # a fresh program: the listener does see compilations
+        assert len(compiles) == before + 1
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
 
@@ -288,7 +292,7 @@ def test_budgets_given_as_token_counts(setup):
             JointCompression(kv_tokens=bad)
 
 
-def test_full_cache_decode_loop_writes_a_tail_and_equals_a_per_token_loop(setup):
+def test_full_cache_decode_loop_writes_a_tail_and_equals_a_per_token_loop(setup, monkeypatch):
     """decode_full_cache (a scan writing to a TailedKVCache, moved into the cache at the end) against the plain
     loop over model.apply on the KVCache (each token written into the cache, attended over the written cache):
     same tokens, same logits within float tolerance, and the same final cache; a sliding-window model too."""
@@ -305,6 +309,7 @@ def test_full_cache_decode_loop_writes_a_tail_and_equals_a_per_token_loop(setup)
         tokens, (scanned, last, _, _) = decode_full_cache(model, params, cache, first, jnp.zeros((2,), bool),
                                                           jax.random.key(0), NEW)
         expected, loop_cache, token = [], cache, first
+        monkeypatch.setattr(layer_caches, "CHUNK_APART_MAX", 0)  # the reference attends over the written cache
         for _ in range(NEW):
             step_logits, loop_cache = model.apply({"params": params}, token[:, None], cache=loop_cache)
             token = jnp.argmax(step_logits[:, -1], -1).astype(jnp.int32)
@@ -315,6 +320,9 @@ def test_full_cache_decode_loop_writes_a_tail_and_equals_a_per_token_loop(setup)
         np.testing.assert_array_equal(scanned.positions, loop_cache.positions)
         for ours, theirs in zip(scanned.keys + scanned.values, loop_cache.keys + loop_cache.values):
             np.testing.assert_allclose(ours, theirs, atol=1e-5)
+        monkeypatch.undo()
+    with pytest.raises(InputError, match="do not fit a KV cache"):  # the tail must fit: no silent overwrite
+        decode_full_cache(model, params, cache, first, jnp.zeros((2,), bool), jax.random.key(0), CONTEXT)
 
 
 def test_attending_a_chunk_apart_equals_attending_the_written_cache():

@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 
 from subtoken_jax.attention import attention_allowed, grouped_readout
 from subtoken_jax.errors import InputError
+from subtoken_jax.packed_cache import IMPLS  # noqa: F401  (re-exported: it used to live here)
 from subtoken_jax.packed_cache import (FixedKValues, PackedKeys, PackedLayer, key_scores, packed_attention,
                                        resolve_impl)
 
