@@ -75,6 +75,13 @@ def _decode(model, params, cache, token, position, done, rng, steps: int, temper
     return jnp.transpose(tokens), carry
 
 
+def decode_chunks(steps: int, chunk: int, progress: bool):
+    """How many decode steps each compiled scan runs: all in one, or (progress shown) chunks of `chunk`."""
+    if not progress:
+        return [steps] if steps else []
+    return [min(chunk, steps - i) for i in range(0, steps, chunk)]
+
+
 def on_active_mesh(model: DecoderLM, params, *arrays):
     """(params, *arrays) placed on the active mesh: params by the model's rules, arrays batch-split.
 
@@ -227,7 +234,7 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     token, done = hold_eos(pick_token(logits, first_rng, temperature, top_k), jnp.zeros((batch,), bool), eos_id)
     pieces = [token[:, None]]
     remaining = max_new_tokens - 1
-    sizes = [min(chunk, remaining - i) for i in range(0, remaining, chunk)] if progress else [remaining] * bool(remaining)
+    sizes = decode_chunks(remaining, chunk, progress)
     with tqdm(total=max_new_tokens, desc="generate (compressed)", disable=not progress, leave=False) as bar:
         bar.update(1)
         for steps in sizes:

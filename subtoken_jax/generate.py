@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from subtoken_jax import sharding
-from subtoken_jax.compressed_generate import compressed_generate, on_active_mesh
+from subtoken_jax.compressed_generate import compressed_generate, decode_chunks, on_active_mesh
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.kv_cache import KVCache, TailedKVCache
@@ -120,8 +120,7 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
                            eos_id)
     pieces = [token[:, None]]
     remaining = max_new_tokens - 1
-    # progress: chunks of `chunk` steps (two programs at most); otherwise one scan over all of them
-    sizes = [min(chunk, remaining - i) for i in range(0, remaining, chunk)] if progress else [remaining] * bool(remaining)
+    sizes = decode_chunks(remaining, chunk, progress)  # with progress, chunks of `chunk` (two programs at most)
     with tqdm(total=max_new_tokens, desc="generate", disable=not progress, leave=False) as bar:
         bar.update(1)
         for steps in sizes:

@@ -38,6 +38,14 @@ def _write_at(old: jax.Array, new: jax.Array, index) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), index, axis=1)
 
 
+def _append_to_tail(cache, key, value, positions):
+    """A packed or tailed layer cache with this chunk written to its tail at `index`."""
+    return cache.replace(tail_keys=_write_at(cache.tail_keys, key, cache.index),
+                         tail_values=_write_at(cache.tail_values, value, cache.index),
+                         tail_positions=_write_at(cache.tail_positions, positions, cache.index),
+                         index=cache.index + key.shape[1])
+
+
 @flax.struct.dataclass
 class DenseLayerCache:
     """Every slot of one layer: keys / values [B, L, Hkv, D], positions [B, L] (-1 empty), next slot `index`.
@@ -114,10 +122,7 @@ class PackedLayerCache:
 
     def write(self, key, value, positions, **_) -> "PackedLayerCache":
         """Appends a chunk to the dense tail (the prefix never changes) and advances the tail index."""
-        return self.replace(tail_keys=_write_at(self.tail_keys, key, self.index),
-                            tail_values=_write_at(self.tail_values, value, self.index),
-                            tail_positions=_write_at(self.tail_positions, positions, self.index),
-                            index=self.index + key.shape[1])
+        return _append_to_tail(self, key, value, positions)
 
     def attend(self, query, q_positions, *, sliding_window=None, value_group_mask=None, token_keep_mask=None,
                layer: int = 0):
@@ -148,10 +153,8 @@ class TailedLayerCache:
     mask_slots = None  # no explicit masks: like a packed cache, a tail is for plain decoding
 
     def write(self, key, value, positions, **_) -> "TailedLayerCache":
-        return self.replace(tail_keys=_write_at(self.tail_keys, key, self.index),
-                            tail_values=_write_at(self.tail_values, value, self.index),
-                            tail_positions=_write_at(self.tail_positions, positions, self.index),
-                            index=self.index + key.shape[1])
+        """Appends a chunk to the tail (the prefix never changes) and advances the tail index."""
+        return _append_to_tail(self, key, value, positions)
 
     def attend(self, query, q_positions, *, sliding_window=None, value_group_mask=None, token_keep_mask=None,
                layer: int = 0):
