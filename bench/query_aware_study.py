@@ -59,6 +59,8 @@ TOKEN_METHODS = ("snapkv", "expected_attention", "streaming", "key_norm")
 VARIANTS = {
     "full": {"methods": ("full",)},  # the full cache alone: is a task within the model's reach at all
     "tokens": {"methods": ("full",) + TOKEN_METHODS},
+    # the token methods kvpress's TOVA and AdaKV presses run too, and PyramidKV (layer-wise budgets), question only
+    "tokens2": {"methods": ("tova", "adakv", "pyramidkv")},
     "groups": {"methods": ("subtoken",), "subtoken.scorer": "attention"},
     **{f"{s}+groups": {"methods": ("combined",), "combined.selector": s, "combined.scorer": "attention"}
        for s in ("snapkv", "expected_attention", "streaming")},

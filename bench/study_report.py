@@ -187,12 +187,15 @@ def claims(ours, theirs, tasks, lengths, budgets):
 
 def agreement(ours, theirs, tasks, lengths, budgets):
     lines = []
-    for name in ("snapkv", "expected_attention", "streaming", "key_norm"):
+    # our selector -> kvpress's press of the same method (our AdaKV wraps SnapKV, as the study's AdaKV press does)
+    pairs = {"snapkv": "snapkv", "expected_attention": "expected_attention", "streaming": "streaming",
+             "key_norm": "key_norm", "tova": "tova", "adakv": "adakv_snapkv"}
+    for name, press in pairs.items():
         diffs = []
         for task in tasks:
             for length in lengths:
                 for b in budgets:
-                    a, t = ours.get((task, length, name, b)), theirs.get((task, length, f"kvpress:{name}", b))
+                    a, t = ours.get((task, length, name, b)), theirs.get((task, length, f"kvpress:{press}", b))
                     if a and t:
                         a, t = _on_common(a, t)
                         diffs.append((a["accuracy"] - t["accuracy"], _stderr(a, t), a["n"]))
