@@ -247,6 +247,17 @@ def test_pyramidkv_is_snapkv_at_each_layers_fraction():
                                                                    np.asarray(state.positions)))
 
 
+def test_pyramidkv_takes_a_budget_per_row():
+    """The recipes pass one rounded-down budget per row: each row's masks equal that row under its own scalar."""
+    state = random_state(seed=7, layers=4, length=12, pads=(0, 2))
+    budgets = jnp.asarray([0.5, 0.25], jnp.float32)
+    assert pyramid_fractions(budgets, 4, 4.0).shape == (4, 2)
+    per_row = PyramidKV(beta=4.0).masks(state, budgets)
+    for row, budget in enumerate((0.5, 0.25)):
+        for mask, alone in zip(per_row, PyramidKV(beta=4.0).masks(state, budget)):
+            np.testing.assert_array_equal(np.asarray(mask)[row], np.asarray(alone)[row])
+
+
 def ref_head_adaptive(scores, budget, positions, alpha, protect_first=0, protect_last=0):
     """AdaKV by sorting: each head's top floor(alpha k) (>= 1) guaranteed, then the best k x heads pairs."""
     batch, length, heads = scores.shape

@@ -22,9 +22,11 @@ from subtoken_jax.selectors.snapkv import SnapKV
 
 
 def pyramid_fractions(budget, num_layers: int, beta: float = 20.0) -> jax.Array:
-    """Per-layer kept fractions [num_layers], first layer first: linear, mean `budget`, each in [0, 1].
+    """Per-layer kept fractions [num_layers] (+ budget's shape), first layer first: linear, mean `budget`, each
+    in [0, 1].
 
-    budget may be a traced scalar (eval passes budgets as arrays, so one compiled program serves them all)."""
+    budget may be a traced scalar (eval passes budgets as arrays, so one compiled program serves them all) or
+    one per row [B] (the recipes' rounded-down budgets are per row): the result is then [num_layers, B]."""
     if isinstance(budget, (int, float)):
         check_budget(budget)
     if beta < 1:
@@ -36,7 +38,8 @@ def pyramid_fractions(budget, num_layers: int, beta: float = 20.0) -> jax.Array:
     high = 2 * budget - low
     capped = high > 1.0
     high, low = jnp.where(capped, 1.0, high), jnp.where(capped, 2 * budget - 1.0, low)
-    return high - jnp.arange(num_layers, dtype=jnp.float32) * (high - low) / (num_layers - 1)
+    steps = jnp.arange(num_layers, dtype=jnp.float32).reshape((num_layers,) + (1,) * budget.ndim)
+    return high - steps * (high - low) / (num_layers - 1)
 
 
 @dataclasses.dataclass(frozen=True)
