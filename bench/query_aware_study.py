@@ -61,6 +61,7 @@ VARIANTS = {
     "tokens": {"methods": ("full",) + TOKEN_METHODS},
     # the token methods kvpress's TOVA and AdaKV presses run too, and PyramidKV (layer-wise budgets), question only
     "tokens2": {"methods": ("tova", "adakv", "pyramidkv")},
+    "tokens2+look24": {"methods": ("tova", "adakv", "pyramidkv"), "lookahead": 24},
     "groups": {"methods": ("subtoken",), "subtoken.scorer": "attention"},
     **{f"{s}+groups": {"methods": ("combined",), "combined.selector": s, "combined.scorer": "attention"}
        for s in ("snapkv", "expected_attention", "streaming")},
@@ -113,6 +114,7 @@ def study_config(args, task: str, length: int):
     c.budgets = tuple(args.budgets)
     c.haystack = DEV_HAYSTACK if args.dev else HAYSTACK
     c.allocation_scope = "head"
+    c.lookahead = 0  # the main job drafts 24 answer tokens; here only the +lookN variants do (kvpress cannot)
     c.batch_size = args.batch_size
     c.predictor.workdir = "smollm2-135m-instruct"
     c.needle.lengths = (length,)
@@ -148,7 +150,9 @@ def with_overrides(config, overrides):
 
 def label(variant: str, method: str) -> str:
     """The row name of a record: token methods by name (+ a tokens variant's suffix), the others by their variant."""
-    return method + variant[len("tokens"):] if variant.startswith("tokens") else variant
+    if not variant.startswith("tokens"):
+        return variant
+    return method + variant[variant.index("+"):] if "+" in variant else method
 
 
 def atomic_json(path: str, payload) -> None:
