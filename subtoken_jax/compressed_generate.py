@@ -33,9 +33,8 @@ from subtoken_jax import sharding
 from subtoken_jax.compression import Compression, JointCompression
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids, check_max_new_tokens
-from subtoken_jax.packed_cache import IMPLS
 from subtoken_jax.model import DecoderLM, default_positions
-from subtoken_jax.packed_cache import LAYOUTS, PackedCache, bucketed_sizes, pack_cache, shard_cache
+from subtoken_jax.packed_cache import IMPLS, LAYOUTS, PackedCache, bucketed_sizes, pack_cache, shard_cache
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
 from subtoken_jax.selectors import PrefillState, capture_prefill_state
 from subtoken_jax.shape_buckets import bucket_length, left_pad
@@ -154,9 +153,8 @@ def _jitted_compression(compression, state):
 def _compiled_compression(compression, state):
     """compression(state) as one compiled program for the package's own recipes (frozen, hashable, traceable);
     any other callable runs op by op (it may read masks on the host, or be a new object every call)."""
-    named = isinstance(compression.scorer, str) and isinstance(getattr(compression, "selector", ""), str) \
-        if isinstance(compression, (Compression, JointCompression)) else False
-    if named:  # scorer and selector given by name: the recipe hashes by value, one program per bucket
+    if isinstance(compression, (Compression, JointCompression)) and isinstance(compression.scorer, str) \
+            and isinstance(getattr(compression, "selector", ""), str):  # named parts: hashes by value
         return _jitted_compression(compression, state)
     return compression(state)
 
