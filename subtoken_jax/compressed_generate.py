@@ -204,7 +204,6 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
         raise InputError("give exactly one of question_ids (run over the packed context) and first_logits")
     check_sampling(temperature, top_k, rng)
     cfg = model.config
-    batch = state.positions.shape[0]
     question_len = 0 if question_ids is None else question_ids.shape[1]
     token_masks, group_masks = masks
     cast = lambda arrays: tuple(a.astype(cfg.compute_dtype) for a in arrays)  # noqa: E731  capture keeps float32
@@ -217,6 +216,23 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     pack = _compiled_pack if sized else pack_cache  # sizes known (bucketed or given): one program per size
     packed = pack(cast(state.keys), cast(state.values), state.positions, token_masks, group_masks, layout=layout,
                   tail_capacity=tail, capacity=capacity, key_capacity=key_capacity, k=k, fill=value_fill, impl=impl)
+    return answer_from_cache(model, params, packed, max_new_tokens=max_new_tokens, question_ids=question_ids,
+                             question_mask=question_mask, first_logits=first_logits, temperature=temperature,
+                             top_k=top_k, rng=rng, eos_id=eos_id, progress=progress, chunk=chunk)
+
+
+def answer_from_cache(model: DecoderLM, params, packed: PackedCache, *, max_new_tokens: int, question_ids=None,
+                      question_mask=None, first_logits=None, temperature: float = 0.0, top_k: Optional[int] = None,
+                      rng: Optional[jax.Array] = None, eos_id: Optional[int] = None, progress: bool = False,
+                      chunk: int = 64):
+    """The question (if any) over a packed context, then max_new_tokens decoded from it (see
+    `generate_from_state`; the packed cache's tail must hold the question and max_new_tokens - 1 tokens).
+    Returns (int32 [B, max_new_tokens], the final PackedCache)."""
+    batch = packed.prefix_end.shape[0]
+    question_len = 0 if question_ids is None else question_ids.shape[1]
+    if question_len + max_new_tokens - 1 > packed.tail_capacity:
+        raise InputError(f"a question of {question_len} and {max_new_tokens} new tokens do not fit the packed "
+                         f"cache's tail of {packed.tail_capacity}")
     packed = jax.jit(shard_cache)(packed) if sharding.active_mesh() is not None else packed
     next_position = packed.prefix_end
     logits = first_logits

@@ -61,6 +61,16 @@ def fraction_of_tokens(count: int, positions, *, for_floor: bool = False) -> jax
     return jnp.where(count < real, share, 1.0)
 
 
+def share_of_slots(fraction, state: PrefillState):
+    """A budget given as a fraction of the context, as a fraction of the state's real slots (per row [B], or the
+    fraction itself). They differ when the state holds only survivors of earlier compression plus a new chunk
+    (chunked prefill, `state.context_tokens`): keeping tau of the context then keeps more of the slots."""
+    if state.context_tokens is None:
+        return fraction
+    real = jnp.sum(state.positions >= 0, axis=1).astype(jnp.float32)
+    return jnp.minimum(1.0, fraction * state.context_tokens.astype(jnp.float32) / jnp.maximum(real, 1.0))
+
+
 def _check_common(scorer, scope: str, window: int, value_fill: str, lookahead: int = 0) -> None:
     if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 0:
         raise InputError(f"lookahead must be a whole number of draft tokens >= 0, got {lookahead!r}")
@@ -143,7 +153,7 @@ class Compression:
     def __call__(self, state: PrefillState):
         real = jnp.sum(state.positions >= 0, axis=1)
         tokens = _all_real(state)
-        fraction = self.token_fraction if self.kept_tokens is None else \
+        fraction = share_of_slots(self.token_fraction, state) if self.kept_tokens is None else \
             fraction_of_tokens(self.kept_tokens, state.positions, for_floor=True)
         if self.kept_tokens is not None or self.token_fraction < 1.0:
             selector = TOKEN_SELECTORS[self.selector]() if isinstance(self.selector, str) else self.selector
@@ -190,7 +200,8 @@ class JointCompression:
     def __call__(self, state: PrefillState):
         scorer = _scorer(self.scorer)
         scores = [scorer(state, layer) for layer in range(state.num_layers)]
-        budget = self.kv_budget if self.kv_tokens is None else fraction_of_tokens(self.kv_tokens, state.positions)
+        budget = share_of_slots(self.kv_budget, state) if self.kv_tokens is None else \
+            fraction_of_tokens(self.kv_tokens, state.positions)
         return allocate_joint(scores, budget, scope=self.scope, positions=state.positions)
 
 

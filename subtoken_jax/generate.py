@@ -11,6 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from subtoken_jax import sharding
+from subtoken_jax.chunked_prefill import chunked_compressed_generate
 from subtoken_jax.compressed_generate import compressed_generate, decode_chunks, on_active_mesh
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids, check_max_new_tokens
@@ -61,7 +62,8 @@ def _decode_full_cache(model, params, cache, token, done, rng, steps, temperatur
 def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, attention_mask=None,
              temperature: float = 0.0, top_k: Optional[int] = None, rng: Optional[jax.Array] = None,
              eos_id: Optional[int] = None, progress: bool = False, compression=None, question_ids=None,
-             question_mask=None, bucket: Optional[bool] = None, mesh=None, chunk: int = 64, **compressed_kwargs):
+             question_mask=None, bucket: Optional[bool] = None, mesh=None, chunk: int = 64,
+             prefill_chunk: Optional[int] = None, **compressed_kwargs):
     """Generates max_new_tokens after prompt_ids [B, T] (left-pad ragged prompts and pass attention_mask).
 
     Returns int32 [B, max_new_tokens]; after an EOS a row keeps emitting EOS. temperature 0 is greedy.
@@ -75,15 +77,30 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     (see `compressed_generate`). mesh: a `jax.sharding.Mesh` to run on (rows over its batch axes, params by
     the model's logical rules, the cache by batch and KV head); None: an enclosing `sharding.use_mesh`'s, if any.
     chunk: decode steps per compiled scan when progress is shown (without progress, one scan decodes them all).
+    prefill_chunk: with compression, the prompt is prefilled this many tokens at a time and compressed after each
+    chunk, so the cache never holds more than the budget plus one chunk (`chunked_prefill`; the recipe needs
+    scope="head").
     """
     if mesh is not None:
         with sharding.use_mesh(mesh, sharding.active_rules()):
             return generate(model, params, prompt_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
                             temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id, progress=progress,
                             compression=compression, question_ids=question_ids, question_mask=question_mask,
-                            bucket=bucket, chunk=chunk, **compressed_kwargs)
+                            bucket=bucket, chunk=chunk, prefill_chunk=prefill_chunk, **compressed_kwargs)
     check_ids(prompt_ids, "prompt_ids")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
+    if prefill_chunk is not None:
+        if compression is None:
+            raise InputError("prefill_chunk compresses between chunks: give it with compression=...")
+        if compressed_kwargs:
+            raise InputError(f"{', '.join(sorted(compressed_kwargs))} do not apply with prefill_chunk (the global "
+                             "layout, sized from the masks)")
+        return chunked_compressed_generate(model, params, prompt_ids, compression=compression,
+                                           chunk_size=prefill_chunk, max_new_tokens=max_new_tokens,
+                                           question_ids=question_ids, attention_mask=attention_mask,
+                                           question_mask=question_mask, temperature=temperature, top_k=top_k,
+                                           rng=rng, eos_id=eos_id, progress=progress, chunk=chunk,
+                                           bucket=bool(bucket))[0]
     if compression is not None:
         return compressed_generate(model, params, prompt_ids, compression=compression, max_new_tokens=max_new_tokens,
                                    question_ids=question_ids, attention_mask=attention_mask, question_mask=question_mask,

@@ -352,9 +352,10 @@ def pack_global(keys: jax.Array, values: jax.Array, positions: jax.Array, token_
     batch, length, heads, dim = values.shape
     if group_mask is None:
         group_mask = jnp.ones((batch, length, heads, 1), jnp.float32)
-    groups, gd = _check_groups(values, group_mask)
+    _check_groups(values, group_mask)
     positions = positions.astype(jnp.int32)
     valid = jnp.broadcast_to((positions >= 0)[:, :, None], (batch, length, heads))
+    head_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, Hkv, ...] -> [B, Hkv, T, ...]
     if token_keep_mask is not None:
         t = token_keep_mask != 0
         if t.ndim == 2:
@@ -364,37 +365,62 @@ def pack_global(keys: jax.Array, values: jax.Array, positions: jax.Array, token_
         keep = valid & t
         if key_capacity is None:
             key_capacity = _concrete("key_capacity", key_capacity_of, token_keep_mask, positions, heads)
-        keep_h = jnp.transpose(keep, (0, 2, 1))  # [B, Hkv, T]
-        slots, ok = _first_true(keep_h, int(key_capacity))  # [B, Hkv, Tk]
-        keys_h = jnp.transpose(keys, (0, 2, 1, 3))
-        kept_keys = jnp.take_along_axis(keys_h, slots[..., None], axis=2) * ok[..., None].astype(keys.dtype)
-        kept_pos = jnp.where(ok, jnp.take_along_axis(jnp.broadcast_to(positions[:, None], keep_h.shape), slots,
-                                                     axis=2), -1)
-        packed_keys = PackedKeys(kept_keys, kept_pos.astype(jnp.int32), compact=True)
-        slot_of = jnp.cumsum(keep_h.astype(jnp.int32), axis=-1) - 1  # [B, Hkv, T]: token -> compact slot
-    else:
-        keep = valid
-        packed_keys = PackedKeys(keys, positions)
-        slot_of = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, heads, length))
+        if capacity is None:
+            capacity = _round_capacity(_concrete("capacity", global_capacity_of, group_mask, positions,
+                                                 token_keep_mask))
+        return pack_head_major(head_major(keys), head_major(values), jnp.broadcast_to(positions[:, None],
+                                                                                      (batch, heads, length)),
+                               head_major(keep), head_major(group_mask), int(capacity), int(key_capacity))
     if capacity is None:
-        capacity = _round_capacity(_concrete("capacity", global_capacity_of, group_mask, positions, token_keep_mask))
-    capacity = int(capacity)
-    pairs = (group_mask != 0) & keep[..., None]  # [B, T, Hkv, G]
-    pairs_h = jnp.transpose(pairs, (0, 2, 1, 3)).reshape(batch, heads, length * groups)  # token-major
+        capacity = _round_capacity(_concrete("capacity", global_capacity_of, group_mask, positions, None))
+    slot_of = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, heads, length))
+    entries = _pack_entries(head_major(values), head_major(group_mask != 0) & head_major(valid)[..., None], slot_of,
+                            int(capacity), length)
+    return PackedLayer(keys=PackedKeys(keys, positions), values=entries)
+
+
+def pack_head_major(keys: jax.Array, values: jax.Array, positions: jax.Array, keep: jax.Array, group_mask: jax.Array,
+                    capacity: int, key_capacity: int) -> PackedLayer:
+    """The global layout of one layer from head-major slots, each KV head with its own tokens.
+
+    keys, values [B, Hkv, N, D]; positions [B, Hkv, N] (-1 = empty); keep [B, Hkv, N] (which slots to keep);
+    group_mask [B, Hkv, N, G]. Keys are compacted to key_capacity slots per head, entries to capacity (surplus
+    later tokens dropped, as in `pack_global`, which is this with positions shared by the heads). A cache
+    re-compressed between chunks (`chunked_prefill`) holds different tokens per head, hence this form.
+    """
+    batch, heads, length, _ = values.shape
+    _check_groups(values, group_mask)  # [B, Hkv, N] is as good as [B, T, Hkv] for the shape check
+    keep = (keep != 0) & (positions >= 0)
+    slots, ok = _first_true(keep, int(key_capacity))  # [B, Hkv, Tk]
+    kept_keys = jnp.take_along_axis(keys, slots[..., None], axis=2) * ok[..., None].astype(keys.dtype)
+    kept_pos = jnp.where(ok, jnp.take_along_axis(positions.astype(jnp.int32), slots, axis=2), -1)
+    packed_keys = PackedKeys(kept_keys, kept_pos.astype(jnp.int32), compact=True)
+    slot_of = jnp.cumsum(keep.astype(jnp.int32), axis=-1) - 1  # [B, Hkv, N]: slot -> compact key slot
+    entries = _pack_entries(values, (group_mask != 0) & keep[..., None], slot_of, int(capacity), int(key_capacity))
+    return PackedLayer(keys=packed_keys, values=entries)
+
+
+def _pack_entries(values: jax.Array, pairs: jax.Array, slot_of: jax.Array, capacity: int,
+                  key_slots: int) -> GlobalValues:
+    """values [B, Hkv, N, D], kept pairs [B, Hkv, N, G] -> at most `capacity` entries per (batch, KV head),
+    stored by group, then token; slot_of [B, Hkv, N] maps a token to its slot on the layer's key axis."""
+    batch, heads, length, _ = values.shape
+    groups = pairs.shape[-1]
+    gd = values.shape[-1] // groups
+    pairs_h = pairs.reshape(batch, heads, length * groups)  # token-major
     # surplus pairs beyond C are dropped later tokens first; the survivors are stored group-major
     kept_pairs = pairs_h & (jnp.cumsum(pairs_h.astype(jnp.int32), axis=-1) <= capacity)
     by_group = jnp.transpose(kept_pairs.reshape(batch, heads, length, groups), (0, 1, 3, 2))  # [B, Hkv, G, T]
     order, ok = _first_true(by_group.reshape(batch, heads, groups * length), capacity)  # [B, Hkv, C]
     group, token = order // length, order % length
-    grouped = jnp.transpose(values.reshape(batch, length, heads, groups, gd), (0, 2, 3, 1, 4))  # [B, Hkv, G, T, gd]
+    grouped = jnp.transpose(values.reshape(batch, heads, length, groups, gd), (0, 1, 3, 2, 4))  # [B, Hkv, G, T, gd]
     kept = jnp.take_along_axis(grouped.reshape(batch, heads, groups * length, gd), order[..., None], axis=2)
     kept = kept * ok[..., None].astype(values.dtype)
     token_slot = jnp.where(ok, jnp.take_along_axis(slot_of, token, axis=2), 0)
     count = jnp.sum(ok, axis=-1).astype(jnp.int32)
-    entries = GlobalValues(values=kept, tokens=token_slot.astype(index_dtype(packed_keys.num_slots)),
-                           groups=jnp.where(ok, group, groups - 1).astype(index_dtype(groups)), count=count,
-                           num_groups=groups)
-    return PackedLayer(keys=packed_keys, values=entries)
+    return GlobalValues(values=kept, tokens=token_slot.astype(index_dtype(key_slots)),
+                        groups=jnp.where(ok, group, groups - 1).astype(index_dtype(groups)), count=count,
+                        num_groups=groups)
 
 
 def unpack_dense(packed: Union[FixedKValues, PackedLayer], positions: Optional[jax.Array] = None) -> jax.Array:

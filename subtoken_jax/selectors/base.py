@@ -40,6 +40,9 @@ class PrefillState:
     attention: Optional[Tuple[jax.Array, ...]] = None  # [B, Hkv, S] accumulated observed attention (H2O)
     value_groups: int = flax.struct.field(pytree_node=False, default=1)  # G
     window_in_context: bool = flax.struct.field(pytree_node=False, default=False)  # window = last W context tokens
+    # [B] context tokens the state stands for, evicted ones included (a state of survivors + one chunk in chunked
+    # prefill); budgets given as fractions are fractions of these. None: the state's real slots.
+    context_tokens: Optional[jax.Array] = None
 
     @property
     def num_layers(self) -> int:
