@@ -223,7 +223,7 @@ def select_tokens(scores, budget, positions, *, protect_last: int = 0, protect_f
     """Keeps exactly round(budget * n_real) tokens per (batch row, KV head): a [B, S, Hkv] 0/1 float mask.
 
     scores [B, S, Hkv] (or [B, S]); positions [B, S] with -1 = padding, which is never kept. Priority:
-    protected tokens (the first `protect_first` / last `protect_last` real tokens, e.g. attention sinks
+    protected tokens (positions below `protect_first` and the last `protect_last` real tokens, e.g. attention sinks
     or SnapKV's in-context window), then higher score, then the more recent position.
     """
     scores = jnp.asarray(scores, jnp.float32)
@@ -241,9 +241,10 @@ def select_tokens(scores, budget, positions, *, protect_last: int = 0, protect_f
 def _select_tokens(scores, budget, positions, protect_last, protect_first):
     real = positions >= 0
     k = budget_count(budget, jnp.sum(real, axis=1))  # [B]
-    first = jnp.min(jnp.where(real, positions, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
+    # the first tokens by position (a context counts from 0), so after chunked prefill evicted some, the sinks are
+    # still the context's first tokens and not the earliest survivors
     last = jnp.max(positions, axis=1, keepdims=True)
-    protected = real & (((positions - first) < protect_first) | ((last - positions) < protect_last))
+    protected = real & ((positions < protect_first) | ((last - positions) < protect_last))
     scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
     shape = scores.shape
     move = lambda x: jnp.moveaxis(jnp.broadcast_to(x, shape), 1, -1)  # noqa: E731  -> [B, Hkv, S]

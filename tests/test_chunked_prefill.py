@@ -1,0 +1,149 @@
+"""Chunked prefill with compression between chunks (subtoken_jax.chunked_prefill) against one-shot compression and
+a dense cache under brute-force masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from subtoken_jax import Compression, InputError, JointCompression, KVCache, ModelConfig, generate, init_params
+from subtoken_jax.chunked_prefill import chunked_compressed_generate, join, chunk_slots, prefix_slots
+from subtoken_jax.packed_cache import pack_head_major
+
+CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     value_groups=4, max_position_embeddings=96)
+CONTEXT, QUESTION, NEW = 16, 3, 5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, params = init_params(CONFIG, jax.random.key(11))
+    context = jax.random.randint(jax.random.key(1), (2, CONTEXT), 0, CONFIG.vocab_size)
+    question = jax.random.randint(jax.random.key(2), (2, QUESTION), 0, CONFIG.vocab_size)
+    mask = jnp.ones((2, CONTEXT), jnp.int32).at[1, :4].set(0)  # row 1 left-padded
+    return model, params, context, question, mask
+
+
+@pytest.mark.parametrize("compression", [
+    Compression(token_fraction=0.5, value_fraction=0.5, selector="snapkv", scope="head"),
+    JointCompression(kv_budget=0.375, lookahead=2),
+])
+def test_one_chunk_is_one_shot_compression(setup, compression):
+    model, params, context, question, mask = setup
+    one_shot = generate(model, params, context, question_ids=question, attention_mask=mask, compression=compression,
+                        max_new_tokens=NEW)
+    chunked = generate(model, params, context, question_ids=question, attention_mask=mask, compression=compression,
+                       max_new_tokens=NEW, prefill_chunk=CONTEXT)
+    np.testing.assert_array_equal(chunked, one_shot)
+
+
+def streaming_keep(candidates, seen: int, fraction: float, sinks: int = 4):
+    """Brute force: the positions StreamingLLM keeps of the candidates (survivors + chunk) when `seen` context
+    tokens have gone by: floor(fraction * seen) of them (at least 1), sinks first, then the most recent."""
+    k = max(int(np.floor(fraction * seen + 1e-6)), 1)
+    return sorted(sorted(candidates, key=lambda p: (p >= sinks, -p))[:k])
+
+
+@pytest.mark.parametrize("chunk", [4, 6])
+def test_chunked_streaming_equals_dense_cache_under_brute_force_masks(setup, chunk):
+    """Each chunk attends to the survivors of the earlier rounds only: a dense cache with the brute-force kept
+    positions as token masks, run chunk by chunk, gives the same answer."""
+    model, params, context, question, _ = setup
+    fraction = 0.375
+    compression = Compression(token_fraction=fraction, selector="streaming", scope="head")
+    tokens, packed, rounds = chunked_compressed_generate(model, params, context, question_ids=question,
+                                                         compression=compression, chunk_size=chunk,
+                                                         max_new_tokens=NEW)
+    capacity = CONTEXT + QUESTION + NEW
+    cache = KVCache.create(CONFIG, 2, capacity)
+    keep = np.ones(capacity, np.float32)
+    survivors = []
+
+    def run(ids, cache):
+        mask = jnp.broadcast_to(jnp.asarray(keep)[None, :, None], (2, capacity, CONFIG.num_kv_heads))
+        return model.apply({"params": params}, ids, cache=cache, token_keep_mask=mask)
+
+    for start in range(0, CONTEXT, chunk):
+        _, cache = run(context[:, start:start + chunk], cache)
+        seen = min(start + chunk, CONTEXT)
+        survivors = streaming_keep(survivors + list(range(start, seen)), seen, fraction)
+        keep[:seen] = 0
+        keep[survivors] = 1
+    logits, cache = run(question, cache)
+    expected = [jnp.argmax(logits[:, -1], -1)]
+    for _ in range(NEW - 1):
+        logits, cache = run(expected[-1][:, None].astype(jnp.int32), cache)
+        expected.append(jnp.argmax(logits[:, -1], -1))
+    np.testing.assert_array_equal(tokens, jnp.stack(expected, axis=1))
+    assert [r["tokens_seen"] for r in rounds] == list(range(chunk, CONTEXT, chunk)) + [CONTEXT]
+    # the final prefix holds the brute-force kept positions, in every layer and KV head
+    for layer in packed.layers:
+        held = np.sort(np.asarray(layer.keys.positions), axis=-1)
+        np.testing.assert_array_equal(held, np.broadcast_to(survivors, held.shape))
+
+
+def test_the_cache_holds_the_budget_plus_one_chunk(setup):
+    """48 context tokens in chunks of 8 at a quarter of the tokens: the cache arrays never hold more than the
+    survivors (12 tokens at most) and one chunk, metadata included, while a full cache grows to 48 tokens."""
+    model, params, _, question, _ = setup
+    context = jax.random.randint(jax.random.key(5), (2, 48), 0, CONFIG.vocab_size)
+    compression = Compression(token_fraction=0.25, selector="snapkv", scope="head")
+    _, packed, rounds = chunked_compressed_generate(model, params, context, question_ids=question,
+                                                    compression=compression, chunk_size=8, max_new_tokens=2)
+    per_token = rounds[0]["full_bytes"] // 8  # dense keys + values of one token (every layer, both rows)
+    for r in rounds:
+        survivors = int(np.floor(0.25 * (r["tokens_seen"] - 8)))
+        # keys, values, positions and group indices of survivors + chunk; the group indices and counts are the
+        # metadata a global layout adds (at most one byte per kept group)
+        assert r["held_bytes"] <= (survivors + 8 + QUESTION) * per_token * 1.3, r
+        assert r["kept_bytes"] <= int(np.floor(0.25 * r["tokens_seen"])) * per_token * 1.3, r
+    assert rounds[-1]["full_bytes"] == 48 * per_token
+    assert rounds[-1]["held_bytes"] < 0.5 * rounds[-1]["full_bytes"]
+    assert all(layer.keys.keys.shape[2] == 12 for layer in packed.layers)  # floor(0.25 * 48) key slots per head
+
+
+def test_survivors_round_trip_through_the_packed_layout():
+    """prefix_slots(pack_head_major(...)) gives back the kept slots' keys, the kept groups' values and zeros for the
+    dropped ones (numpy brute force); joining a chunk keeps positions increasing."""
+    rng = np.random.default_rng(0)
+    batch, heads, slots, dim, groups = 2, 2, 6, 8, 4
+    keys = rng.normal(size=(batch, heads, slots, dim)).astype(np.float32)
+    values = rng.normal(size=(batch, heads, slots, dim)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(slots), (batch, heads, slots)).copy()
+    positions[1, :, 0] = -1  # an empty slot
+    keep = rng.random((batch, heads, slots)) < 0.6
+    group_mask = rng.random((batch, heads, slots, groups)) < 0.5
+    layer = pack_head_major(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(positions), jnp.asarray(keep),
+                            jnp.asarray(group_mask), capacity=slots * groups, key_capacity=slots)
+    back = prefix_slots(layer)
+    for b in range(batch):
+        for h in range(heads):
+            kept = [s for s in range(slots) if keep[b, h, s] and positions[b, h, s] >= 0]
+            n = len(kept)
+            np.testing.assert_array_equal(np.asarray(back.positions[b, h, :n]), positions[b, h, kept])
+            assert np.all(np.asarray(back.positions[b, h, n:]) == -1)
+            np.testing.assert_allclose(np.asarray(back.keys[b, h, :n]), keys[b, h, kept])
+            held = group_mask[b, h, kept]  # [n, G]
+            want = (values[b, h, kept].reshape(n, groups, -1) * held[..., None]).reshape(n, dim)
+            np.testing.assert_allclose(np.asarray(back.values[b, h, :n]), want)
+            np.testing.assert_array_equal(np.asarray(back.present[b, h, :n]), held)
+    chunk = chunk_slots(jnp.zeros((batch, 3, heads, dim)), jnp.zeros((batch, 3, heads, dim)),
+                        jnp.broadcast_to(jnp.arange(6, 9), (batch, 3)), groups)
+    joined = join(back, chunk)
+    assert joined.keys.shape == (batch, heads, slots + 3, dim) and bool(jnp.all(joined.present[:, :, slots:]))
+
+
+def test_bad_chunked_inputs(setup):
+    model, params, context, question, _ = setup
+    run = lambda compression, **kw: generate(model, params, context, question_ids=question, max_new_tokens=2,  # noqa
+                                             compression=compression, **kw)
+    with pytest.raises(InputError, match="scope='head'"):
+        run(Compression(token_fraction=0.5), prefill_chunk=4)  # the default scope is global
+    with pytest.raises(InputError, match="moves budget across heads"):
+        run(Compression(token_fraction=0.5, selector="adakv", scope="head"), prefill_chunk=4)
+    with pytest.raises(InputError, match="value_fill"):
+        run(JointCompression(kv_budget=0.5, value_fill="mean"), prefill_chunk=4)
+    with pytest.raises(InputError, match=">= 1 token"):
+        run(JointCompression(kv_budget=0.5), prefill_chunk=0)
+    with pytest.raises(InputError, match="give it with compression"):
+        generate(model, params, context, max_new_tokens=2, prefill_chunk=4)
