@@ -119,9 +119,14 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
     prompt_ids = np.asarray(prompt_ids, np.int32)  # on the host: a cast on the device compiles per prompt length
     _check_lengths(model, prompt_ids, question_ids, max_new_tokens)
     if bucket:
-        prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, bucket_length(prompt_ids.shape[1]))
+        # buckets never past the model's positions: a prompt that fits must not be refused for its bucket
+        room = model.config.max_position_embeddings - max_new_tokens - getattr(compression, "lookahead", 0)
+        prompt_len, question_len = prompt_ids.shape[1], 0 if question_ids is None else question_ids.shape[1]
         if question_ids is not None:
-            question_ids, question_mask = left_pad(question_ids, question_mask, bucket_length(question_ids.shape[1]))
+            question_len = max(question_len, min(bucket_length(question_len), room - prompt_len))
+            question_ids, question_mask = left_pad(question_ids, question_mask, question_len)
+        padded = max(prompt_len, min(bucket_length(prompt_len), room - question_len))
+        prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, padded)
         kwargs.setdefault("bucket", True)
     params, prompt_ids, attention_mask, question_ids, question_mask = on_active_mesh(
         model, params, prompt_ids, attention_mask, question_ids, question_mask)

@@ -126,8 +126,11 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     check_sampling(temperature, top_k, rng)
     if bucket is None or bucket:
-        prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, bucket_length(prompt_len))
-        capacity = bucket_length(prompt_ids.shape[1] + max_new_tokens)
+        # buckets never past the model's positions: a prompt that fits must not be refused for its bucket
+        limit = model.config.max_position_embeddings
+        padded = min(bucket_length(prompt_len), limit - max_new_tokens)
+        prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, padded)
+        capacity = min(bucket_length(padded + max_new_tokens), limit)
     rng = rng if rng is not None else jax.random.key(0)
     params, prompt_ids, attention_mask = on_active_mesh(model, params, prompt_ids, attention_mask)
     cache = KVCache.create(model.config, batch, capacity)

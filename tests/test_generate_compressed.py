@@ -344,3 +344,16 @@ def test_attending_a_chunk_apart_equals_attending_the_written_cache():
                                        chunk_k, chunk_v, attention_allowed(chunk_pos, chunk_pos, sliding_window=window))
         whole = attend(query, written_k, written_v, attention_allowed(chunk_pos, written_pos, sliding_window=window))
         np.testing.assert_allclose(apart, whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("compression,length", [(None, 58), (JointCompression(kv_budget=0.5), 57)])
+def test_a_prompt_that_fits_is_not_refused_for_its_bucket(setup, compression, length):
+    """A prompt (+ question) and 4 new tokens that fit max_position_embeddings=64, though their buckets (64 for 57
+    or 58 tokens) plus the rest would not: the buckets are capped at the model's positions, and the tokens equal
+    the unbucketed run's."""
+    model, params, _, question, _ = setup
+    prompt = jax.random.randint(jax.random.key(9), (2, length), 0, CONFIG.vocab_size)
+    kwargs = {} if compression is None else {"compression": compression, "question_ids": question}
+    bucketed = generate(model, params, prompt, max_new_tokens=4, bucket=True, **kwargs)
+    plain = generate(model, params, prompt, max_new_tokens=4, bucket=False, **kwargs)
+    np.testing.assert_array_equal(bucketed, plain)
