@@ -36,6 +36,7 @@ from subtoken_jax.compressed_generate import _check_lengths, _compiled_compressi
 from subtoken_jax.compression import Compression, JointCompression
 from subtoken_jax.errors import InputError
 from subtoken_jax.kv_cache import KVCache
+from subtoken_jax.layer_caches import next_positions
 from subtoken_jax.layers import rope_inverse_frequencies
 from subtoken_jax.model import DecoderLM, default_positions
 from subtoken_jax.packed_cache import (PackedCache, PackedLayer, _power_of_two, _round_capacity, cache_nbytes,
@@ -181,14 +182,20 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
                                 max_new_tokens: int, question_ids=None, attention_mask=None, question_mask=None,
                                 temperature: float = 0.0, top_k: Optional[int] = None, rng=None,
                                 eos_id: Optional[int] = None, progress: bool = False, chunk: int = 64,
-                                bucket: bool = False):
+                                bucket: bool = False, compress_every: Optional[int] = None):
     """Generates after context_ids [B, P] (+ question_ids [B, Q]) prefilled chunk_size tokens at a time, the
     cache compressed by `compression` (a `Compression` / `JointCompression` with scope "head") after every
     chunk. attention_mask / question_mask: left-padded rows. bucket: packed sizes rounded to powers of two (fewer
     compilations over a long context, up to twice the packed slots). Other arguments as `compressed_generate`.
 
-    Returns (int32 [B, max_new_tokens], the final PackedCache, rounds): one dict per chunk with the context
-    tokens seen, `held_bytes` (the cache's arrays while the chunk was in it: survivors + chunk), `kept_bytes`
+    compress_every N: decoding-time compression too: every N decoded tokens, the tail (the question and the
+    tokens decoded since) is compressed with the prefix under the same recipe, the window being the last decoded
+    tokens (kvpress's DecodingPress behaves so). With a token-count budget (`kept_tokens` / `kv_tokens`) the cache
+    then never holds more than the budget plus N tail tokens, however long the generation; a fraction budget is
+    a fraction of every token seen, so it grows with them.
+
+    Returns (int32 [B, max_new_tokens], the final PackedCache, rounds): one dict per chunk (and per decoding
+    interval, "phase": "decode") with the tokens seen, `held_bytes` (the cache's arrays while the chunk was in it: survivors + chunk), `kept_bytes`
     (after compressing) and `full_bytes` (a dense cache of the tokens seen, same dtype).
     """
     check_chunked_recipe(compression)
@@ -196,6 +203,8 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
     window = min(compression.window, chunk_size)
     if chunk_size < 1:
         raise InputError(f"prefill_chunk must be >= 1 token, got {chunk_size}")
+    if compress_every is not None and (isinstance(compress_every, bool) or int(compress_every) < 1):
+        raise InputError(f"compress_every must be >= 1 decoded token, got {compress_every!r}")
     context_ids = np.asarray(context_ids, np.int32)
     _check_lengths(model, context_ids, question_ids, max_new_tokens)
     cfg = model.config
@@ -242,14 +251,37 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
             q_positions, in_context = jnp.asarray(pos[:, -window:]), True
         layers = compress_round(compression, slots, queries, q_positions, seen, inv_freq, in_context,
                                 cfg.compute_dtype, bucket)
-        kept = sum(cache_nbytes(layer) for layer in layers)
-        rounds.append({"tokens_seen": int(np.max(np.asarray(seen))), "held_bytes": int(held), "kept_bytes": int(kept),
-                       "full_bytes": int(np.max(np.asarray(seen))) * batch * per_token})
-    tail = max(q_len + max_new_tokens - 1, 1)
+        rounds.append(_round("prefill", seen, held, layers, batch * per_token))
+    recompress = None
+    if compress_every is None:
+        tail = max(q_len + max_new_tokens - 1, 1)
+    else:
+        tail = q_len + min(int(compress_every), max(max_new_tokens - 1, 1))
+        seen_box = [seen]
+
+        def recompress(packed, queries, q_positions):
+            width = int(packed.tail_index)
+            keys, values = _chunk_kv(packed, width)
+            tail_positions = packed.tail_positions[:, :width]
+            slots = [join(prefix_slots(layer), chunk_slots(k, v, tail_positions, cfg.value_groups))
+                     for layer, k, v in zip(packed.layers, keys, values)]
+            seen_box[0] = seen_box[0] + jnp.sum(tail_positions >= 0, axis=1).astype(jnp.float32)
+            layers = compress_round(compression, slots, queries, q_positions, seen_box[0], inv_freq, True,
+                                    cfg.compute_dtype, bucket)
+            rounds.append(_round("decode", seen_box[0], cache_nbytes(packed), layers, batch * per_token))
+            return PackedCache.with_empty_tail(layers, int(compress_every), next_positions(packed)[:, 0])
     packed = PackedCache.with_empty_tail(layers, tail, prefix_end)
     tokens, packed = answer_from_cache(model, params, packed, max_new_tokens=max_new_tokens, question_ids=question_ids,
                                        question_mask=question_mask,
                                        first_logits=None if question_ids is not None else logits,
                                        temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id,
-                                       progress=progress, chunk=chunk)
+                                       progress=progress, chunk=chunk, compress_every=compress_every,
+                                       recompress=recompress, window=compression.window)
     return tokens, packed, rounds
+
+
+def _round(phase: str, seen, held: int, layers, full_per_token: int) -> dict:
+    """What one compression round held and kept (bytes of the cache's own arrays) against a dense cache."""
+    seen = int(np.max(np.asarray(seen)))
+    return {"phase": phase, "tokens_seen": seen, "held_bytes": int(held),
+            "kept_bytes": int(sum(cache_nbytes(layer) for layer in layers)), "full_bytes": seen * full_per_token}

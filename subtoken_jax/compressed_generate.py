@@ -229,13 +229,20 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
 def answer_from_cache(model: DecoderLM, params, packed: PackedCache, *, max_new_tokens: int, question_ids=None,
                       question_mask=None, first_logits=None, temperature: float = 0.0, top_k: Optional[int] = None,
                       rng: Optional[jax.Array] = None, eos_id: Optional[int] = None, progress: bool = False,
-                      chunk: int = 64):
+                      chunk: int = 64, compress_every: Optional[int] = None,
+                      recompress: Optional[Callable] = None, window: int = 8):
     """The question (if any) over a packed context, then max_new_tokens decoded from it (see
     `generate_from_state`; the packed cache's tail must hold the question and max_new_tokens - 1 tokens).
+
+    Decoding-time compression: with recompress, decoding runs compress_every steps at a time (the tail must hold
+    the question and compress_every tokens) and between them `recompress(packed, queries, query_positions)` (the
+    last `window` decoded tokens' queries per layer [B, W, Hq, D] and positions [B, W]) returns the cache to go on
+    with (`chunked_prefill` packs prefix + tail into a new prefix under the recipe's budget).
     Returns (int32 [B, max_new_tokens], the final PackedCache)."""
     batch = packed.prefix_end.shape[0]
     question_len = 0 if question_ids is None else question_ids.shape[1]
-    if question_len + max_new_tokens - 1 > packed.tail_capacity:
+    needed = max_new_tokens - 1 if recompress is None else min(int(compress_every), max_new_tokens - 1)
+    if question_len + needed > packed.tail_capacity:
         raise InputError(f"a question of {question_len} and {max_new_tokens} new tokens do not fit the packed "
                          f"cache's tail of {packed.tail_capacity}")
     packed = jax.jit(shard_cache)(packed) if sharding.active_mesh() is not None else packed
@@ -253,13 +260,44 @@ def answer_from_cache(model: DecoderLM, params, packed: PackedCache, *, max_new_
     token, done = hold_eos(pick_token(logits, first_rng, temperature, top_k), jnp.zeros((batch,), bool), eos_id)
     pieces = [token[:, None]]
     remaining = max_new_tokens - 1
-    sizes = decode_chunks(remaining, chunk, progress)
+    if recompress is None:
+        sizes = decode_chunks(remaining, chunk, progress)
+    else:
+        sizes = [min(int(compress_every), remaining - i) for i in range(0, remaining, int(compress_every))]
     with tqdm(total=max_new_tokens, desc="generate (compressed)", disable=not progress, leave=False) as bar:
         bar.update(1)
-        for steps in sizes:
+        for i, steps in enumerate(sizes):
             rng, step_rng = jax.random.split(rng)
-            tokens, (packed, token, next_position, done, _) = _decode(
-                model, params, packed, token, next_position, done, step_rng, steps, float(temperature), top_k, eos_id)
+            args = (model, params, packed, token, next_position, done, step_rng, steps, float(temperature), top_k,
+                    eos_id)
+            if recompress is None:
+                tokens, (packed, token, next_position, done, _) = _decode(*args)
+            else:
+                tokens, (packed, token, next_position, done, _), queries, q_positions = _decode_observed(
+                    *args, min(window, steps))
+                if i + 1 < len(sizes):
+                    packed = recompress(packed, queries, q_positions)
             pieces.append(tokens)
             bar.update(steps)
     return jnp.concatenate(pieces, axis=1), packed
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps", "temperature", "top_k", "eos_id", "window"))
+def _decode_observed(model, params, cache, token, position, done, rng, steps: int, temperature: float,
+                     top_k: Optional[int], eos_id: Optional[int], window: int):
+    """`_decode`, also returning the last `window` steps' queries per layer [B, W, Hq, D] and positions [B, W]."""
+    layers = model.config.num_layers
+
+    def step(carry, _):
+        cache, token, position, done, rng = carry
+        (logits, cache), variables = model.apply({"params": params}, token[:, None],
+                                                 positions=position[:, None].astype(jnp.int32), cache=cache,
+                                                 mutable=["prefill"])
+        queries = tuple(variables["prefill"][f"layer_{i}"]["attn"]["queries"][0][:, 0] for i in range(layers))
+        rng, sub = jax.random.split(rng)
+        next_token, done = hold_eos(pick_token(logits[:, -1], sub, temperature, top_k), done, eos_id)
+        return (shard_cache(cache), next_token, position + 1, done, rng), (next_token, queries, position)
+
+    carry, (tokens, queries, positions) = jax.lax.scan(step, (cache, token, position, done, rng), None, length=steps)
+    window_queries = tuple(jnp.swapaxes(q[-window:], 0, 1) for q in queries)
+    return jnp.transpose(tokens), carry, window_queries, jnp.transpose(positions[-window:]).astype(jnp.int32)

@@ -63,7 +63,7 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
              temperature: float = 0.0, top_k: Optional[int] = None, rng: Optional[jax.Array] = None,
              eos_id: Optional[int] = None, progress: bool = False, compression=None, question_ids=None,
              question_mask=None, bucket: Optional[bool] = None, mesh=None, chunk: int = 64,
-             prefill_chunk: Optional[int] = None, **compressed_kwargs):
+             prefill_chunk: Optional[int] = None, compress_every: Optional[int] = None, **compressed_kwargs):
     """Generates max_new_tokens after prompt_ids [B, T] (left-pad ragged prompts and pass attention_mask).
 
     Returns int32 [B, max_new_tokens]; after an EOS a row keeps emitting EOS. temperature 0 is greedy.
@@ -79,24 +79,29 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     chunk: decode steps per compiled scan when progress is shown (without progress, one scan decodes them all).
     prefill_chunk: with compression, the prompt is prefilled this many tokens at a time and compressed after each
     chunk, so the cache never holds more than the budget plus one chunk (`chunked_prefill`; the recipe needs
-    scope="head").
+    scope="head"). compress_every: with compression, the tokens decoded are compressed into the packed cache
+    every this many steps under the same recipe (with a token-count budget, memory stays bounded however long
+    the generation; see `chunked_prefill.chunked_compressed_generate`).
     """
     if mesh is not None:
         with sharding.use_mesh(mesh, sharding.active_rules()):
             return generate(model, params, prompt_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
                             temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id, progress=progress,
                             compression=compression, question_ids=question_ids, question_mask=question_mask,
-                            bucket=bucket, chunk=chunk, prefill_chunk=prefill_chunk, **compressed_kwargs)
+                            bucket=bucket, chunk=chunk, prefill_chunk=prefill_chunk, compress_every=compress_every,
+                            **compressed_kwargs)
     check_ids(prompt_ids, "prompt_ids")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
-    if prefill_chunk is not None:
+    if prefill_chunk is not None or compress_every is not None:
         if compression is None:
-            raise InputError("prefill_chunk compresses between chunks: give it with compression=...")
+            raise InputError("prefill_chunk / compress_every compress as they go: give them with compression=...")
         if compressed_kwargs:
-            raise InputError(f"{', '.join(sorted(compressed_kwargs))} do not apply with prefill_chunk (the global "
-                             "layout, sized from the masks)")
+            raise InputError(f"{', '.join(sorted(compressed_kwargs))} do not apply with prefill_chunk / "
+                             "compress_every (the global layout, sized from the masks)")
+        chunk_size = prefill_chunk if prefill_chunk is not None else np.shape(prompt_ids)[1]
         return chunked_compressed_generate(model, params, prompt_ids, compression=compression,
-                                           chunk_size=prefill_chunk, max_new_tokens=max_new_tokens,
+                                           chunk_size=chunk_size, max_new_tokens=max_new_tokens,
+                                           compress_every=compress_every,
                                            question_ids=question_ids, attention_mask=attention_mask,
                                            question_mask=question_mask, temperature=temperature, top_k=top_k,
                                            rng=rng, eos_id=eos_id, progress=progress, chunk=chunk,

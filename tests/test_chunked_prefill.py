@@ -147,3 +147,65 @@ def test_bad_chunked_inputs(setup):
         run(JointCompression(kv_budget=0.5), prefill_chunk=0)
     with pytest.raises(InputError, match="give it with compression"):
         generate(model, params, context, max_new_tokens=2, prefill_chunk=4)
+
+
+def test_decoding_time_compression_equals_dense_cache_under_brute_force_masks(setup):
+    """compress_every=4 with a 6-token StreamingLLM budget: after the context, and after every 4 decoded tokens,
+    the cache keeps the sinks and the most recent of its survivors + tail; a dense cache under those brute-force
+    masks decodes the same tokens, and no compression round keeps more than 6 keys per head."""
+    model, params, context, question, _ = setup
+    kept, every, new = 6, 4, 13
+    compression = Compression(kept_tokens=kept, selector="streaming", scope="head")
+    tokens, packed, rounds = chunked_compressed_generate(model, params, context, question_ids=question,
+                                                         compression=compression, chunk_size=CONTEXT,
+                                                         max_new_tokens=new, compress_every=every)
+    capacity = CONTEXT + QUESTION + new
+    cache = KVCache.create(CONFIG, 2, capacity)
+    keep = np.ones(capacity, np.float32)
+
+    def run(ids, cache):
+        mask = jnp.broadcast_to(jnp.asarray(keep)[None, :, None], (2, capacity, CONFIG.num_kv_heads))
+        return model.apply({"params": params}, ids, cache=cache, token_keep_mask=mask)
+
+    def compress(candidates, fed):
+        survivors = sorted(sorted(candidates, key=lambda p: (p >= 4, -p))[:kept])
+        keep[:fed] = 0
+        keep[survivors] = 1
+        return survivors
+
+    _, cache = run(context, cache)
+    survivors = compress(list(range(CONTEXT)), CONTEXT)
+    logits, cache = run(question, cache)
+    expected = [jnp.argmax(logits[:, -1], -1).astype(jnp.int32)]
+    fed = CONTEXT + QUESTION
+    intervals = [min(every, new - 1 - i) for i in range(0, new - 1, every)]
+    for n, steps in enumerate(intervals):
+        for _ in range(steps):
+            logits, cache = run(expected[-1][:, None], cache)
+            expected.append(jnp.argmax(logits[:, -1], -1).astype(jnp.int32))
+        if n + 1 < len(intervals):
+            start = CONTEXT if n == 0 else fed
+            fed = CONTEXT + QUESTION + sum(intervals[:n + 1])
+            survivors = compress(survivors + list(range(start, fed)), fed)
+    np.testing.assert_array_equal(tokens, jnp.stack(expected, axis=1))
+    assert [r["phase"] for r in rounds] == ["prefill"] + ["decode"] * (len(intervals) - 1)
+    for layer in packed.layers:
+        np.testing.assert_array_equal(np.sort(np.asarray(layer.keys.positions), axis=-1),
+                                      np.broadcast_to(survivors, layer.keys.positions.shape))
+    # held: at most 6 survivors + the tail (question and 4 tokens in the first interval, 4 later)
+    per_token = rounds[0]["full_bytes"] // CONTEXT
+    assert all(r["held_bytes"] <= (kept + QUESTION + every) * per_token * 1.3 for r in rounds[1:])
+
+
+def test_without_decoding_compression_the_answer_is_unchanged(setup):
+    """compress_every longer than the answer compresses nothing after the context: the same tokens as one-shot."""
+    model, params, context, question, mask = setup
+    compression = JointCompression(kv_budget=0.5)
+    one_shot = generate(model, params, context, question_ids=question, attention_mask=mask, compression=compression,
+                        max_new_tokens=NEW)
+    late = generate(model, params, context, question_ids=question, attention_mask=mask, compression=compression,
+                    max_new_tokens=NEW, compress_every=NEW)
+    np.testing.assert_array_equal(late, one_shot)
+    with pytest.raises(InputError, match="compress_every must be >= 1"):
+        generate(model, params, context, question_ids=question, compression=compression, max_new_tokens=3,
+                 compress_every=0)
