@@ -108,6 +108,16 @@ def join(first: HeadSlots, second: HeadSlots) -> HeadSlots:
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], axis=2), first, second)
 
 
+def pad_slots(slots: HeadSlots, length: int) -> HeadSlots:
+    """Slots padded with empty ones (position -1, no groups) to `length`: layers sized apart fold together."""
+    extra = length - slots.positions.shape[-1]
+    if extra <= 0:
+        return slots
+    pad = lambda x, value: jnp.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3),  # noqa: E731
+                                   constant_values=value)
+    return HeadSlots(pad(slots.keys, 0), pad(slots.values, 0), pad(slots.positions, -1), pad(slots.present, False))
+
+
 def fold_state(slots: Sequence[HeadSlots], queries: Sequence[jax.Array], query_positions: jax.Array,
                context_tokens: jax.Array, inv_freq: jax.Array, window_in_context: bool) -> PrefillState:
     """Every layer's slots as one PrefillState of one layer and one KV head per (layer, row, KV head) row.
@@ -140,35 +150,37 @@ def unfold_masks(masks, layers: int, batch: int, heads: int):
     return [token[i] for i in range(layers)], [group[i] for i in range(layers)]
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "key_capacity", "dtype"))
-def _pack_layers(slots, keeps, group_masks, capacity: int, key_capacity: int, dtype):
+@functools.partial(jax.jit, static_argnames=("sizes", "dtype"))
+def _pack_layers(slots, keeps, group_masks, sizes, dtype):
     return tuple(pack_head_major(s.keys.astype(dtype), s.values.astype(dtype), s.positions, keep,
                                  (group != 0) & s.present, capacity, key_capacity)
-                 for s, keep, group in zip(slots, keeps, group_masks))
+                 for s, keep, group, (capacity, key_capacity) in zip(slots, keeps, group_masks, sizes))
 
 
 def _sizes(slots, keeps, group_masks, bucket: bool):
-    """(capacity, key_capacity) holding every layer's kept pairs and keys (host-side; powers of two with bucket)."""
-    keys, pairs = 1, 1
+    """Per layer (capacity, key_capacity): its kept pairs and keys, over its heads (host-side; powers of two with
+    bucket). Sized per layer, as one-shot packing is: layers keep very different numbers of tokens per head."""
+    sizes = []
     for s, keep, group in zip(slots, keeps, group_masks):
         kept = (np.asarray(keep) != 0) & (np.asarray(s.positions) >= 0)
-        keys = max(keys, int(kept.sum(axis=-1).max(initial=0)))
+        keys = max(int(kept.sum(axis=-1).max(initial=0)), 1)
         held = (np.asarray(group) != 0) & np.asarray(s.present) & kept[..., None]
-        pairs = max(pairs, int(held.sum(axis=(-1, -2)).max(initial=0)))
-    length, groups = slots[0].positions.shape[-1], slots[0].present.shape[-1]
-    if bucket:
-        return _power_of_two(pairs, length * groups), _power_of_two(keys, length)
-    return _round_capacity(pairs), keys
+        pairs = max(int(held.sum(axis=(-1, -2)).max(initial=0)), 1)
+        length, groups = s.positions.shape[-1], s.present.shape[-1]
+        sizes.append((_power_of_two(pairs, length * groups), _power_of_two(keys, length)) if bucket
+                     else (_round_capacity(pairs), keys))
+    return tuple(sizes)
 
 
 def compress_round(compression, slots: List[HeadSlots], queries, query_positions, context_tokens, inv_freq,
                    window_in_context: bool, dtype, bucket: bool = False) -> List[PackedLayer]:
     """One round: every layer's slots compressed by the recipe into packed layers (groups not present stay out)."""
     batch, heads = slots[0].positions.shape[:2]
+    length = max(s.positions.shape[-1] for s in slots)
+    slots = [pad_slots(s, length) for s in slots]
     state = fold_state(slots, queries, query_positions, context_tokens, inv_freq, window_in_context)
     keeps, group_masks = unfold_masks(_compiled_compression(compression, state), len(slots), batch, heads)
-    capacity, key_capacity = _sizes(slots, keeps, group_masks, bucket)
-    return list(_pack_layers(slots, keeps, group_masks, capacity, key_capacity, jnp.dtype(dtype)))
+    return list(_pack_layers(slots, keeps, group_masks, _sizes(slots, keeps, group_masks, bucket), jnp.dtype(dtype)))
 
 
 def _chunk_kv(cache, length: int):

@@ -1,0 +1,161 @@
+"""Decoding-time compression on SmolLM2-135M-Instruct (issue 14, item 2): a long answer generated while the cache
+is compressed every N decoded tokens, against the full cache.
+
+    python bench/decoding_compression.py            # resumable: OUT/records.jsonl, then OUT/report.md
+    python bench/decoding_compression.py --report-only
+
+The task has a long answer: a passage of WikiText-2 *test* (consecutive sentences from fixed, evenly spaced
+offsets, about 600 tokens; not chosen by any result) is given in a chat turn with "Repeat the text above word for
+word."; the answer runs up to --new tokens (1,000 by default). Scored two ways: copy accuracy (the share of the
+passage's words the answer reproduces in order: difflib's matching blocks over word lists) and token agreement
+with the full cache's greedy answer (the share of positions equal, and the first position where they differ).
+Compressed runs: the context compressed once after prefill as usual, then every N = --every decoded tokens the
+tail is compressed into the packed prefix under the same recipe (`generate(..., compress_every=N)`). The bytes
+each round held come from the cache's own arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+HAYSTACK = os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "test.txt")
+OUT = os.environ.get("DECODING_OUT", os.path.join(ROOT, "bench", "results", "decoding_compression"))
+QUERY = "Repeat the text above word for word."
+MIB = 1 << 20
+
+
+def passages(tokenizer, count: int, tokens: int):
+    """`count` passages of consecutive sentences from evenly spaced offsets of the haystack, ~`tokens` tokens."""
+    from subtoken_jax import synthetic_tasks
+
+    with open(HAYSTACK, encoding="utf-8") as fh:
+        sentences = synthetic_tasks.prose_sentences(fh.read())
+    out = []
+    for i in range(count):
+        start, text = (i * len(sentences)) // count, []
+        while len(tokenizer.encode(" ".join(text))) < tokens:
+            text.append(sentences[start + len(text)])
+        out.append(" ".join(text))
+    return out
+
+
+def recipe(name: str, budget: float):
+    from subtoken_jax import Compression, JointCompression
+
+    if name == "snapkv":
+        return Compression(token_fraction=budget, selector="snapkv", scope="head")
+    if name == "joint(snapkv)":
+        return JointCompression(kv_budget=budget, scorer="snapkv")
+    raise ValueError(name)
+
+
+def copy_accuracy(source: str, generated: str) -> float:
+    a, b = source.split(), generated.split()
+    matched = sum(block.size for block in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks())
+    return matched / max(len(a), 1)
+
+
+def run(args):
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from subtoken_jax import generate
+    from subtoken_jax.chunked_prefill import chunked_compressed_generate
+    from subtoken_jax.evaluation.tasks import chat_split
+    from subtoken_jax.pretrained import load_pretrained
+
+    os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, "records.jsonl")
+    done = set()
+    if os.path.exists(path):
+        with open(path) as fh:
+            done = {(r["passage"], r["method"]) for r in map(json.loads, fh)}
+    model, params, tokenizer = load_pretrained("smollm2-135m-instruct", value_groups=8)
+    texts = passages(tokenizer, args.passages, args.tokens)
+    methods = ["full"] + [f"{m}@{args.budget}/every{args.every}" for m in args.methods]
+    jobs = [(i, m) for i in range(len(texts)) for m in methods if (i, m) not in done]
+    for i, method in tqdm(jobs, desc="long answers"):
+        context, question = chat_split(tokenizer, texts[i], QUERY)
+        context, question = np.asarray([context], np.int32), np.asarray([question], np.int32)
+        start, rounds = time.perf_counter(), None
+        if method == "full":
+            tokens = generate(model, params, context, question_ids=question, max_new_tokens=args.new,
+                              eos_id=tokenizer.eos_id)
+        else:
+            tokens, _, rounds = chunked_compressed_generate(
+                model, params, context, question_ids=question, compression=recipe(method.split("@")[0], args.budget),
+                chunk_size=context.shape[1], max_new_tokens=args.new, eos_id=tokenizer.eos_id,
+                compress_every=args.every)
+        ids = [int(t) for t in np.asarray(tokens)[0]]
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"passage": i, "method": method, "context_tokens": int(context.shape[1]), "ids": ids,
+                                 "text": tokenizer.decode(ids[:ids.index(tokenizer.eos_id)]
+                                                          if tokenizer.eos_id in ids else ids),
+                                 "source": texts[i], "rounds": rounds, "seconds": time.perf_counter() - start}) + "\n")
+
+
+def report():
+    with open(os.path.join(OUT, "records.jsonl")) as fh:
+        records = [json.loads(line) for line in fh]
+    full = {r["passage"]: r for r in records if r["method"] == "full"}
+    lines = ["# Decoding-time compression: SmolLM2-135M-Instruct repeating a WikiText-2 passage", "",
+             f"Prompt: the passage, then \"{QUERY}\"; greedy, up to {len(records[0]['ids'])} new tokens.", "",
+             "| method | passages | copy accuracy | tokens equal to the full cache's | first differing token (median) |"
+             " largest cache held / full cache at that point |", "|---|---|---|---|---|---|"]
+    import numpy as np
+
+    for method in sorted({r["method"] for r in records}, key=lambda m: (m != "full", m)):
+        rows = [r for r in records if r["method"] == method and r["passage"] in full]
+        if not rows:
+            continue
+        acc = np.mean([copy_accuracy(r["source"], r["text"]) for r in rows])
+        agree, first, ratio = [], [], []
+        for r in rows:
+            ref = full[r["passage"]]["ids"]
+            same = [a == b for a, b in zip(r["ids"], ref)]
+            agree.append(np.mean(same))
+            first.append(same.index(False) if False in same else len(same))
+            if r["rounds"]:
+                ratio.append(max(x["held_bytes"] / x["full_bytes"] for x in r["rounds"] if x["phase"] == "decode"))
+        held = f"{max(ratio):.3f}" if ratio else "1 (the full cache)"
+        lines.append(f"| {method} | {len(rows)} | {acc:.3f} | {np.mean(agree):.3f} | {int(np.median(first))} | {held} |")
+    decode = [r for r in records if r["rounds"]]
+    if decode:
+        r = decode[0]
+        lines += ["", f"Rounds of the first compressed run ({r['method']}, passage {r['passage']}): bytes of the "
+                      "cache's own arrays (MiB).", "",
+                  "| phase | tokens seen | held (prefix + tail) | kept after compressing | full cache of the tokens seen |",
+                  "|---|---|---|---|---|"]
+        for x in r["rounds"]:
+            lines.append(f"| {x['phase']} | {x['tokens_seen']} | {x['held_bytes'] / MIB:.2f} | "
+                         f"{x['kept_bytes'] / MIB:.2f} | {x['full_bytes'] / MIB:.2f} |")
+    with open(os.path.join(OUT, "report.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--passages", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=600, help="passage length in tokens (about)")
+    parser.add_argument("--new", type=int, default=1000)
+    parser.add_argument("--every", type=int, default=64)
+    parser.add_argument("--budget", type=float, default=0.375)
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=["joint(snapkv)", "snapkv"])
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    if not args.report_only:
+        run(args)
+    report()
+
+
+if __name__ == "__main__":
+    main()
