@@ -231,7 +231,7 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
     inv_freq = jnp.asarray(rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta,
                                                     dict(cfg.rope_scaling) if cfg.rope_scaling else None))
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.resolved_head_dim * jnp.dtype(cfg.compute_dtype).itemsize
-    layers, rounds, logits = None, [], None
+    layers, rounds, logits, prefix_end = None, [], None, None
     starts = list(range(0, length, chunk_size))
     for start in starts:
         ids, pos = context_ids[:, start:start + chunk_size], positions[:, start:start + chunk_size]
@@ -264,9 +264,8 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
         layers = compress_round(compression, slots, queries, q_positions, seen, inv_freq, in_context,
                                 cfg.compute_dtype, bucket)
         rounds.append(_round("prefill", seen, held, layers, batch * per_token))
-    recompress = None
     if compress_every is None:
-        tail = max(q_len + max_new_tokens - 1, 1)
+        tail, recompress = max(q_len + max_new_tokens - 1, 1), None
     else:
         tail = q_len + min(int(compress_every), max(max_new_tokens - 1, 1))
         seen_box = [seen]

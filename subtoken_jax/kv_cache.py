@@ -86,3 +86,17 @@ class TailedKVCache:
                                    values=tuple(map(write, self.prefix.values, self.tail_values)),
                                    positions=write(self.prefix.positions, self.tail_positions),
                                    index=at + self.tail_index)
+
+
+@flax.struct.dataclass
+class QuestKVCache:
+    """A full KVCache read the Quest way at decode steps: each step attends only to its best pages (`quest`).
+
+    group_masks (per layer [B, capacity, Hkv, G], optional): value groups kept inside every page (Quest + value
+    groups). page_size and pages (pages read per step besides the newest one) are static.
+    """
+
+    cache: KVCache
+    group_masks: Optional[Tuple[jax.Array, ...]] = None
+    page_size: int = flax.struct.field(pytree_node=False, default=16)
+    pages: int = flax.struct.field(pytree_node=False, default=1)

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 from subtoken_jax.attention import attend, attend_cache_and_chunk, attention_allowed
 from subtoken_jax.errors import InputError
 from subtoken_jax.kernels.packed_decode import packed_decode_attention
-from subtoken_jax.kv_cache import KVCache, TailedKVCache
+from subtoken_jax.kv_cache import KVCache, QuestKVCache, TailedKVCache
 from subtoken_jax.packed_cache import IMPLS, FixedKValues, PackedCache, PackedLayer, packed_attention
+from subtoken_jax.quest_pages import quest_keep
 
 
 # A chunk of at most this many tokens (decode steps, a short question) is attended apart from the cache it
@@ -168,8 +169,41 @@ class TailedLayerCache:
             attention_allowed(q_positions, self.tail_positions, sliding_window=sliding_window))
 
 
-LayerCache = Union[DenseLayerCache, PackedLayerCache, TailedLayerCache]
-WholeCache = Union[KVCache, PackedCache, TailedKVCache]
+@flax.struct.dataclass
+class QuestLayerCache:
+    """One layer of a `QuestKVCache`: a dense layer cache whose single-token steps read only Quest's pages."""
+
+    dense: DenseLayerCache
+    group_mask: Optional[jax.Array] = None  # [B, L, Hkv, G] value groups kept, None = all
+    page_size: int = flax.struct.field(pytree_node=False, default=16)
+    pages: int = flax.struct.field(pytree_node=False, default=1)
+
+    routed = False
+    mask_slots = None  # the selection is Quest's own: no explicit masks
+
+    def write(self, key, value, positions, **_) -> "QuestLayerCache":
+        return self.replace(dense=self.dense.write(key, value, positions))
+
+    def attend(self, query, q_positions, *, sliding_window=None, value_group_mask=None, token_keep_mask=None,
+               layer: int = 0):
+        """A decode step (one query token) attends to its pages; a longer chunk (the prompt) to every slot."""
+        if value_group_mask is not None or token_keep_mask is not None:
+            raise InputError(f"layer {layer}: a Quest cache selects its own tokens; pass no explicit masks")
+        keep = None
+        if query.shape[1] == 1:
+            keep = quest_keep(query[:, 0], q_positions[:, 0], self.dense.keys, self.dense.positions, self.page_size,
+                              self.pages)
+        if keep is None and self.group_mask is None:
+            return self.dense.attend(query, q_positions, sliding_window=sliding_window)
+        mask = self.group_mask
+        if mask is None:  # explicit masks take the dense path that reads the written cache
+            mask = jnp.ones(self.dense.keys.shape[:3] + (1,), jnp.float32)
+        return self.dense.replace(pending=None).attend(query, q_positions, sliding_window=sliding_window,
+                                                       value_group_mask=mask, token_keep_mask=keep)
+
+
+LayerCache = Union[DenseLayerCache, PackedLayerCache, TailedLayerCache, QuestLayerCache]
+WholeCache = Union[KVCache, PackedCache, TailedKVCache, QuestKVCache]
 
 
 def layer_view(cache: WholeCache, i: int) -> LayerCache:
@@ -182,6 +216,10 @@ def layer_view(cache: WholeCache, i: int) -> LayerCache:
         prefix = cache.prefix
         return TailedLayerCache(prefix.keys[i], prefix.values[i], prefix.positions, cache.tail_keys[i],
                                 cache.tail_values[i], cache.tail_positions, cache.tail_index)
+    if isinstance(cache, QuestKVCache):
+        masks = cache.group_masks
+        return QuestLayerCache(layer_view(cache.cache, i), None if masks is None else masks[i], cache.page_size,
+                               cache.pages)
     if isinstance(cache, PackedCache):
         if cache.impl not in IMPLS:
             raise InputError(f"unknown attention impl {cache.impl!r}; choose from {', '.join(IMPLS)}")
@@ -193,6 +231,8 @@ def layer_view(cache: WholeCache, i: int) -> LayerCache:
 def reassemble(cache: WholeCache, views: Sequence[LayerCache]) -> WholeCache:
     """The whole-model cache after every layer wrote its chunk (positions and index from the last view)."""
     last = views[-1]
+    if isinstance(cache, QuestKVCache):
+        return cache.replace(cache=reassemble(cache.cache, [v.dense for v in views]))
     if isinstance(cache, KVCache):
         routed = cache.group_masks is not None
         return cache.replace(keys=tuple(v.keys for v in views), values=tuple(v.values for v in views),
@@ -206,6 +246,8 @@ def reassemble(cache: WholeCache, views: Sequence[LayerCache]) -> WholeCache:
 
 def room(cache: WholeCache) -> int:
     """Slots a chunk may fill: the dense cache's capacity, or the packed cache's tail capacity."""
+    if isinstance(cache, QuestKVCache):
+        return room(cache.cache)
     if isinstance(cache, KVCache):
         return cache.capacity
     return cache.tail_positions.shape[1]
@@ -213,6 +255,8 @@ def room(cache: WholeCache) -> int:
 
 def next_positions(cache: WholeCache) -> jax.Array:
     """[B, 1] int32: each row's next position (after the last real cached token, left padding included)."""
+    if isinstance(cache, QuestKVCache):
+        return next_positions(cache.cache)
     if isinstance(cache, KVCache):
         return jnp.max(cache.positions, axis=1, keepdims=True) + 1
     if isinstance(cache, TailedKVCache):

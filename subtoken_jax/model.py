@@ -22,13 +22,13 @@ from subtoken_jax import layer_caches
 from subtoken_jax.attention import Attention
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids
-from subtoken_jax.kv_cache import KVCache, TailedKVCache
+from subtoken_jax.kv_cache import KVCache, QuestKVCache, TailedKVCache
 from subtoken_jax.layers import MLP, RMSNorm
 from subtoken_jax.model_config import ModelConfig, check_budget
 from subtoken_jax.packed_cache import PackedCache
 from subtoken_jax.value_groups import per_layer
 
-Cache = Union[KVCache, PackedCache, TailedKVCache]
+Cache = Union[KVCache, PackedCache, TailedKVCache, QuestKVCache]
 
 
 class DecoderBlock(nn.Module):
