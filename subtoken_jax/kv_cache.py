@@ -99,4 +99,4 @@ class QuestKVCache:
     cache: KVCache
     group_masks: Optional[Tuple[jax.Array, ...]] = None
     page_size: int = flax.struct.field(pytree_node=False, default=16)
-    pages: int = flax.struct.field(pytree_node=False, default=1)
+    pages: jax.Array = None  # [B] int32 pages read per step besides the newest (traced: one program per budget)

@@ -176,7 +176,7 @@ class QuestLayerCache:
     dense: DenseLayerCache
     group_mask: Optional[jax.Array] = None  # [B, L, Hkv, G] value groups kept, None = all
     page_size: int = flax.struct.field(pytree_node=False, default=16)
-    pages: int = flax.struct.field(pytree_node=False, default=1)
+    pages: jax.Array = None  # [B] or an int: pages read per step besides the newest
 
     routed = False
     mask_slots = None  # the selection is Quest's own: no explicit masks

@@ -32,6 +32,7 @@ from subtoken_jax.model import DecoderLM, default_positions
 from subtoken_jax.model_config import check_budget
 from subtoken_jax.quest_pages import pages_for
 from subtoken_jax.sampling import hold_eos, pick_token
+from subtoken_jax.shape_buckets import bucket_length, left_pad
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -66,30 +67,39 @@ def quest_generate(model: DecoderLM, params, context_ids, question_ids, *, max_n
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     cfg = model.config
     batch, length = context_ids.shape
-    capacity = length + question_ids.shape[1] + max_new_tokens
-    if capacity > cfg.max_position_embeddings:
-        raise InputError(f"context ({length}) + question ({question_ids.shape[1]}) + max_new_tokens "
-                         f"({max_new_tokens}) exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
+    q_len = question_ids.shape[1]
+    limit = cfg.max_position_embeddings
+    if length + q_len + max_new_tokens > limit:
+        raise InputError(f"context ({length}) + question ({q_len}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's max_position_embeddings={limit}")
     group_masks = None
     if compression is not None:
-        from subtoken_jax.selectors import capture_prefill_state, pad_to_capacity
+        from subtoken_jax.selectors import capture_prefill_state
 
         state = capture_prefill_state(model, params, context_ids, question_ids, window=compression.window,
                                       lookahead=compression.lookahead)
-        token_masks, groups = compression(state)
+        token_masks, group_masks = compression(state)
         if not all(bool(jnp.all(t > 0)) for t in token_masks):
             raise InputError("Quest picks the tokens: give a compression that keeps every token (token_fraction=1)")
-        group_masks = pad_to_capacity(groups, capacity)
+    # left-padded to bucketed lengths (pad slots at position -1, never attended): prompts of many lengths share
+    # programs, and the page budget is traced, so budgets do too
+    padded = max(length, min(bucket_length(length), limit - q_len - max_new_tokens))
+    context_ids, context_mask = left_pad(context_ids, None, padded)
+    capacity = min(bucket_length(padded + q_len + max_new_tokens), limit)
+    if group_masks is not None:  # context slots (after the padding), then ones for the question and the answer
+        group_masks = tuple(jnp.pad(g, ((0, 0), (padded - length, capacity - length), (0, 0), (0, 0)),
+                                    constant_values=1) for g in group_masks)
     cache = KVCache.create(cfg, batch, capacity)
-    _, cache = _feed(model, params, jnp.asarray(context_ids), default_positions(jnp.asarray(context_ids)), cache)
-    cache = QuestKVCache(cache=cache, group_masks=group_masks, page_size=page_size,
-                         pages=pages_for(token_fraction, length, page_size))
+    _, cache = _feed(model, params, jnp.asarray(context_ids),
+                     default_positions(jnp.asarray(context_ids), jnp.asarray(context_mask)), cache)
+    pages = jnp.full((batch,), pages_for(token_fraction, length, page_size), jnp.int32)
+    cache = QuestKVCache(cache=cache, group_masks=group_masks, page_size=page_size, pages=pages)
     q_positions = default_positions(jnp.asarray(question_ids), offset=length)
     logits, cache = _feed(model, params, jnp.asarray(question_ids), q_positions, cache)
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     done = jnp.zeros((batch,), bool) if eos_id is None else token == eos_id
     pieces = [token[:, None]]
     if max_new_tokens > 1:
-        position = jnp.full((batch,), length + question_ids.shape[1], jnp.int32)
+        position = jnp.full((batch,), length + q_len, jnp.int32)
         pieces.append(_decode(model, params, cache, token, position, done, max_new_tokens - 1, eos_id))
     return jnp.concatenate(pieces, axis=1)

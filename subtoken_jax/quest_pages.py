@@ -35,10 +35,11 @@ def page_bounds(query: jax.Array, keys: jax.Array, positions: jax.Array, page_si
 def quest_keep(query: jax.Array, q_position: jax.Array, keys: jax.Array, positions: jax.Array, page_size: int,
                pages: int) -> jax.Array:
     """[B, S, Hkv] bool: the slots of the `pages` best-bounded pages of each KV head, and the newest page_size
-    tokens (the query's own page) for every head. query [B, Hq, D], q_position [B]."""
+    tokens (the query's own page) for every head. query [B, Hq, D], q_position [B]; pages an int or [B]."""
     bound = page_bounds(query, keys, positions, page_size)  # [B, Hkv, P]
-    chosen = jax.lax.top_k(bound, min(pages, bound.shape[-1]))[1]  # [B, Hkv, k]
-    picked = jnp.any(jax.nn.one_hot(chosen, bound.shape[-1], dtype=bool), axis=2)  # [B, Hkv, P]
+    # ranks rather than top_k, so `pages` may be traced (one program for every budget)
+    rank = jnp.argsort(jnp.argsort(-bound, axis=-1, stable=True), axis=-1, stable=True)
+    picked = rank < jnp.asarray(pages)[..., None, None] if jnp.ndim(pages) else rank < pages  # [B, Hkv, P]
     slot_page = jnp.arange(keys.shape[1]) // page_size
     keep = jnp.take(picked, slot_page, axis=2) & jnp.isfinite(jnp.take(bound, slot_page, axis=2))  # [B, Hkv, S]
     recent = (q_position[:, None] - positions) < page_size  # [B, S]
