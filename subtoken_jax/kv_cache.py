@@ -90,7 +90,8 @@ class TailedKVCache:
 
 @flax.struct.dataclass
 class QuestKVCache:
-    """A full KVCache read the Quest way at decode steps: each step attends only to its best pages (`quest`).
+    """A full KVCache read the Quest way at decode steps: each step attends only to its best context pages and
+    the tokens after the context (`quest`).
 
     group_masks (per layer [B, capacity, Hkv, G], optional): value groups kept inside every page (Quest + value
     groups). page_size and pages (pages read per step besides the newest one) are static.
@@ -99,4 +100,5 @@ class QuestKVCache:
     cache: KVCache
     group_masks: Optional[Tuple[jax.Array, ...]] = None
     page_size: int = flax.struct.field(pytree_node=False, default=16)
-    pages: jax.Array = None  # [B] int32 pages read per step besides the newest (traced: one program per budget)
+    pages: jax.Array = None  # [B] int32 context pages read per step (traced: one program for every budget)
+    context_end: jax.Array = None  # [B] int32: positions from here on (question, answer) are always read

@@ -176,7 +176,8 @@ class QuestLayerCache:
     dense: DenseLayerCache
     group_mask: Optional[jax.Array] = None  # [B, L, Hkv, G] value groups kept, None = all
     page_size: int = flax.struct.field(pytree_node=False, default=16)
-    pages: jax.Array = None  # [B] or an int: pages read per step besides the newest
+    pages: jax.Array = None  # [B] (or an int): context pages read per step
+    context_end: jax.Array = None  # [B]: positions from here on (question, answer) are always read
 
     routed = False
     mask_slots = None  # the selection is Quest's own: no explicit masks
@@ -191,8 +192,8 @@ class QuestLayerCache:
             raise InputError(f"layer {layer}: a Quest cache selects its own tokens; pass no explicit masks")
         keep = None
         if query.shape[1] == 1:
-            keep = quest_keep(query[:, 0], q_positions[:, 0], self.dense.keys, self.dense.positions, self.page_size,
-                              self.pages)
+            keep = quest_keep(query[:, 0], self.dense.keys, self.dense.positions, self.page_size, self.pages,
+                              self.context_end)
         if keep is None and self.group_mask is None:
             return self.dense.attend(query, q_positions, sliding_window=sliding_window)
         mask = self.group_mask
@@ -219,7 +220,7 @@ def layer_view(cache: WholeCache, i: int) -> LayerCache:
     if isinstance(cache, QuestKVCache):
         masks = cache.group_masks
         return QuestLayerCache(layer_view(cache.cache, i), None if masks is None else masks[i], cache.page_size,
-                               cache.pages)
+                               cache.pages, cache.context_end)
     if isinstance(cache, PackedCache):
         if cache.impl not in IMPLS:
             raise InputError(f"unknown attention impl {cache.impl!r}; choose from {', '.join(IMPLS)}")

@@ -3,14 +3,15 @@
     tokens = quest_generate(model, params, context_ids, question_ids, max_new_tokens=32, token_fraction=0.25)
     tokens = quest_generate(..., compression=Compression(value_fraction=0.5, scorer="snapkv"))  # + value groups
 
-The cache is cut into pages of `page_size` slots, each summarised by the elementwise minimum and maximum of its
-keys (per KV head). At a decode step a query q bounds a page's attention logit from above by
+The context is cut into pages of `page_size` positions, each summarised by the elementwise minimum and maximum
+of its keys (per KV head). At a decode step a query q bounds a page's attention logit from above by
 sum_d max(q_d min_d, q_d max_d); the pages with the highest bounds (for a KV head, the highest over its query
-heads) are read, with the page of the newest tokens, and the rest are not attended. The prompt (context and
-question) is prefilled with full attention, as Quest does. Quest keeps the whole cache, so it frees no memory:
-it saves reads. With `compression`, a recipe's value-group masks (token masks must keep every token: Quest picks
-the tokens) also prune the values inside every page, which does free memory (the packed value groups); both
-are reported in bytes by the study.
+heads), about token_fraction of the context's tokens, are read, and the rest of the context is not attended. The
+question and the answer so far are always read (as every other method here reads its uncompressed tail), and the
+prompt (context and question) is prefilled with full attention, as Quest does. Quest keeps the whole cache, so it
+frees no memory: it saves reads. With `compression`, a recipe's value-group masks (token masks must keep every
+token: Quest picks the tokens) also prune the values inside every page, which does free memory (the packed value
+groups); both are reported in bytes by the study.
 
 Here the page summaries are recomputed from the keys at every step (the selection is Quest's; a production
 kernel would keep them beside the cache and read only the chosen pages).
@@ -87,13 +88,14 @@ def quest_generate(model: DecoderLM, params, context_ids, question_ids, *, max_n
     context_ids, context_mask = left_pad(context_ids, None, padded)
     capacity = min(bucket_length(padded + q_len + max_new_tokens), limit)
     if group_masks is not None:  # context slots (after the padding), then ones for the question and the answer
-        group_masks = tuple(jnp.pad(g, ((0, 0), (padded - length, capacity - length), (0, 0), (0, 0)),
+        group_masks = tuple(jnp.pad(g, ((0, 0), (padded - length, capacity - padded), (0, 0), (0, 0)),
                                     constant_values=1) for g in group_masks)
     cache = KVCache.create(cfg, batch, capacity)
     _, cache = _feed(model, params, jnp.asarray(context_ids),
                      default_positions(jnp.asarray(context_ids), jnp.asarray(context_mask)), cache)
     pages = jnp.full((batch,), pages_for(token_fraction, length, page_size), jnp.int32)
-    cache = QuestKVCache(cache=cache, group_masks=group_masks, page_size=page_size, pages=pages)
+    cache = QuestKVCache(cache=cache, group_masks=group_masks, page_size=page_size, pages=pages,
+                         context_end=jnp.full((batch,), length, jnp.int32))
     q_positions = default_positions(jnp.asarray(question_ids), offset=length)
     logits, cache = _feed(model, params, jnp.asarray(question_ids), q_positions, cache)
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
