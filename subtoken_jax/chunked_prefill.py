@@ -178,9 +178,24 @@ def compress_round(compression, slots: List[HeadSlots], queries, query_positions
     batch, heads = slots[0].positions.shape[:2]
     length = max(s.positions.shape[-1] for s in slots)
     slots = [pad_slots(s, length) for s in slots]
-    state = fold_state(slots, queries, query_positions, context_tokens, inv_freq, window_in_context)
-    keeps, group_masks = unfold_masks(_compiled_compression(compression, state), len(slots), batch, heads)
+    state = _fold(slots, queries, query_positions, context_tokens, inv_freq, window_in_context)
+    keeps, group_masks = _unfold(_compiled_compression(compression, state), len(slots), batch, heads)
     return list(_pack_layers(slots, keeps, group_masks, _sizes(slots, keeps, group_masks, bucket), jnp.dtype(dtype)))
+
+
+# each round's reshaping as one compiled program: run op by op, every op compiled per round shape, and on the CPU
+# backend the compiled code of a long chunked prefill stayed resident
+_fold = jax.jit(fold_state, static_argnames=("window_in_context",))
+_unfold = jax.jit(unfold_masks, static_argnames=("layers", "batch", "heads"))
+
+
+@functools.partial(jax.jit, static_argnames=("width", "groups"))
+def _round_slots(layers, cache, positions, width: int, groups: int) -> List[HeadSlots]:
+    """Per layer: the survivors (packed `layers`, None in the first round), then the chunk of `width` tokens the
+    cache just wrote (at `positions` [B, width]), as head-major slots."""
+    keys, values = _chunk_kv(cache, width)
+    new = [chunk_slots(k, v, positions, groups) for k, v in zip(keys, values)]
+    return new if layers is None else [join(prefix_slots(layer), s) for layer, s in zip(layers, new)]
 
 
 def _chunk_kv(cache, length: int):
@@ -244,9 +259,7 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
             cache = PackedCache.with_empty_tail(layers, room, prefix_end)
         cache, queries, logits = _prefill(model, params, jnp.asarray(ids), jnp.asarray(pos), cache)
         held = cache.nbytes() if isinstance(cache, KVCache) else cache_nbytes(cache)
-        keys, values = _chunk_kv(cache, width)
-        new = [chunk_slots(k, v, jnp.asarray(pos), cfg.value_groups) for k, v in zip(keys, values)]
-        slots = new if layers is None else [join(prefix_slots(layer), s) for layer, s in zip(layers, new)]
+        slots = _round_slots(layers, cache, jnp.asarray(pos), width, cfg.value_groups)
         prefix_end = jnp.asarray(np.max(positions[:, :start + width], axis=1) + 1, jnp.int32)
         seen = jnp.asarray((positions[:, :start + width] >= 0).sum(axis=1), jnp.float32)
         if last and question_ids is not None:  # the question (and the draft) read over survivors + last chunk
@@ -272,10 +285,8 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
 
         def recompress(packed, queries, q_positions):
             width = int(packed.tail_index)
-            keys, values = _chunk_kv(packed, width)
             tail_positions = packed.tail_positions[:, :width]
-            slots = [join(prefix_slots(layer), chunk_slots(k, v, tail_positions, cfg.value_groups))
-                     for layer, k, v in zip(packed.layers, keys, values)]
+            slots = _round_slots(packed.layers, packed, tail_positions, width, cfg.value_groups)
             seen_box[0] = seen_box[0] + jnp.sum(tail_positions >= 0, axis=1).astype(jnp.float32)
             layers = compress_round(compression, slots, queries, q_positions, seen_box[0], inv_freq, True,
                                     cfg.compute_dtype, bucket)

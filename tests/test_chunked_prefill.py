@@ -145,7 +145,7 @@ def test_bad_chunked_inputs(setup):
         run(JointCompression(kv_budget=0.5, value_fill="mean"), prefill_chunk=4)
     with pytest.raises(InputError, match=">= 1 token"):
         run(JointCompression(kv_budget=0.5), prefill_chunk=0)
-    with pytest.raises(InputError, match="give it with compression"):
+    with pytest.raises(InputError, match="give them with compression"):
         generate(model, params, context, max_new_tokens=2, prefill_chunk=4)
 
 
