@@ -107,6 +107,26 @@ def _kvpress(out_dir):
     return rows
 
 
+QUEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quest", "records.jsonl")
+
+
+def _quest(path=QUEST):
+    """{(task, length, method, budget): {prompt: (correct, kv read per step)}} of bench/quest_study.py's records.
+
+    Quest reads b of the bytes per decode step but frees nothing, so its rows are labelled with what the cache
+    holds and stay out of the claims (which compare methods at equal bytes held)."""
+    rows = defaultdict(dict)
+    if not os.path.exists(path):
+        return rows
+    with open(path) as fh:
+        for r in map(json.loads, fh):
+            task_length, index = r["id"].rsplit("_", 1)
+            length = int(task_length.rsplit("_", 1)[1])
+            method = f"{r['method']} (reads b, holds {r['held']:.2f})"
+            rows[r["task"], length, method, float(r["budget"])][int(index)] = (int(r["correct"]), r["read"])
+    return rows
+
+
 def _cell(items, only=None):
     """accuracy, n and mean realised bytes of {prompt: (correct, kv)}, over the prompts in `only` if given."""
     picked = {i: v for i, v in items.items() if only is None or i in only}
@@ -217,7 +237,7 @@ def plot(path, task, lengths, summary, budgets):
     for ax, length in zip(axes[0], lengths):
         # the +mean / +pca rows are in the table; on the plot they would hide the curves they equal
         methods = sorted({k[2] for k in summary if k[:2] == (task, length) and k[2] != "full"
-                          and "+mean" not in k[2]})
+                          and "+mean" not in k[2] and "(reads b" not in k[2]})
         for m in methods:
             pts = sorted((v["kv_budget"], v["accuracy"]) for k, v in summary.items()
                          if k[:2] == (task, length) and k[2] == m)
@@ -241,10 +261,12 @@ def plot(path, task, lengths, summary, budgets):
 
 def write(out_dir, tasks, lengths, budgets):
     ours, theirs = _summary(_ours(out_dir)), _summary(_kvpress(out_dir))
-    both = {**theirs, **{k: v for k, v in ours.items()}}
+    both = {**theirs, **_summary(_quest()), **ours}
     lines = ["# Query-aware study: SmolLM2-135M-Instruct, ours and kvpress's on the same weights and token ids", "",
              "Cells: exact match (prompts) [realised fraction of KV bytes]. `kvpress:` rows are kvpress's presses; "
-             "the full-cache row is ours (kvpress's full cache is listed as `full (transformers)`).", ""]
+             "the full-cache row is ours (kvpress's full cache is listed as `full (transformers)`). Quest rows "
+             "(bench/quest_study.py) give the bytes *read* per decode step; their cache holds what the label says.",
+             ""]
     for task in tasks:
         for length in lengths:
             methods = sorted({k[2] for k in both if k[:2] == (task, length)},
