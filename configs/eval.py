@@ -11,6 +11,7 @@ over the context packed under those masks, so only kept keys and value groups ar
 answer tokens uncompressed; generation="masked": a dense cache under the masks instead).
 
 A budget b is the fraction of the context's KV bytes kept: keys + values (half each) + index metadata.
+token_budgets gives budgets as counts instead (the bytes of N whole tokens per prompt; reported as "N tok").
   full                      no compression (reported at b = 1)
   snapkv h2o streaming key_norm random expected_attention
                             the token selector alone, keeping b of the tokens (+ int32 indices)
@@ -69,6 +70,10 @@ def get_config() -> ConfigDict:
     c.methods = ("full", "snapkv", "h2o", "streaming", "key_norm", "random", "expected_attention", "subtoken",
                  "combined", "joint", "routed")  # and routed_tokens, norm_groups, random_groups, norm_span
     c.budgets = (1.0, 0.75, 0.5, 0.25)  # fractions of the context's KV bytes kept, in (0, 1]
+    # budgets as counts instead: each N keeps the KV bytes of N whole tokens per prompt, whatever its length
+    # (token methods keep N tokens, joint N tokens' bytes, combined 2N / (1 + rho) tokens at rho of their groups);
+    # methods that keep every key (subtoken, routed, the group baselines) take fractions only
+    c.token_budgets = ()
     c.batch_size = 4  # prompts per batch
     c.pad_multiple = 32  # contexts are left-padded to a multiple of this (fewer shapes to compile)
     c.extra_new_tokens = 4  # tokens generated beyond the reference answer's length

@@ -132,6 +132,7 @@ RULES = {
     "eval.batches": count(1),
     # eval.py
     "budgets": fraction(each=True, note=_BUDGET),
+    "token_budgets": Range(low=1, integer=True, each=True, note="KV bytes of this many whole tokens per prompt"),
     "pad_multiple": count(1),
     "extra_new_tokens": count(0),
     "lookahead": count(0, "answer tokens drafted over the full cache to observe; 0 = the question alone"),

@@ -201,6 +201,40 @@ def test_packed_generation_equals_masked_dense(workdir, tmp_path):
     assert answers["packed"] == answers["masked"]
 
 
+def test_token_count_budgets_equal_the_same_fraction(workdir, tmp_path):
+    """token_budgets=(N,) on prompts of L tokens keeps what budgets=(N / L,) keeps: the same answers and bytes, by
+    the count path (kept_tokens / kv_tokens) instead of the fraction path; methods that keep every key say why."""
+    from subtoken_jax.evaluation import runner
+
+    from subtoken_jax.evaluation import tasks as tasks_lib
+
+    config = _config(**SMALL, tasks=("needle",))
+    source = runner.resolve_source(config, str(workdir))
+    lengths = {len(p.context) for p in tasks_lib.build_prompts("needle", config, source.tokenizer, source.bos,
+                                                                source.chat)}
+    assert len(lengths) == 1, lengths  # the needle prompts of one length have one context length
+    length = lengths.pop()
+    count = length // 4
+    got = {}
+    for name, budgets in (("fraction", dict(budgets=(count / length,))), ("tokens", dict(budgets=(),
+                                                                                        token_budgets=(count,)))):
+        config = _config(**SMALL, tasks=("needle",), methods=("snapkv", "combined", "joint", "subtoken"), **budgets)
+        config.diagnostic.enabled = False
+        result = runner.run(config, str(tmp_path / name), str(workdir))
+        got[name] = result
+    examples = {name: [(e["method"], e["prediction"]) for e in map(json.loads, open(tmp_path / name / "eval" /
+                                                                                   "examples.jsonl"))]
+                for name in got}
+    assert len(examples["tokens"]) == 6 and examples["tokens"] == examples["fraction"]
+    for a, b in zip(got["fraction"]["records"], got["tokens"]["records"]):
+        assert b["budget"] == count and a["method"] == b["method"]
+        assert b["kv_budget"] == pytest.approx(a["kv_budget"]) and b["key_fraction"] == pytest.approx(a["key_fraction"])
+    snapkv = next(r for r in got["tokens"]["records"] if r["method"] == "snapkv")
+    assert snapkv["key_fraction"] == pytest.approx(count / length)
+    assert any("subtoken keeps every key: give its budget as a fraction" in n for n in got["tokens"]["notes"])
+    assert f"| {count} tok |" in got["tokens"]["markdown"]
+
+
 def test_group_baselines_match_a_dense_brute_force(workdir, tmp_path):
     """norm_groups / random_groups / norm_span on the base: the masks their routers build during the prefill, checked
     against a dense full-sequence forward under numpy-built masks (keep-largest-norm per token), and the budgets."""
@@ -383,6 +417,7 @@ def test_hugging_face_folder(hf_folder, mmlu_csv, tmp_path):
     ({"methods": ("full", "magic")}, "unknown method(s) ['magic']; choose from: full, snapkv, h2o"),
     ({"budgets": (0.5, 1.5)}, "config.budgets=(0.5, 1.5): each value must be a number > 0 and <= 1"),
     ({"budgets": (0.0,)}, "config.budgets=(0.0,): each value must be a number > 0 and <= 1"),
+    ({"token_budgets": (16.5,)}, "config.token_budgets=(16.5,): each value must be an integer >= 1"),
     ({"tasks": ("needle",), "needle.lengths": (1000,)}, "exceeds the model's max_position_embeddings=256"),
     ({"tasks": ("perplexity",), "perplexity.seq_len": 300}, "exceeds the model's max_position_embeddings=256"),
     ({"tasks": ("mmlu",), "mmlu.files": ("/nonexistent/mmlu_test.csv",)}, "no file matches"),

@@ -71,6 +71,7 @@ class Plan:
     budget: float  # requested fraction of KV bytes
     token_fraction: Optional[float]  # tau (None: decided per token, as "joint" does; reported as realised)
     value_fraction: Optional[float]  # rho, among the kept tokens
+    kept_tokens: Optional[int] = None  # a token-count budget: the KV bytes of this many whole tokens per prompt
 
 
 def combined_split(budget: float, value_fraction: float, token_fractions: Sequence[float] = ()) -> Tuple[float, float]:
@@ -91,6 +92,23 @@ def combined_split(budget: float, value_fraction: float, token_fractions: Sequen
     if tau >= 1:
         return 1.0, min(2 * budget - 1, 1.0)
     return tau, value_fraction
+
+
+def plan_token_budget(method: str, tokens: int, config) -> Tuple[Optional[Plan], str]:
+    """(plan, "") or (None, why) for a budget of the KV bytes of `tokens` whole tokens per prompt.
+
+    The plan's budget is the count (reports show it as "N tok"); its realised KV-bytes fraction depends on each
+    prompt's length and is measured from the masks like any other."""
+    if method in TOKEN_METHODS:
+        return Plan(method, float(tokens), None, 1.0, kept_tokens=tokens), ""
+    if method == "joint":
+        return Plan(method, float(tokens), None, None, kept_tokens=tokens), ""
+    if method == "combined":
+        if config.combined.token_fractions:
+            return None, "combined with combined.token_fractions splits fractions only: leave token_budgets empty"
+        rho = config.combined.value_fraction  # tau * (1 + rho) / 2 = budget, in tokens: kept = 2N / (1 + rho)
+        return Plan(method, float(tokens), None, rho, kept_tokens=math.floor(2 * tokens / (1 + rho) + 1e-9)), ""
+    return None, f"{method} keeps every key: give its budget as a fraction (budgets), not as a token count"
 
 
 def plan_method(method: str, budget: float, config, model_cfg: Optional[ModelConfig] = None,
@@ -178,13 +196,17 @@ def recipe(plan: Plan, config, selectors: Dict[str, object], scorers: Optional[D
     scope = config.allocation_scope
     if plan.method == "full":
         return None
+    counted = plan.kept_tokens is not None
     if plan.method == "joint":
-        return JointCompression(plan.budget, scorer=_group_scorer(config.joint.scorer, config, scorers), scope=scope)
+        return JointCompression(1.0 if counted else plan.budget, kv_tokens=plan.kept_tokens,
+                                scorer=_group_scorer(config.joint.scorer, config, scorers), scope=scope)
+    tau = 1.0 if counted else plan.token_fraction
     if plan.method in TOKEN_METHODS:
-        return Compression(plan.budget, 1.0, selector=selectors[plan.method], scope=scope)
+        return Compression(plan.budget if not counted else 1.0, 1.0, selector=selectors[plan.method], scope=scope,
+                           kept_tokens=plan.kept_tokens)
     section = config.combined if plan.method == "combined" else config.subtoken
     selector = selectors[config.combined.selector] if plan.method == "combined" else "snapkv"
-    return Compression(plan.token_fraction, plan.value_fraction, selector=selector,
+    return Compression(tau, plan.value_fraction, selector=selector, kept_tokens=plan.kept_tokens,
                        scorer=_group_scorer(section.scorer, config, scorers), scope=scope)
 
 

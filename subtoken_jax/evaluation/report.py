@@ -61,6 +61,11 @@ def _cell(value: float, kv: float) -> str:
     return f"{text} ({kv:.2f})"
 
 
+def column_name(budget: float) -> str:
+    """A fraction of KV bytes (<= 1) as "b=0.5"; a token-count budget (> 1) as "256 tok"."""
+    return f"b={budget:g}" if budget <= 1 else f"{int(budget)} tok"
+
+
 def budget_table(rows: Sequence[dict], methods: Sequence[str], columns: Sequence[float],
                  budgets: Sequence[float]) -> List[str]:
     """Markdown lines of one task's records: a row per method, a column per budget in `columns`.
@@ -68,7 +73,7 @@ def budget_table(rows: Sequence[dict], methods: Sequence[str], columns: Sequence
     A cell is `value (realised KV-bytes fraction)`; "n/a" marks a requested budget the method could not
     fit; `full` has only its budget-1 cell.
     """
-    lines = ["| method | " + " | ".join(f"b={b:g}" for b in columns) + " |", "|---|" + "---|" * len(columns)]
+    lines = ["| method | " + " | ".join(column_name(b) for b in columns) + " |", "|---|" + "---|" * len(columns)]
     for method in methods:
         cells = {r["budget"]: r for r in rows if r["method"] == method}
         if not cells:
@@ -89,7 +94,8 @@ def markdown(records: Sequence[dict], tasks: Sequence[str], methods: Sequence[st
 
     `full` appears at budget 1 only; "n/a" marks a method that cannot fit a budget (see the notes).
     """
-    columns = sorted({float(b) for b in budgets} | {1.0}, reverse=True)
+    fractions = sorted({float(b) for b in budgets if b <= 1} | {1.0}, reverse=True)
+    columns = fractions + sorted({float(b) for b in budgets if b > 1}, reverse=True)
     lines: List[str] = ["# Evaluation results", "",
                         "Cells: metric value (realised fraction of the context's KV bytes, index metadata included).",
                         ""]

@@ -52,8 +52,8 @@ def validate(config: ConfigDict) -> None:
     if unknown or not config.tasks:
         raise ConfigError(f"unknown task(s) {unknown or '(none given)'}; choose from: {', '.join(tasks_lib.TASKS)}")
     methods_lib.check_method_config(config)
-    if not config.budgets:
-        raise ConfigError("budgets is empty; give fractions of KV bytes kept, in (0, 1]")
+    if not config.budgets and not config.get("token_budgets"):
+        raise ConfigError("budgets is empty; give fractions of KV bytes kept, in (0, 1] (or token_budgets)")
     for budget in config.budgets:
         check_budget(budget, "budget")
     if "combined" in config.methods:
@@ -297,6 +297,11 @@ class Evaluator:
 # ----------------------------------------------------------------------------- the whole evaluation
 
 
+def all_budgets(config) -> List[float]:
+    """The report's columns: fractions of KV bytes, then token counts (as floats > 1, shown as "N tok")."""
+    return [float(b) for b in config.budgets] + [float(n) for n in config.get("token_budgets", ())]
+
+
 def make_plans(config: ConfigDict, source: Source) -> Tuple[List[methods_lib.Plan], List[str]]:
     plans, notes = [], []
     budgets = sorted({float(b) for b in config.budgets}, reverse=True)
@@ -309,7 +314,15 @@ def make_plans(config: ConfigDict, source: Source) -> Tuple[List[methods_lib.Pla
                 notes.append(why)
             else:
                 plans.append(plan)
-    return plans, notes
+        for tokens in sorted({int(n) for n in config.get("token_budgets", ())}, reverse=True):
+            if method == "full":
+                continue
+            plan, why = methods_lib.plan_token_budget(method, tokens, config)
+            if plan is None:
+                notes.append(why)
+            else:
+                plans.append(plan)
+    return plans, list(dict.fromkeys(notes))
 
 
 def run(config: ConfigDict, workdir: str, source_dir: Optional[str] = None) -> Dict[str, Any]:
@@ -351,10 +364,10 @@ def _evaluate(config, source, inputs, plans, notes, out_dir, primary: bool = Tru
         examples += more
         jax.clear_caches()  # a task's compiled programs are not reused by the next (different shapes)
     method_order = list(dict.fromkeys(config.methods))
-    text = report_lib.markdown(records, list(config.tasks), method_order, [float(b) for b in config.budgets], notes)
+    text = report_lib.markdown(records, list(config.tasks), method_order, all_budgets(config), notes)
     if not primary:  # every process computed the same records; process 0 writes them
         return {"records": records, "notes": notes, "paths": {}, "markdown": text}
     paths = report_lib.write_all(out_dir, records, examples, text)
-    pngs = plots_lib.write_plots(out_dir, records, examples, [float(b) for b in config.budgets], evaluator.diagnostic)
+    pngs = plots_lib.write_plots(out_dir, records, examples, all_budgets(config), evaluator.diagnostic)
     return {"records": records, "notes": notes, "paths": {**paths, **{os.path.basename(p): p for p in pngs}},
             "markdown": text}
