@@ -41,12 +41,13 @@ from subtoken_jax.layers import rope_inverse_frequencies
 from subtoken_jax.model import DecoderLM, default_positions
 from subtoken_jax.packed_cache import (PackedCache, PackedLayer, _power_of_two, _round_capacity, cache_nbytes,
                                        pack_head_major)
-from subtoken_jax.selectors import PrefillState
+from subtoken_jax.selectors import KVzip, PrefillState
 from subtoken_jax.selectors.base import _draft_queries, _prefill
 
 # selectors whose decisions need more than one head's slots, or every query of the prefill
 _NOT_PER_HEAD = {"h2o": "needs every prefill query's attention", "adakv": "moves budget across heads",
-                 "pyramidkv": "moves budget across layers", "predictor": "scores with per-layer parameters"}
+                 "pyramidkv": "moves budget across layers", "predictor": "scores with per-layer parameters",
+                 "kvzip": "repeats the whole context, which a chunked prefill never holds"}
 
 
 @flax.struct.dataclass
@@ -72,6 +73,7 @@ def check_chunked_recipe(compression) -> None:
                          "context's mean value, which a chunked prefill never holds)")
     for part in ("selector", "scorer"):
         name = getattr(compression, part, None)
+        name = "kvzip" if isinstance(name, KVzip) else name
         if isinstance(name, str) and name in _NOT_PER_HEAD:
             raise InputError(f"prefill_chunk cannot use {part} {name!r}: it {_NOT_PER_HEAD[name]}")
 

@@ -36,7 +36,7 @@ from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.model import DecoderLM, default_positions
 from subtoken_jax.packed_cache import IMPLS, LAYOUTS, PackedCache, bucketed_sizes, pack_cache, shard_cache
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
-from subtoken_jax.selectors import PrefillState, capture_prefill_state
+from subtoken_jax.selectors import PrefillState, capture_prefill_state, reconstruction_prompt
 from subtoken_jax.shape_buckets import bucket_length, left_pad
 
 
@@ -135,7 +135,7 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
     capture = _compiled_capture if bucket else capture_prefill_state
     state, logits = capture(model, params, prompt_ids, question_ids, context_mask=attention_mask,
                             question_mask=question_mask, window=min(window, prompt_ids.shape[1]), return_logits=True,
-                            lookahead=lookahead)
+                            lookahead=lookahead, reconstruct=reconstruction_prompt(compression))
     masks = _compiled_compression(compression, state) if bucket else compression(state)
     kwargs.setdefault("value_fill", getattr(compression, "value_fill", "zero"))
     tokens, packed = generate_from_state(model, params, state, masks, max_new_tokens=max_new_tokens,
@@ -147,7 +147,7 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
 # With bucketed shapes, each stage before decoding runs as one compiled program per bucket: run op by op,
 # the capture, the recipe and the packing compiled several hundred small programs over a stream of 20 prompts.
 _compiled_capture = jax.jit(capture_prefill_state, static_argnames=(
-    "model", "window", "with_attention", "chunk", "return_logits", "lookahead"))
+    "model", "window", "with_attention", "chunk", "return_logits", "lookahead", "reconstruct"))
 
 
 @functools.partial(jax.jit, static_argnames=("compression",))

@@ -527,7 +527,8 @@ def tiny():
     context_mask = jnp.asarray([[1] * CONTEXT, [0] * PAD + [1] * (CONTEXT - PAD)], jnp.int32)
     question_future = jnp.asarray(rng.choice(topic, (2, QUESTION + FUTURE)), jnp.int32)
     question = question_future[:, :QUESTION]
-    state = capture_prefill_state(model, params, context, question, context_mask=context_mask, with_attention=True)
+    state = capture_prefill_state(model, params, context, question, context_mask=context_mask, with_attention=True,
+                                  reconstruct=(1, 2))  # KVzip's pass too, so every selector can run on it
     return model, params, context, context_mask, question, question_future, state
 
 
@@ -618,3 +619,80 @@ def test_expected_attention_correlates_with_realised_attention(tiny):
     # Value-group scores multiply attention by group norms; at random init attention is nearly uniform, so
     # their correlation is dominated by the (shared) norms and is only printed. The token level is the test.
     assert np.mean(token) > 0.4 and min(token) > 0.0
+
+
+def ref_global_select(scores, budget, positions, protect_first):
+    """scores [L, B, S, H]: per row, one ranking of every real (layer, token, head) by (protected, score, position)
+    descending, then flat index; keeps round(budget x real tokens) x H x L of them."""
+    layers, batch, length, heads = scores.shape
+    mask = np.zeros(scores.shape, np.float32)
+    for b in range(batch):
+        real = [s for s in range(length) if positions[b, s] >= 0]
+        k = int(np.round(np.float32(budget) * np.float32(len(real)))) * heads * layers
+        triples = [(l, s, h) for l in range(layers) for s in real for h in range(heads)]
+        order = sorted(triples, key=lambda t: (positions[b, t[1]] >= protect_first, -scores[t[0], b, t[1], t[2]],
+                                               -positions[b, t[1]], (t[0] * length + t[1]) * heads + t[2]))
+        for l, s, h in order[:k]:
+            mask[l, b, s, h] = 1.0
+    return mask
+
+
+def test_kvzip_matches_a_brute_force_reconstruction(tiny):
+    """KVzip's statistic from one dense forward over context + instruction + context again (numpy softmax over every
+    key a repeated token sees, max over its queries and the group's heads), then one global ranking of
+    (layer, token, head) with the sinks kept; the layerwise variant ranks per layer and head."""
+    from subtoken_jax.selectors import KVzip
+
+    model, params, context, context_mask, question, _, _ = tiny
+    prompt = (3, 9, 27)
+    state = capture_prefill_state(model, params, context, question, context_mask=context_mask, reconstruct=prompt)
+    batch = context.shape[0]
+    ids = jnp.concatenate([context, jnp.broadcast_to(jnp.asarray(prompt, jnp.int32), (batch, 3)), context], axis=1)
+    mask = jnp.concatenate([context_mask, jnp.ones((batch, 3), jnp.int32), context_mask], axis=1)
+    cache = KVCache.create(model.config, batch, ids.shape[1], jnp.float32)
+    (_, cache), variables = model.apply({"params": params}, ids, attention_mask=mask, cache=cache, mutable=["prefill"])
+    pos = np.asarray(cache.positions)
+    heads, kv_heads = model.config.num_heads, model.config.num_kv_heads
+    rep, dim = heads // kv_heads, model.config.resolved_head_dim
+    for layer in range(2):
+        q = np.asarray(variables["prefill"][f"layer_{layer}"]["attn"]["queries"][0], np.float64)
+        k = np.asarray(cache.keys[layer], np.float64)
+        want = np.zeros((batch, kv_heads, CONTEXT))
+        for b in range(batch):
+            for t in range(CONTEXT, ids.shape[1]):
+                if pos[b, t] < 0:
+                    continue
+                seen = [s for s in range(ids.shape[1]) if 0 <= pos[b, s] <= pos[b, t]]
+                for h in range(heads):
+                    logits = np.array([q[b, t, h] @ k[b, s, h // rep] for s in seen]) / np.sqrt(dim)
+                    w = np.exp(logits - logits.max())
+                    w /= w.sum()
+                    for s, ws in zip(seen, w):
+                        if s < CONTEXT:
+                            want[b, h // rep, s] = max(want[b, h // rep, s], ws)
+        np.testing.assert_allclose(np.asarray(state.reconstruction[layer]), want, atol=2e-5)
+    scores = np.stack([np.transpose(np.asarray(r), (0, 2, 1)) for r in state.reconstruction])
+    positions = np.asarray(state.positions)
+    got = np.stack([np.asarray(m) for m in KVzip(prompt).masks(state, 0.4)])
+    np.testing.assert_array_equal(got, ref_global_select(scores, 0.4, positions, 4))
+    for layer, m in enumerate(KVzip(prompt, layerwise=True).masks(state, 0.4)):
+        np.testing.assert_array_equal(np.asarray(m), ref_select(scores[layer], 0.4, positions, protect_first=4))
+    with pytest.raises(InputError, match="KVzip needs the reconstruction pass"):
+        KVzip().masks(capture_prefill_state(model, params, context, question, context_mask=context_mask), 0.4)
+
+
+def test_kvzip_through_generate(tiny):
+    """generate runs KVzip's reconstruction for a recipe that names it (by name or instance); chunked prefill,
+    which never holds the whole context, refuses it."""
+    from subtoken_jax import Compression, generate
+    from subtoken_jax.selectors import KVzip
+
+    model, params, context, context_mask, question, _, _ = tiny
+    by_name = generate(model, params, context, attention_mask=context_mask, question_ids=question, max_new_tokens=3,
+                       compression=Compression(0.5, selector="kvzip"))
+    by_instance = generate(model, params, context, attention_mask=context_mask, question_ids=question,
+                           max_new_tokens=3, compression=Compression(0.5, selector=KVzip()))
+    np.testing.assert_array_equal(np.asarray(by_name), np.asarray(by_instance))
+    with pytest.raises(InputError, match="repeats the whole context"):
+        generate(model, params, context, attention_mask=context_mask, question_ids=question, max_new_tokens=3,
+                 compression=Compression(0.5, selector=KVzip(), scope="head"), prefill_chunk=16)

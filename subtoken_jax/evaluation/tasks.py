@@ -126,6 +126,16 @@ def chat_split(tokenizer, document: str, query: str) -> Tuple[List[int], List[in
     return list(tokenizer.encode(rendered[:cut])), list(tokenizer.encode(rendered[cut:]))
 
 
+def repeat_prompt(tokenizer, chat: bool) -> Tuple[int, ...]:
+    """KVzip's reconstruction prompt as token ids: its instruction, closing the user's turn when the model
+    chats (the instruction then the assistant's turn start, as kvpress renders it)."""
+    from subtoken_jax.selectors.kvzip import REPEAT_INSTRUCTION
+
+    if chat:
+        return tuple(chat_split(tokenizer, "Context.", REPEAT_INSTRUCTION.strip())[1])
+    return tuple(tokenizer.encode(REPEAT_INSTRUCTION))
+
+
 def read_haystack(path: str) -> Optional[List[str]]:
     """Sentences of the text file `path` for needle haystacks (synthetic_tasks.prose_sentences); "" = generated filler."""
     if not path:

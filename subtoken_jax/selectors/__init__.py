@@ -14,6 +14,7 @@ from subtoken_jax.selectors.expected_attention import (ExpectedAttention, expect
                                                        future_statistics, query_statistics)
 from subtoken_jax.selectors.h2o import H2O
 from subtoken_jax.selectors.key_norm import KeyNorm
+from subtoken_jax.selectors.kvzip import KVzip, layer_adaptive_select, reconstruction_prompt
 from subtoken_jax.selectors.pyramid import PyramidKV, pyramid_fractions
 from subtoken_jax.selectors.random_select import RandomSelector
 from subtoken_jax.selectors.snapkv import SnapKV, pool1d
@@ -24,11 +25,11 @@ from subtoken_jax.selectors.tova import TOVA, last_query_attention
 
 TOKEN_SELECTORS = {"snapkv": SnapKV, "h2o": H2O, "streaming": StreamingLLM, "key_norm": KeyNorm,
                    "random": RandomSelector, "expected_attention": ExpectedAttention, "tova": TOVA,
-                   "pyramidkv": PyramidKV, "adakv": AdaKV}
+                   "pyramidkv": PyramidKV, "adakv": AdaKV, "kvzip": KVzip}
 
 __all__ = ["SCOPES", "TOKEN_SELECTORS", "TOVA", "accumulated_attention", "AdaKV", "allocate_joint",
            "allocate_value_groups", "budget_count", "capture_prefill_state", "combine", "expected_attention_weights",
-           "ExpectedAttention", "future_statistics", "head_adaptive_select", "KeyNorm", "kv_bytes_fraction",
+           "ExpectedAttention", "future_statistics", "head_adaptive_select", "KeyNorm", "KVzip", "layer_adaptive_select", "kv_bytes_fraction",
            "last_query_attention", "layer_value_group_scores", "pad_to_capacity", "PrefillState", "pyramid_fractions",
-           "PyramidKV", "query_statistics", "RandomSelector", "select_tokens", "SnapKV", "StreamingLLM",
+           "PyramidKV", "query_statistics", "RandomSelector", "reconstruction_prompt", "select_tokens", "SnapKV", "StreamingLLM",
            "TokenSelector", "value_group_norms", "value_group_scorer", "value_group_scores", "window_attention"]

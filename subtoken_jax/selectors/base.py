@@ -43,6 +43,9 @@ class PrefillState:
     # [B] context tokens the state stands for, evicted ones included (a state of survivors + one chunk in chunked
     # prefill); budgets given as fractions are fractions of these. None: the state's real slots.
     context_tokens: Optional[jax.Array] = None
+    # KVzip: [B, Hkv, S] per layer, the most attention each context key got from any query head of its group while
+    # the model repeated the context (`capture_prefill_state(..., reconstruct=...)`); None when not captured
+    reconstruction: Optional[Tuple[jax.Array, ...]] = None
 
     @property
     def num_layers(self) -> int:
@@ -107,6 +110,48 @@ def _attention_received(queries, keys, q_positions, kv_positions, sliding_window
     return jnp.mean(jnp.sum(weights, axis=3), axis=2)
 
 
+def max_attention_received(queries, keys, q_positions, kv_positions, context_len: int, *, chunk: int = 256):
+    """KVzip's statistic: the largest attention weight each of the first `context_len` keys receives from any
+    query and any query head of its KV group, [B, Hkv, context_len]. The softmax runs over every key a query may
+    see (`keys` may extend past the context); queries go in chunks so their weights never materialise at once."""
+    best = None
+    for start in range(0, queries.shape[1], chunk):
+        part = _max_received(queries[:, start:start + chunk], keys, q_positions[:, start:start + chunk], kv_positions,
+                             context_len)
+        best = part if best is None else jnp.maximum(best, part)
+    return best
+
+
+@functools.partial(jax.jit, static_argnames=("context_len",))
+def _max_received(queries, keys, q_positions, kv_positions, context_len):
+    allowed = attention_allowed(q_positions, kv_positions)
+    key = keys.astype(jnp.float32)
+    _, weights = attend(queries.astype(jnp.float32), key, key, allowed, return_weights=True)  # [B, Hkv, R, T, S']
+    weights = jnp.where((q_positions >= 0)[:, None, None, :, None], weights[..., :context_len], 0.0)
+    return jnp.max(weights, axis=(2, 3))
+
+
+def _reconstruction(model: DecoderLM, params, keys, values, positions, context_ids, context_mask, prompt_ids,
+                    chunk: int):
+    """Runs prompt_ids + the context again on top of the context's cache (the model asked to repeat it) and
+    returns each layer's max_attention_received over the context keys."""
+    batch, ctx_len = context_ids.shape
+    prompt = jnp.broadcast_to(jnp.asarray(prompt_ids, jnp.int32)[None], (batch, len(prompt_ids)))
+    ids = jnp.concatenate([prompt, context_ids], axis=1)
+    mask = jnp.concatenate([jnp.ones(prompt.shape, jnp.int32),
+                            jnp.ones((batch, ctx_len), jnp.int32) if context_mask is None else
+                            jnp.asarray(context_mask, jnp.int32)], axis=1)
+    q_positions = default_positions(ids, mask, jnp.max(positions, axis=1, keepdims=True) + 1)
+    extra = ids.shape[1]
+    grow = lambda x: jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))  # noqa: E731
+    cache = KVCache(keys=tuple(grow(k) for k in keys), values=tuple(grow(v) for v in values),
+                    positions=jnp.pad(positions, ((0, 0), (0, extra)), constant_values=-1),
+                    index=jnp.asarray(ctx_len, jnp.int32))
+    cache, queries, _ = _prefill(model, params, ids, q_positions, cache)
+    return tuple(max_attention_received(queries[i], cache.keys[i], q_positions, cache.positions, ctx_len, chunk=chunk)
+                 for i in range(model.config.num_layers))
+
+
 # ----------------------------------------------------------------------------- capture
 
 
@@ -120,7 +165,8 @@ def _prefill(model: DecoderLM, params, ids, positions, cache):
 
 def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=None, *, context_mask=None,
                           question_mask=None, window: int = 8, with_attention: bool = False,
-                          chunk: int = 256, return_logits: bool = False, lookahead: int = 0):
+                          chunk: int = 256, return_logits: bool = False, lookahead: int = 0,
+                          reconstruct: Optional[Tuple[int, ...]] = None):
     """Prefills the context into a KV cache and captures what selectors need.
 
     context_ids [B, S] (left-pad ragged rows, context_mask 1 = real). With question_ids [B, W] the
@@ -136,6 +182,10 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
     copies the span that follows what the question matched, which the question itself barely attends
     to). The draft is discarded: the answer is generated afresh from the compressed cache. Costs L
     decode steps on the full cache, which exists at this point anyway.
+
+    reconstruct (token ids, e.g. a "Repeat the previous context" turn; () for none): KVzip's pass. The prompt
+    then the whole context run again over the context's cache, and each context key's largest attention from
+    those queries is kept as `state.reconstruction` (query-agnostic: the question plays no part in it).
     """
     cfg = model.config
     context_ids = jnp.asarray(context_ids, jnp.int32)
@@ -163,6 +213,12 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
             raise InputError(f"observation window {window} must be in [1, context length {ctx_len}]")
         queries = tuple(q[:, -window:] for q in ctx_queries)
         q_positions = positions[:, -window:]
+    reconstruction = None
+    if reconstruct is not None:
+        if model.config.routing.enabled:
+            raise InputError("reconstruct (KVzip) needs a dense model: a routed model's cache carries group masks")
+        reconstruction = _reconstruction(model, params, keys, values, positions, context_ids, context_mask,
+                                         tuple(int(t) for t in reconstruct), chunk)
     attention = None
     if with_attention:
         attention = tuple(accumulated_attention(ctx_queries[i], keys[i], positions, positions,
@@ -172,7 +228,7 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
                                                     dict(cfg.rope_scaling) if cfg.rope_scaling else None))
     state = PrefillState(keys=keys, values=values, queries=queries, positions=positions, query_positions=q_positions,
                          inv_freq=inv_freq, attention=attention, value_groups=cfg.value_groups,
-                         window_in_context=question_ids is None)
+                         window_in_context=question_ids is None, reconstruction=reconstruction)
     return (state, last_logits) if return_logits else state
 
 
