@@ -43,6 +43,7 @@ from subtoken_jax.packed_cache import (PackedCache, PackedLayer, _power_of_two, 
                                        pack_head_major)
 from subtoken_jax.selectors import KVzip, PrefillState
 from subtoken_jax.selectors.base import _draft_queries, _prefill
+from subtoken_jax.shape_buckets import bucket_length, left_pad
 
 # selectors whose decisions need more than one head's slots, or every query of the prefill
 _NOT_PER_HEAD = {"h2o": "needs every prefill query's attention", "adakv": "moves budget across heads",
@@ -171,6 +172,8 @@ def _sizes(slots, keeps, group_masks, bucket: bool):
         length, groups = s.positions.shape[-1], s.present.shape[-1]
         sizes.append((_power_of_two(pairs, length * groups), _power_of_two(keys, length)) if bucket
                      else (_round_capacity(pairs), keys))
+    if bucket:  # one size for every layer: a tuple of per-layer sizes would compile the model per combination
+        sizes = [tuple(max(size[i] for size in sizes) for i in range(2))] * len(sizes)
     return tuple(sizes)
 
 
@@ -214,8 +217,10 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
                                 bucket: bool = False, compress_every: Optional[int] = None):
     """Generates after context_ids [B, P] (+ question_ids [B, Q]) prefilled chunk_size tokens at a time, the
     cache compressed by `compression` (a `Compression` / `JointCompression` with scope "head") after every
-    chunk. attention_mask / question_mask: left-padded rows. bucket: packed sizes rounded to powers of two (fewer
-    compilations over a long context, up to twice the packed slots). Other arguments as `compressed_generate`.
+    chunk. attention_mask / question_mask: left-padded rows. bucket: for streams of prompts of many lengths, the
+    context is left-padded to a whole number of chunks (every chunk then has one shape), the question to a bucketed
+    length (`shape_buckets`) and packed sizes rounded up to one power of two for all layers: a bounded number of
+    compiled programs, for up to twice the packed slots. Other arguments as `compressed_generate`.
 
     compress_every N: decoding-time compression too: every N decoded tokens, the tail (the question and the
     tokens decoded since) is compressed with the prefix under the same recipe, the window being the last decoded
@@ -236,6 +241,17 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
         raise InputError(f"compress_every must be >= 1 decoded token, got {compress_every!r}")
     context_ids = np.asarray(context_ids, np.int32)
     _check_lengths(model, context_ids, question_ids, max_new_tokens)
+    if bucket:  # padding is masked: no position, never attended, never kept
+        room = model.config.max_position_embeddings - max_new_tokens - compression.lookahead
+        if question_ids is not None:
+            q_len = question_ids.shape[1]
+            q_len = max(q_len, min(bucket_length(q_len), room - context_ids.shape[1]))
+            question_ids, question_mask = left_pad(question_ids, question_mask, q_len)
+            room -= q_len
+        whole = -(-context_ids.shape[1] // chunk_size) * chunk_size
+        context_ids, attention_mask = left_pad(context_ids, attention_mask, max(context_ids.shape[1],
+                                                                                 min(whole, room)))
+        context_ids, attention_mask = np.asarray(context_ids), np.asarray(attention_mask)
     cfg = model.config
     batch, length = context_ids.shape
     mask = np.ones_like(context_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)

@@ -44,16 +44,17 @@ def streaming_keep(candidates, seen: int, fraction: float, sinks: int = 4):
     return sorted(sorted(candidates, key=lambda p: (p >= sinks, -p))[:k])
 
 
-@pytest.mark.parametrize("chunk", [4, 6])
-def test_chunked_streaming_equals_dense_cache_under_brute_force_masks(setup, chunk):
+@pytest.mark.parametrize("chunk, bucket", [(4, False), (6, False), (6, True)])
+def test_chunked_streaming_equals_dense_cache_under_brute_force_masks(setup, chunk, bucket):
     """Each chunk attends to the survivors of the earlier rounds only: a dense cache with the brute-force kept
-    positions as token masks, run chunk by chunk, gives the same answer."""
+    positions as token masks, run chunk by chunk, gives the same answer. bucket: the context is left-padded to
+    whole chunks (the remainder is the first chunk) and the question to its bucket; the padding changes nothing."""
     model, params, context, question, _ = setup
     fraction = 0.375
     compression = Compression(token_fraction=fraction, selector="streaming", scope="head")
     tokens, packed, rounds = chunked_compressed_generate(model, params, context, question_ids=question,
                                                          compression=compression, chunk_size=chunk,
-                                                         max_new_tokens=NEW)
+                                                         max_new_tokens=NEW, bucket=bucket)
     capacity = CONTEXT + QUESTION + NEW
     cache = KVCache.create(CONFIG, 2, capacity)
     keep = np.ones(capacity, np.float32)
@@ -63,9 +64,10 @@ def test_chunked_streaming_equals_dense_cache_under_brute_force_masks(setup, chu
         mask = jnp.broadcast_to(jnp.asarray(keep)[None, :, None], (2, capacity, CONFIG.num_kv_heads))
         return model.apply({"params": params}, ids, cache=cache, token_keep_mask=mask)
 
-    for start in range(0, CONTEXT, chunk):
-        _, cache = run(context[:, start:start + chunk], cache)
-        seen = min(start + chunk, CONTEXT)
+    ends = list(range(CONTEXT % chunk if bucket else chunk, CONTEXT, chunk)) + [CONTEXT]
+    ends = [e for e in ends if e > 0]
+    for start, seen in zip([0] + ends[:-1], ends):
+        _, cache = run(context[:, start:seen], cache)
         survivors = streaming_keep(survivors + list(range(start, seen)), seen, fraction)
         keep[:seen] = 0
         keep[survivors] = 1
@@ -75,11 +77,11 @@ def test_chunked_streaming_equals_dense_cache_under_brute_force_masks(setup, chu
         logits, cache = run(expected[-1][:, None].astype(jnp.int32), cache)
         expected.append(jnp.argmax(logits[:, -1], -1))
     np.testing.assert_array_equal(tokens, jnp.stack(expected, axis=1))
-    assert [r["tokens_seen"] for r in rounds] == list(range(chunk, CONTEXT, chunk)) + [CONTEXT]
+    assert [r["tokens_seen"] for r in rounds] == ends
     # the final prefix holds the brute-force kept positions, in every layer and KV head
-    for layer in packed.layers:
-        held = np.sort(np.asarray(layer.keys.positions), axis=-1)
-        np.testing.assert_array_equal(held, np.broadcast_to(survivors, held.shape))
+    for layer in packed.layers:  # (with bucket, slots beyond the survivors are empty: position -1)
+        held = np.asarray(layer.keys.positions).reshape(-1, layer.keys.positions.shape[-1])
+        assert all(sorted(row[row >= 0]) == survivors for row in held)
 
 
 def test_the_cache_holds_the_budget_plus_one_chunk(setup):
