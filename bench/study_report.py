@@ -98,7 +98,7 @@ def _kvpress(out_dir):
             text = tokenizer.decode(r["generated_ids"])
             method = "full" if r["press"] == "full" else f"kvpress:{r['press']}"
             key = (p["task"], int(p["length"]), method, float(r["budget"]))
-            if r["press"].startswith("adakv"):  # AdaKV masks inside a full-size cache: its budget is the nominal one
+            if r["press"].startswith("adakv") or r["press"] == "kvzip":  # masks inside a full-size cache: nominal budget
                 kv = float(r["budget"])
             else:
                 kv = (r["kept_tokens"] - r["question_tokens"]) / r["context_tokens"]
@@ -209,7 +209,7 @@ def agreement(ours, theirs, tasks, lengths, budgets):
     lines = []
     # our selector -> kvpress's press of the same method (our AdaKV wraps SnapKV, as the study's AdaKV press does)
     pairs = {"snapkv": "snapkv", "expected_attention": "expected_attention", "streaming": "streaming",
-             "key_norm": "key_norm", "tova": "tova", "adakv": "adakv_snapkv"}
+             "key_norm": "key_norm", "tova": "tova", "adakv": "adakv_snapkv", "kvzip": "kvzip"}
     for name, press in pairs.items():
         diffs = []
         for task in tasks:
