@@ -109,6 +109,7 @@ def read_prompts(task: str, length: int, count: int):
 
 
 def run_accuracy(args):
+    import jax
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -131,7 +132,7 @@ def run_accuracy(args):
         compression = recipe(method, budget)
         if mode == "one_shot":
             tokens = generate(model, params, context, question_ids=question, compression=compression,
-                              max_new_tokens=prompt["max_new_tokens"], eos_id=prompt["eos_id"])
+                              max_new_tokens=prompt["max_new_tokens"], eos_id=prompt["eos_id"], bucket=True)
         else:
             tokens = chunked_compressed_generate(model, params, context, question_ids=question, compression=compression,
                                                  max_new_tokens=prompt["max_new_tokens"], eos_id=prompt["eos_id"],
@@ -142,6 +143,7 @@ def run_accuracy(args):
             fh.write(json.dumps({"id": prompt["id"], "task": prompt["task"], "method": method, "budget": budget,
                                  "mode": mode, "generated": text,
                                  "correct": bool(score(prompt["task"], text, prompt["answer"], chat=True))}) + "\n")
+        jax.clear_caches()  # compiled programs of earlier prompts: on CPU they pin memory mappings until LLVM runs out
 
 
 def report():

@@ -64,6 +64,7 @@ def copy_accuracy(source: str, generated: str) -> float:
 
 
 def run(args):
+    import jax
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -100,6 +101,9 @@ def run(args):
                                  "text": tokenizer.decode(ids[:ids.index(tokenizer.eos_id)]
                                                           if tokenizer.eos_id in ids else ids),
                                  "source": texts[i], "rounds": rounds, "seconds": time.perf_counter() - start}) + "\n")
+        # every round packs to its exact sizes (the bytes are the point here), so each compiles its own programs: on
+        # CPU their code pins memory mappings until LLVM runs out, so drop them between generations
+        jax.clear_caches()
 
 
 def held_over_bound(rounds, budget: float):
