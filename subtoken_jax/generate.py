@@ -16,9 +16,16 @@ from subtoken_jax.compressed_generate import compressed_generate, decode_chunks,
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.kv_cache import KVCache, TailedKVCache
-from subtoken_jax.model import DecoderLM
+from subtoken_jax.model import DecoderLM, default_positions
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
-from subtoken_jax.shape_buckets import bucket_length, left_pad
+from subtoken_jax.shape_buckets import full_prefill_plan, left_pad
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _prefill_chunk(model: DecoderLM, params, ids, positions, cache):
+    """One chunk of a prompt written into the cache at explicit positions (-1 = padding); last logits [B, V]."""
+    logits, cache = model.apply({"params": params}, ids, positions=positions, cache=cache)
+    return logits[:, -1], cache
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -71,10 +78,12 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     the prompt's KV cache is compressed and packed after prefill, and question_ids [B, Q] (optional)
     then run over it uncompressed before the answer (left-padded rows: question_mask); compressed_kwargs
     go to `generate_from_state` (layout, impl, capacity, chunk, ...). Without compression, question_ids
-    are simply appended to the prompt. bucket: prompts (and the question) are left-padded to a few bucketed
-    lengths (`shape_buckets`) and the cache sized likewise, so prompts of many lengths share compiled
-    programs; padding is masked and changes no token. None: on for the full cache, off with compression
-    (see `compressed_generate`). mesh: a `jax.sharding.Mesh` to run on (rows over its batch axes, params by
+    are simply appended to the prompt. bucket: prompts of many lengths share compiled programs; padding is
+    masked and changes no token. The full cache: the prompt is left-padded to whole chunks of
+    `shape_buckets.PREFILL_CHUNK` tokens (short prompts: to their bucket) and prefilled chunk by chunk into a
+    cache of one of two capacities per octave, so one chunk program and one decode program serve every prompt
+    whose cache falls in a capacity. With compression: see `compressed_generate`. None: on for the full cache,
+    off with compression. mesh: a `jax.sharding.Mesh` to run on (rows over its batch axes, params by
     the model's logical rules, the cache by batch and KV head); None: an enclosing `sharding.use_mesh`'s, if any.
     chunk: decode steps per compiled scan when progress is shown (without progress, one scan decodes them all).
     prefill_chunk: with compression, the prompt is prefilled this many tokens at a time and compressed after each
@@ -130,18 +139,28 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
         raise InputError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     check_sampling(temperature, top_k, rng)
-    if bucket is None or bucket:
-        # buckets never past the model's positions: a prompt that fits must not be refused for its bucket
-        limit = model.config.max_position_embeddings
-        padded = min(bucket_length(prompt_len), limit - max_new_tokens)
-        prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, padded)
-        capacity = min(bucket_length(padded + max_new_tokens), limit)
     rng = rng if rng is not None else jax.random.key(0)
-    params, prompt_ids, attention_mask = on_active_mesh(model, params, prompt_ids, attention_mask)
-    cache = KVCache.create(model.config, batch, capacity)
-    logits, cache = _forward_with_cache(model, params, prompt_ids, cache, attention_mask)
+    if bucket is None or bucket:
+        # a bounded number of programs for prompts of any length: the prompt left-padded to whole chunks, prefilled
+        # chunk by chunk into a cache of a coarse capacity bucket (shape_buckets.full_prefill_plan)
+        padded, chunk_len, capacity = full_prefill_plan(prompt_len, max_new_tokens, model.config.max_position_embeddings)
+        prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, padded)
+        mask = np.asarray(attention_mask)
+        positions = np.asarray(default_positions(prompt_ids, jnp.asarray(mask)))
+        params, prompt_ids, positions = on_active_mesh(model, params, prompt_ids, jnp.asarray(positions))
+        cache = KVCache.create(model.config, batch, capacity)
+        for start in range(0, padded, chunk_len):
+            if not mask[:, start:start + chunk_len].any():  # padding only: nothing to write
+                continue
+            last_logits, cache = _prefill_chunk(model, params, prompt_ids[:, start:start + chunk_len],
+                                                positions[:, start:start + chunk_len], cache)
+    else:
+        params, prompt_ids, attention_mask = on_active_mesh(model, params, prompt_ids, attention_mask)
+        cache = KVCache.create(model.config, batch, capacity)
+        logits, cache = _forward_with_cache(model, params, prompt_ids, cache, attention_mask)
+        last_logits = logits[:, -1]
     rng, first_rng = jax.random.split(rng)
-    token, done = hold_eos(pick_token(logits[:, -1], first_rng, temperature, top_k), jnp.zeros((batch,), bool),
+    token, done = hold_eos(pick_token(last_logits, first_rng, temperature, top_k), jnp.zeros((batch,), bool),
                            eos_id)
     pieces = [token[:, None]]
     remaining = max_new_tokens - 1

@@ -16,6 +16,9 @@ import numpy as np
 
 STEPS_PER_OCTAVE = 4  # buckets 512, 640, 768, 896, 1024, 1280, ...: padding < 1 / STEPS_PER_OCTAVE of a length
 SMALLEST = 16  # below this, one bucket
+# the full-cache prefill of a longer prompt runs in chunks of this many tokens into a cache of a coarse capacity
+# bucket (`capacity_bucket`): one compiled chunk program and one decode program per capacity, whatever the length
+PREFILL_CHUNK = 256
 
 
 def bucket_length(n: int) -> int:
@@ -26,6 +29,31 @@ def bucket_length(n: int) -> int:
     octave = 1 << (n - 1).bit_length() - 1  # largest power of two < n
     step = octave // STEPS_PER_OCTAVE
     return -(-n // step) * step
+
+
+def capacity_bucket(n: int) -> int:
+    """The smallest of SMALLEST, 2^k and 3 x 2^(k-1) that is >= n: two cache capacities per octave."""
+    n = int(n)
+    if n <= SMALLEST:
+        return SMALLEST
+    power = 1 << (n - 1).bit_length()  # smallest power of two >= n
+    return power * 3 // 4 if power * 3 // 4 >= n else power
+
+
+def full_prefill_plan(length: int, new_tokens: int, limit: int) -> Tuple[int, int, int]:
+    """(padded prompt length, prefill chunk, cache capacity) of a full-cache generation with bucketing.
+
+    Up to PREFILL_CHUNK tokens: one chunk of the prompt's bucket_length. Longer: a whole number of PREFILL_CHUNK
+    chunks (the first carries the left padding). Never past the model's `limit` positions: a prompt that fits is
+    not refused for its bucket (its chunks then cover it unevenly)."""
+    room = limit - new_tokens
+    if length <= PREFILL_CHUNK:
+        padded = max(length, min(bucket_length(length), room))
+        chunk = padded
+    else:
+        padded = max(length, min(-(-length // PREFILL_CHUNK) * PREFILL_CHUNK, room))
+        chunk = PREFILL_CHUNK
+    return padded, chunk, min(capacity_bucket(padded + new_tokens), limit)
 
 
 def left_pad(ids, mask: Optional[jnp.ndarray], length: int, pad_id: int = 0) -> Tuple[jnp.ndarray, jnp.ndarray]:

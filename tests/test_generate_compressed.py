@@ -357,3 +357,32 @@ def test_a_prompt_that_fits_is_not_refused_for_its_bucket(setup, compression, le
     bucketed = generate(model, params, prompt, max_new_tokens=4, bucket=True, **kwargs)
     plain = generate(model, params, prompt, max_new_tokens=4, bucket=False, **kwargs)
     np.testing.assert_array_equal(bucketed, plain)
+
+
+def test_full_cache_prefill_in_chunks_equals_one_shot_and_compiles_per_capacity(setup, monkeypatch):
+    """With prefill chunks of 8 tokens, prompts of 17 to 23 tokens (padded to 24, capacity 32 with the question and
+    the new tokens) give the unbucketed tokens, and after the first, the others compile nothing."""
+    import jax.monitoring
+
+    from subtoken_jax import shape_buckets
+
+    monkeypatch.setattr(shape_buckets, "PREFILL_CHUNK", 8)
+    model, params, _, question, _ = setup
+    assert shape_buckets.full_prefill_plan(17, NEW, 64) == (24, 8, 32)
+    compiles = []
+    listener = lambda event, secs, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None  # noqa
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for length in (17, 20, 23):
+            context = np.random.default_rng(length).integers(0, CONFIG.vocab_size, (2, length))
+            mask = np.ones((2, length), np.int32)
+            mask[1, :6] = 0
+            before = len(compiles)
+            chunked = generate(model, params, context, attention_mask=mask, max_new_tokens=NEW, bucket=True)
+            if length != 17:
+                assert len(compiles) == before, f"{len(compiles) - before} compilations for a {length}-token prompt"
+            np.testing.assert_array_equal(chunked, generate(model, params, context, attention_mask=mask,
+                                                            max_new_tokens=NEW, bucket=False))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert [shape_buckets.capacity_bucket(n) for n in (16, 17, 24, 25, 33, 48, 49)] == [16, 24, 24, 32, 48, 48, 64]
