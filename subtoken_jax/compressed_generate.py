@@ -37,7 +37,7 @@ from subtoken_jax.model import DecoderLM, default_positions
 from subtoken_jax.packed_cache import IMPLS, LAYOUTS, PackedCache, bucketed_sizes, pack_cache, shard_cache
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
 from subtoken_jax.selectors import PrefillState, capture_prefill_state, reconstruction_prompt
-from subtoken_jax.shape_buckets import bucket_length, left_pad
+from subtoken_jax.shape_buckets import bucket_length, capacity_bucket, left_pad
 
 
 def packed_decode_step(model: DecoderLM, params, cache: PackedCache, token: jax.Array, position: jax.Array):
@@ -125,7 +125,9 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
         if question_ids is not None:
             question_len = max(question_len, min(bucket_length(question_len), room - prompt_len))
             question_ids, question_mask = left_pad(question_ids, question_mask, question_len)
-        padded = max(prompt_len, min(bucket_length(prompt_len), room - question_len))
+        # two buckets per octave: the capture, the recipe and the packing each compile once per bucket, and a
+        # compilation costs more than the padded tokens' compute (20 prompts of 20 lengths, bench/generate_stream.py)
+        padded = max(prompt_len, min(capacity_bucket(prompt_len), room - question_len))
         prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, padded)
         kwargs.setdefault("bucket", True)
     params, prompt_ids, attention_mask, question_ids, question_mask = on_active_mesh(
