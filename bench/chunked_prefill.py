@@ -26,6 +26,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench import common  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 OUT = os.path.join(ROOT, "bench", "results", "chunked_prefill")
@@ -119,10 +121,7 @@ def run_accuracy(args):
 
     path = os.path.join(OUT, "accuracy.jsonl")
     os.makedirs(OUT, exist_ok=True)
-    done = set()
-    if os.path.exists(path):
-        with open(path) as fh:
-            done = {(r["id"], r["method"], r["budget"], r["mode"]) for r in map(json.loads, fh)}
+    done = common.done_records(path, "id", "method", "budget", "mode")
     model, params, tokenizer = load_model()
     jobs = [(p, method, budget, mode) for task in args.tasks for p in read_prompts(task, args.length, args.prompts)
             for method in args.methods for budget in args.budgets for mode in ("one_shot", "chunked")

@@ -63,3 +63,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def done_records(path: str, *fields: str) -> set:
+    """The (fields...) tuples of the JSON-lines records already in `path`: what a resumed bench skips."""
+    if not os.path.exists(path):
+        return set()
+    with open(path) as fh:
+        return {tuple(r[f] for f in fields) for r in map(json.loads, fh)}

@@ -26,6 +26,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import common  # noqa: E402
+
 HAYSTACK = os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "test.txt")
 OUT = os.environ.get("DECODING_OUT", os.path.join(ROOT, "bench", "results", "decoding_compression"))
 QUERY = "Repeat the text above word for word."
@@ -75,10 +77,7 @@ def run(args):
 
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, "records.jsonl")
-    done = set()
-    if os.path.exists(path):
-        with open(path) as fh:
-            done = {(r["passage"], r["method"]) for r in map(json.loads, fh)}
+    done = common.done_records(path, "passage", "method")
     model, params, tokenizer = load_pretrained("smollm2-135m-instruct", value_groups=8)
     texts = passages(tokenizer, args.passages, args.tokens)
     methods = ["full"] + [f"{m}@{args.budget}/every{args.every}" for m in args.methods]

@@ -23,6 +23,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import common  # noqa: E402
+
 PROMPTS = os.path.join(ROOT, "bench", "results", "study", "prompts")
 OUT = os.path.join(ROOT, "bench", "results", "quest")
 PAGE = 16
@@ -48,10 +50,7 @@ def run(args):
 
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, "records.jsonl")
-    done = set()
-    if os.path.exists(path):
-        with open(path) as fh:
-            done = {(r["id"], r["method"], r["budget"]) for r in map(json.loads, fh)}
+    done = common.done_records(path, "id", "method", "budget")
     model, params, tokenizer = load_pretrained("smollm2-135m-instruct", value_groups=8)
     prompts = []
     for task in args.tasks:

@@ -6,22 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from subtoken_jax import Compression, InputError, JointCompression, KVCache, ModelConfig, generate, init_params
+from subtoken_jax import Compression, InputError, JointCompression, KVCache, generate
 from subtoken_jax.chunked_prefill import chunked_compressed_generate, join, chunk_slots, prefix_slots
 from subtoken_jax.packed_cache import pack_head_major
+from generation_fixtures import CONTEXT, NEW, QUESTION, tiny_config, tiny_setup
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     value_groups=4, max_position_embeddings=96)
-CONTEXT, QUESTION, NEW = 16, 3, 5
+CONFIG = tiny_config(max_position_embeddings=96)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model, params = init_params(CONFIG, jax.random.key(11))
-    context = jax.random.randint(jax.random.key(1), (2, CONTEXT), 0, CONFIG.vocab_size)
-    question = jax.random.randint(jax.random.key(2), (2, QUESTION), 0, CONFIG.vocab_size)
-    mask = jnp.ones((2, CONTEXT), jnp.int32).at[1, :4].set(0)  # row 1 left-padded
-    return model, params, context, question, mask
+    return tiny_setup(CONFIG)
 
 
 @pytest.mark.parametrize("compression", [

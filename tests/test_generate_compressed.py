@@ -13,19 +13,14 @@ from subtoken_jax.layer_caches import PackedLayerCache, layer_view
 from subtoken_jax.packed_cache import bucketed_sizes, pack_cache
 from subtoken_jax.selectors import capture_prefill_state, pad_to_capacity
 from subtoken_jax.shape_buckets import bucket_length
+from generation_fixtures import CONTEXT, NEW, QUESTION, tiny_config, tiny_setup
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     value_groups=4, max_position_embeddings=64)
-CONTEXT, QUESTION, NEW = 16, 3, 5
+CONFIG = tiny_config(max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model, params = init_params(CONFIG, jax.random.key(11))
-    context = jax.random.randint(jax.random.key(1), (2, CONTEXT), 0, CONFIG.vocab_size)
-    question = jax.random.randint(jax.random.key(2), (2, QUESTION), 0, CONFIG.vocab_size)
-    mask = jnp.ones((2, CONTEXT), jnp.int32).at[1, :4].set(0)  # row 1 left-padded
-    return model, params, context, question, mask
+    return tiny_setup(CONFIG)
 
 
 def masked_dense_answer(model, params, context, question, mask, masks, new_tokens):
