@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-PRESSES = ("snapkv", "expected_attention", "streaming", "tova", "adakv_snapkv", "key_norm", "kvzip")
+PRESSES = ("snapkv", "expected_attention", "streaming", "tova", "adakv_snapkv", "key_norm", "kvzip", "pyramidkv")
 # query-agnostic presses: the context alone is prefilled (and compressed) under the press, then the question is
 # read over the compressed cache, as in kvpress's own pipeline; the others see context + question
 CONTEXT_ONLY = ("kvzip",)
@@ -72,6 +72,9 @@ def make_press(name: str, ratio: float, question_tokens: int):
         return kvpress.TOVAPress(compression_ratio=ratio)
     if name == "key_norm":
         return kvpress.KnormPress(compression_ratio=ratio)
+    if name == "pyramidkv":  # SnapKV scores under layer budgets (beta 20); kvpress falls back to SnapKV's uniform
+        # budget when the smallest layer's would be under the window
+        return kvpress.PyramidKVPress(compression_ratio=ratio, window_size=question_tokens, kernel_size=5)
     if name == "kvzip":  # masks inside the full-size cache (kvpress: "fake compression"), one ranking over layers
         _tokenizer_from_gguf()
         return kvpress.KVzipPress(compression_ratio=ratio)
