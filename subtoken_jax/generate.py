@@ -146,6 +146,8 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
         padded, chunk_len, capacity = full_prefill_plan(prompt_len, max_new_tokens, model.config.max_position_embeddings)
         prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, padded)
         mask = np.asarray(attention_mask)
+        if not mask.any(axis=1).all():
+            raise InputError("attention_mask marks no real token in some prompt row: every row needs one")
         positions = np.asarray(default_positions(prompt_ids, jnp.asarray(mask)))
         params, prompt_ids, positions = on_active_mesh(model, params, prompt_ids, jnp.asarray(positions))
         cache = KVCache.create(model.config, batch, capacity)

@@ -252,6 +252,8 @@ def test_good_masks_still_apply(tiny):
     (lambda m, p: generate(m, p, jnp.ones((6,), jnp.int32), max_new_tokens=2), "add a batch axis"),
     (lambda m, p: m.apply({"params": p}, jnp.ones((6,), jnp.int32)), "add a batch axis"),
     (lambda m, p: generate(m, p, jnp.ones((1, 6), jnp.float32), max_new_tokens=2), "must hold integer token ids"),
+    (lambda m, p: generate(m, p, jnp.ones((2, 6), jnp.int32), attention_mask=jnp.asarray([[1] * 6, [0] * 6]),
+                           max_new_tokens=2), "attention_mask marks no real token in some prompt row"),
 ])
 def test_bad_api_inputs(tiny, call, message):
     model, params = tiny
