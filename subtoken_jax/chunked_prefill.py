@@ -11,7 +11,10 @@ into a new packed prefix under the budget, measured against every context token 
 (`PrefillState.context_tokens`). The observation window of a round is the chunk's last `window` tokens (the
 question is not known yet); the last round's is the question (and `lookahead` drafted answer tokens, drafted
 over survivors + last chunk), as in one-shot compression, so a chunk as long as the context gives one-shot
-compression. Contexts longer than a full cache would fit become possible.
+compression. When the question is known before the context is read (a served question over a retrieved
+document), `observe_question=True` makes every round's window the question itself, run over that round's
+survivors + chunk (its keys and values are not kept; the question is read once more at the end). Contexts
+longer than a full cache would fit become possible.
 
 Each KV head of each layer keeps its own tokens, so between rounds a layer's slots are head-major (`HeadSlots`),
 and a round's recipe sees them folded: one layer with one KV head per (layer, row, KV head) row
@@ -214,13 +217,17 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
                                 max_new_tokens: int, question_ids=None, attention_mask=None, question_mask=None,
                                 temperature: float = 0.0, top_k: Optional[int] = None, rng=None,
                                 eos_id: Optional[int] = None, progress: bool = False, chunk: int = 64,
-                                bucket: bool = False, compress_every: Optional[int] = None):
+                                bucket: bool = False, compress_every: Optional[int] = None,
+                                observe_question: bool = False):
     """Generates after context_ids [B, P] (+ question_ids [B, Q]) prefilled chunk_size tokens at a time, the
     cache compressed by `compression` (a `Compression` / `JointCompression` with scope "head") after every
     chunk. attention_mask / question_mask: left-padded rows. bucket: for streams of prompts of many lengths, the
     context is left-padded to a whole number of chunks (every chunk then has one shape), the question to a bucketed
     length (`shape_buckets`) and packed sizes rounded up to one power of two for all layers: a bounded number of
     compiled programs, for up to twice the packed slots. Other arguments as `compressed_generate`.
+
+    observe_question: every round observes through the question (run over that round's survivors + chunk,
+    then dropped), not only the last; needs question_ids.
 
     compress_every N: decoding-time compression too: every N decoded tokens, the tail (the question and the
     tokens decoded since) is compressed with the prefix under the same recipe, the window being the last decoded
@@ -258,6 +265,8 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
     positions = np.asarray(default_positions(jnp.asarray(context_ids), jnp.asarray(mask)))
     q_len = 0 if question_ids is None else question_ids.shape[1]
     lookahead = compression.lookahead
+    if observe_question and question_ids is None:
+        raise InputError("observe_question observes every chunk through the question: give question_ids")
     if lookahead and question_ids is None:
         raise InputError(f"lookahead={lookahead} drafts an answer to a question: give question_ids")
     params, = on_active_mesh(model, params)
@@ -270,7 +279,7 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
         ids, pos = context_ids[:, start:start + chunk_size], positions[:, start:start + chunk_size]
         width = ids.shape[1]
         last = start == starts[-1]
-        room = width + (q_len + lookahead if last and question_ids is not None else 0)
+        room = width + (q_len + lookahead if last and question_ids is not None else q_len if observe_question else 0)
         if layers is None:  # the first chunk: a dense cache of its own size (float32, as one-shot capture keeps it)
             cache = KVCache.create(cfg, batch, room, jnp.float32)
         else:
@@ -288,6 +297,12 @@ def chunked_compressed_generate(model: DecoderLM, params, context_ids, *, compre
                                                 cache)
             if lookahead:
                 queries, q_positions = _draft_queries(model, params, cache, queries, q_positions, q_logits, lookahead)
+            in_context = False
+        elif observe_question:  # the question over survivors + this chunk; the slots above hold the chunk only
+            q_mask = jnp.ones((batch, q_len), jnp.int32) if question_mask is None else \
+                jnp.asarray(question_mask, jnp.int32)
+            q_positions = default_positions(jnp.asarray(question_ids, jnp.int32), q_mask, prefix_end[:, None])
+            _, queries, _ = _prefill(model, params, jnp.asarray(question_ids, jnp.int32), q_positions, cache)
             in_context = False
         else:
             queries = tuple(q[:, -window:] for q in queries)

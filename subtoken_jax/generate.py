@@ -70,7 +70,8 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
              temperature: float = 0.0, top_k: Optional[int] = None, rng: Optional[jax.Array] = None,
              eos_id: Optional[int] = None, progress: bool = False, compression=None, question_ids=None,
              question_mask=None, bucket: Optional[bool] = None, mesh=None, chunk: int = 64,
-             prefill_chunk: Optional[int] = None, compress_every: Optional[int] = None, **compressed_kwargs):
+             prefill_chunk: Optional[int] = None, compress_every: Optional[int] = None, observe_question: bool = False,
+             **compressed_kwargs):
     """Generates max_new_tokens after prompt_ids [B, T] (left-pad ragged prompts and pass attention_mask).
 
     Returns int32 [B, max_new_tokens]; after an EOS a row keeps emitting EOS. temperature 0 is greedy.
@@ -88,7 +89,8 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     chunk: decode steps per compiled scan when progress is shown (without progress, one scan decodes them all).
     prefill_chunk: with compression, the prompt is prefilled this many tokens at a time and compressed after each
     chunk, so the cache never holds more than the budget plus one chunk (`chunked_prefill`; the recipe needs
-    scope="head"). compress_every: with compression, the tokens decoded are compressed into the packed cache
+    scope="head"); observe_question: every chunk is observed through the question, not only the last (when the
+    question is known before the context is read). compress_every: with compression, the tokens decoded are compressed into the packed cache
     every this many steps under the same recipe (with a token-count budget, memory stays bounded however long
     the generation; see `chunked_prefill.chunked_compressed_generate`).
     """
@@ -98,9 +100,11 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
                             temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id, progress=progress,
                             compression=compression, question_ids=question_ids, question_mask=question_mask,
                             bucket=bucket, chunk=chunk, prefill_chunk=prefill_chunk, compress_every=compress_every,
-                            **compressed_kwargs)
+                            observe_question=observe_question, **compressed_kwargs)
     check_ids(prompt_ids, "prompt_ids")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
+    if observe_question and prefill_chunk is None:
+        raise InputError("observe_question observes each prefill chunk through the question: give prefill_chunk")
     if prefill_chunk is not None or compress_every is not None:
         if compression is None:
             raise InputError("prefill_chunk / compress_every compress as they go: give them with compression=...")
@@ -114,7 +118,7 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
                                            question_ids=question_ids, attention_mask=attention_mask,
                                            question_mask=question_mask, temperature=temperature, top_k=top_k,
                                            rng=rng, eos_id=eos_id, progress=progress, chunk=chunk,
-                                           bucket=bool(bucket))[0]
+                                           bucket=bool(bucket), observe_question=observe_question)[0]
     if compression is not None:
         return compressed_generate(model, params, prompt_ids, compression=compression, max_new_tokens=max_new_tokens,
                                    question_ids=question_ids, attention_mask=attention_mask, question_mask=question_mask,

@@ -206,3 +206,54 @@ def test_without_decoding_compression_the_answer_is_unchanged(setup):
     with pytest.raises(InputError, match="compress_every must be >= 1"):
         generate(model, params, context, question_ids=question, compression=compression, max_new_tokens=3,
                  compress_every=0)
+
+
+def test_observe_question_every_round_equals_a_brute_force(setup):
+    """observe_question: each round keeps the tokens the question attends to most when read over that round's
+    survivors + chunk. Brute force: a dense cache under per-(layer, head) keep masks, the question's queries taken
+    from the model, softmax over the candidate slots, mean over the group's heads and the question's tokens."""
+    from subtoken_jax.selectors import SnapKV
+
+    model, params, context, question, _ = setup
+    chunk, fraction = 8, 0.5
+    compression = Compression(token_fraction=fraction, selector=SnapKV(kernel_size=1), scope="head")
+    _, packed, _ = chunked_compressed_generate(model, params, context, question_ids=question, compression=compression,
+                                               chunk_size=chunk, max_new_tokens=2, observe_question=True)
+    layers, heads, rep = CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.num_heads // CONFIG.num_kv_heads
+    capacity = CONTEXT + QUESTION
+    keep = np.ones((layers, 2, capacity, heads), np.float32)
+    cache = KVCache.create(CONFIG, 2, capacity, jnp.float32)
+    survivors = [[[[] for _ in range(heads)] for _ in range(2)] for _ in range(layers)]
+    for start in range(0, CONTEXT, chunk):
+        masks = tuple(jnp.asarray(m) for m in keep)
+        _, cache = model.apply({"params": params}, context[:, start:start + chunk], cache=cache, token_keep_mask=masks)
+        positions = jnp.broadcast_to(jnp.arange(QUESTION, dtype=jnp.int32) + start + chunk, (2, QUESTION))
+        (_, asked), variables = model.apply({"params": params}, question, positions=positions, cache=cache,
+                                            token_keep_mask=masks, mutable=["prefill"])
+        seen = start + chunk
+        for layer in range(layers):
+            q = np.asarray(variables["prefill"][f"layer_{layer}"]["attn"]["queries"][0], np.float64)
+            k = np.asarray(asked.keys[layer], np.float64)
+            for b in range(2):
+                for h in range(heads):
+                    slots = survivors[layer][b][h] + list(range(start, seen))
+                    score = np.zeros(len(slots))
+                    for r in range(rep):
+                        logits = q[b, :, h * rep + r] @ k[b, slots, h].T / np.sqrt(k.shape[-1])  # [Q, slots]
+                        w = np.exp(logits - logits.max(axis=1, keepdims=True))
+                        score += (w / w.sum(axis=1, keepdims=True)).sum(axis=0) / (rep * QUESTION)
+                    order = sorted(range(len(slots)), key=lambda i: (-score[i], -slots[i]))
+                    survivors[layer][b][h] = sorted(slots[i] for i in order[:int(np.floor(fraction * seen))])
+                    keep[layer, b, :seen, h] = 0
+                    keep[layer, b, survivors[layer][b][h], h] = 1
+    for layer in range(layers):
+        held = np.asarray(packed.layers[layer].keys.positions)
+        for b in range(2):
+            for h in range(heads):
+                assert sorted(held[b, h][held[b, h] >= 0]) == survivors[layer][b][h], (layer, b, h)
+    with pytest.raises(InputError, match="give prefill_chunk"):
+        generate(model, params, context, question_ids=question, compression=compression, max_new_tokens=2,
+                 observe_question=True)
+    with pytest.raises(InputError, match="observe_question observes every chunk through the question"):
+        chunked_compressed_generate(model, params, context, compression=compression, chunk_size=chunk,
+                                    max_new_tokens=2, observe_question=True)
