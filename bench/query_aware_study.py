@@ -102,7 +102,9 @@ for steps in (8, 24):
 VARIANTS.update({"kvzip": {"methods": ("kvzip",)},
                  "kvzip+groups(snapkv)": {"methods": ("combined",), "combined.selector": "kvzip",
                                           "combined.scorer": "snapkv"}})
-KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv", "kvzip", "pyramidkv")
+# kvpress's PyramidKV is left out: its layers then hold different numbers of tokens, and decoding over them in
+# transformers 5.2 fails (eager attention's mask is sized from one layer: "size of tensor a (998) must match ...")
+KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv", "kvzip")
 SEED = 2026
 NEEDLE_DEPTHS = tuple(float(d) for d in np.linspace(0, 1, 10))
 # --dev: the development set every step-2 choice is made on before it runs on the study's prompts
