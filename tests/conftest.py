@@ -18,3 +18,13 @@ def tiny_hf(request, tmp_path_factory):
     """(family, folder, torch model) for each supported architecture."""
     folder = str(tmp_path_factory.mktemp(f"hf_{request.param}"))
     return request.param, folder, build_tiny_hf_model(request.param, folder)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_programs():
+    """Each xdist worker runs many modules in one process; on the CPU backend every compiled program's code keeps
+    memory mappings until LLVM runs out ("Cannot allocate memory"), so programs are dropped after each module."""
+    yield
+    import jax
+
+    jax.clear_caches()
