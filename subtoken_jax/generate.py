@@ -16,7 +16,7 @@ from subtoken_jax.compressed_generate import compressed_generate, decode_chunks,
 from subtoken_jax.errors import InputError
 from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.kv_cache import KVCache, TailedKVCache
-from subtoken_jax.model import DecoderLM, default_positions
+from subtoken_jax.model import DecoderLM
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
 from subtoken_jax.shape_buckets import full_prefill_plan, left_pad
 
@@ -152,14 +152,16 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
         mask = np.asarray(attention_mask)
         if not mask.any(axis=1).all():
             raise InputError("attention_mask marks no real token in some prompt row: every row needs one")
-        positions = np.asarray(default_positions(prompt_ids, jnp.asarray(mask)))
-        params, prompt_ids, positions = on_active_mesh(model, params, prompt_ids, jnp.asarray(positions))
+        ids = np.asarray(prompt_ids)
+        positions = np.where(mask > 0, np.cumsum(mask, axis=1) - 1, -1).astype(np.int32)  # default_positions
         cache = KVCache.create(model.config, batch, capacity)
         for start in range(0, padded, chunk_len):
             if not mask[:, start:start + chunk_len].any():  # padding only: nothing to write
                 continue
-            last_logits, cache = _prefill_chunk(model, params, prompt_ids[:, start:start + chunk_len],
-                                                positions[:, start:start + chunk_len], cache)
+            # sliced on the host: a slice of a device array compiles per offset
+            params, piece, piece_positions = on_active_mesh(model, params, ids[:, start:start + chunk_len],
+                                                            positions[:, start:start + chunk_len])
+            last_logits, cache = _prefill_chunk(model, params, piece, piece_positions, cache)
     else:
         params, prompt_ids, attention_mask = on_active_mesh(model, params, prompt_ids, attention_mask)
         cache = KVCache.create(model.config, batch, capacity)
