@@ -83,7 +83,7 @@ def prompts(task: str, tokenizer, count: int, tokens: int):
     out = []
     for i in range(count):
         first = 1000 * (i + 1)
-        out.append((f"Count from {first} to {first + COUNT - 1}.", "Write every number in order, separated by commas.",
+        out.append((f"Count from {first} to {first + COUNT - 1}.", "Write every number, one per line, and nothing else.",
                     "\n".join(str(n) for n in range(first, first + COUNT))))
     return out
 
