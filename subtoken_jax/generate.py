@@ -154,13 +154,14 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
             raise InputError("attention_mask marks no real token in some prompt row: every row needs one")
         ids = np.asarray(prompt_ids)
         positions = np.where(mask > 0, np.cumsum(mask, axis=1) - 1, -1).astype(np.int32)  # default_positions
+        params, = on_active_mesh(model, params)
         cache = KVCache.create(model.config, batch, capacity)
         for start in range(0, padded, chunk_len):
             if not mask[:, start:start + chunk_len].any():  # padding only: nothing to write
                 continue
             # sliced on the host: a slice of a device array compiles per offset
-            params, piece, piece_positions = on_active_mesh(model, params, ids[:, start:start + chunk_len],
-                                                            positions[:, start:start + chunk_len])
+            piece, piece_positions = sharding.place_batch_leading((ids[:, start:start + chunk_len],
+                                                                   positions[:, start:start + chunk_len]))
             last_logits, cache = _prefill_chunk(model, params, piece, piece_positions, cache)
     else:
         params, prompt_ids, attention_mask = on_active_mesh(model, params, prompt_ids, attention_mask)
