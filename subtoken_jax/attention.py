@@ -164,6 +164,50 @@ def attend_cache_and_chunk(query, cache_keys, cache_values, cache_allowed, chunk
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
+def attend_written_blocks(query, q_positions, keys, values, kv_positions, written, *, block: int,
+                          sliding_window: Optional[int] = None):
+    """`attend` over only the first `written` slots of a cache, `block` slots at a time (one online softmax).
+
+    A prefill chunk written into a cache of a coarse capacity bucket would otherwise score every slot of the
+    capacity, empty ones included (up to 1.5x the prompt, and twice the causal work); this loop stops after the
+    blocks written so far, whatever the capacity, so one compiled program serves every chunk of a capacity.
+    query [B, T, Hq, D], q_positions [B, T]; keys / values [B, S, Hkv, D] with S a multiple of `block`,
+    kv_positions [B, S] (-1 empty); written: scalar, the slots filled (the chunk included). No masks.
+    """
+    batch, q_len, num_heads, head_dim = query.shape
+    slots, kv_heads = keys.shape[1], keys.shape[2]
+    if slots % block:
+        raise ValueError(f"cache slots {slots} are not a multiple of block {block}")
+    reps = num_heads // kv_heads
+    q = query.reshape(batch, q_len, kv_heads, reps, head_dim)
+    floor = jnp.finfo(jnp.float32).min
+
+    def body(i, carry):
+        top, total, acc = carry  # running max / sum [B, Hkv, R, T], unnormalised output [B, T, Hkv, R, D]
+        start = i * block
+        k = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1).astype(query.dtype)
+        v = jax.lax.dynamic_slice_in_dim(values, start, block, axis=1).astype(query.dtype)
+        allowed = attention_allowed(q_positions, jax.lax.dynamic_slice_in_dim(kv_positions, start, block, axis=1),
+                                    sliding_window=sliding_window)
+        allowed &= (start + jnp.arange(block)) < written  # the last block's slots past `written`
+        scores = jnp.where(allowed, grouped_scores(q, k).astype(jnp.float32) * (head_dim ** -0.5), floor)
+        new_top = jnp.maximum(top, scores.max(axis=-1))
+        weights = jnp.where(allowed, jnp.exp(scores - new_top[..., None]), 0.0)
+        rescale = jnp.exp(top - new_top)
+        total = total * rescale + weights.sum(axis=-1)
+        rescale_out = jnp.transpose(rescale, (0, 3, 1, 2))[..., None]  # [B, T, Hkv, R, 1]
+        acc = acc * rescale_out + grouped_readout(weights.astype(v.dtype), v).astype(jnp.float32)
+        return new_top, total, acc
+
+    stats = jnp.full((batch, kv_heads, reps, q_len), floor, jnp.float32)
+    init = (stats, jnp.zeros_like(stats), jnp.zeros((batch, q_len, kv_heads, reps, head_dim), jnp.float32))
+    count = (jnp.minimum(written, slots) + block - 1) // block
+    _, total, acc = jax.lax.fori_loop(0, count, body, init)
+    total = jnp.transpose(total, (0, 3, 1, 2))[..., None]
+    out = jnp.where(total > 0, acc / jnp.where(total > 0, total, 1.0), 0.0)  # fully masked rows: zeros
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+
+
 class Attention(nn.Module):
     """Self-attention of one decoder layer (GQA, RoPE, optional sliding window, LoRA, KV cache)."""
 

@@ -22,7 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from subtoken_jax.attention import attend, attend_cache_and_chunk, attention_allowed
+from subtoken_jax.attention import attend, attend_cache_and_chunk, attend_written_blocks, attention_allowed
 from subtoken_jax.errors import InputError
 from subtoken_jax.kernels.packed_decode import packed_decode_attention
 from subtoken_jax.kv_cache import KVCache, QuestKVCache, TailedKVCache
@@ -33,6 +33,20 @@ from subtoken_jax.quest_pages import quest_keep
 # A chunk of at most this many tokens (decode steps, a short question) is attended apart from the cache it
 # is written into; a longer one (a prefill) attends over the written cache, with attend's query chunking.
 CHUNK_APART_MAX = 64
+# A prefill chunk of at most this many tokens attends block by block over the slots written so far
+# (attention.attend_written_blocks), in blocks of the largest of WRITTEN_BLOCKS that divides the capacity.
+WRITTEN_BLOCKS_MAX_CHUNK = 512
+WRITTEN_BLOCKS = (256, 128)
+
+
+def _written_block(chunk: int, slots: int) -> int:
+    """The key block of a prefill chunk's attention over the written slots only (0: attend every slot).
+
+    Chunks of a chunked prefill (more rows than CHUNK_APART_MAX, at most WRITTEN_BLOCKS_MAX_CHUNK) in a cache of
+    whole blocks; a one-shot prefill keeps `attend`'s query chunking over its own, exactly sized cache."""
+    if not CHUNK_APART_MAX < chunk <= WRITTEN_BLOCKS_MAX_CHUNK:
+        return 0
+    return next((b for b in WRITTEN_BLOCKS if slots % b == 0 and slots > b), 0)
 
 
 def _write_at(old: jax.Array, new: jax.Array, index) -> jax.Array:
@@ -98,6 +112,10 @@ class DenseLayerCache:
                 attention_allowed(q_positions, positions, sliding_window=sliding_window),
                 chunk_keys.astype(query.dtype), chunk_values.astype(query.dtype),
                 attention_allowed(q_positions, chunk_positions, sliding_window=sliding_window))
+        block = _written_block(query.shape[1], self.keys.shape[1])
+        if block and value_group_mask is None and token_keep_mask is None and not self.routed:
+            return attend_written_blocks(query, q_positions, self.keys, self.values, self.positions, self.index,
+                                         block=block, sliding_window=sliding_window)
         allowed = attention_allowed(q_positions, self.positions, sliding_window=sliding_window,
                                     token_keep_mask=token_keep_mask)
         mask = value_group_mask if value_group_mask is not None else self.group_mask

@@ -148,3 +148,37 @@ def test_left_padded_batch_matches_unpadded_rows():
     alone = model.apply({"params": params}, row)
     with_pad = model.apply({"params": params}, padded, attention_mask=mask)
     np.testing.assert_allclose(with_pad[:, 3:], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_attending_written_blocks_attends_only_the_written_slots(window):
+    """attend_written_blocks (online softmax over blocks of the written slots) against a numpy loop over the first
+    `written` slots: left padding, a chunk attending causally to itself, and slots past `written` holding valid
+    positions and large keys, which a loop that read them would let dominate."""
+    from subtoken_jax.attention import attend_written_blocks
+
+    rng = np.random.default_rng(3)
+    batch, slots, kv_heads, heads, dim, chunk, written = 2, 16, 2, 4, 8, 3, 10
+    keys = rng.normal(size=(batch, slots, kv_heads, dim)).astype(np.float32)
+    values = rng.normal(size=(batch, slots, kv_heads, dim)).astype(np.float32)
+    query = rng.normal(size=(batch, chunk, heads, dim)).astype(np.float32)
+    positions = np.tile(np.arange(slots), (batch, 1))
+    positions[1, :3] = -1  # left padding
+    positions[:, written:] = np.arange(slots - written) + 3  # not written yet, with positions a reader would allow
+    keys[:, written:] *= 20.0
+    q_positions = positions[:, written - chunk:written]
+    expected = np.zeros((batch, chunk, heads, dim))
+    for b in range(batch):
+        for t in range(chunk):
+            for h in range(heads):
+                kh = h // (heads // kv_heads)
+                seen = [s for s in range(written) if 0 <= positions[b, s] <= q_positions[b, t]
+                        and (window is None or q_positions[b, t] - positions[b, s] < window)]
+                scores = np.array([query[b, t, h] @ keys[b, s, kh] for s in seen]) / np.sqrt(dim)
+                weights = np.exp(scores - scores.max())
+                expected[b, t, h] = (weights / weights.sum()) @ values[b, seen, kh]
+    for block in (4, 8):  # written = 10 ends inside a block either way
+        ours = attend_written_blocks(jnp.asarray(query), jnp.asarray(q_positions), jnp.asarray(keys),
+                                     jnp.asarray(values), jnp.asarray(positions), jnp.asarray(written, jnp.int32),
+                                     block=block, sliding_window=window)
+        np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5)

@@ -354,14 +354,25 @@ def test_a_prompt_that_fits_is_not_refused_for_its_bucket(setup, compression, le
     np.testing.assert_array_equal(bucketed, plain)
 
 
-def test_full_cache_prefill_in_chunks_equals_one_shot_and_compiles_per_capacity(setup, monkeypatch):
+@pytest.mark.parametrize("written_blocks", [False, True])
+def test_full_cache_prefill_in_chunks_equals_one_shot_and_compiles_per_capacity(setup, monkeypatch, written_blocks):
     """With prefill chunks of 8 tokens, prompts of 17 to 23 tokens (padded to 24, capacity 32 with the question and
-    the new tokens) give the unbucketed tokens, and after the first, the others compile nothing."""
+    the new tokens) give the unbucketed tokens, and after the first, the others compile nothing. written_blocks:
+    each chunk attends block by block over the slots written so far (attend_written_blocks, blocks of 8), as
+    SmolLM2's 256-token chunks do; the unbucketed reference attends over every slot."""
     import jax.monitoring
 
-    from subtoken_jax import shape_buckets
+    from subtoken_jax import attention, shape_buckets
 
     monkeypatch.setattr(shape_buckets, "PREFILL_CHUNK", 8)
+    blocks_used = []
+    jax.clear_caches()  # the patched constants are read when a program is traced
+    if written_blocks:
+        monkeypatch.setattr(layer_caches, "CHUNK_APART_MAX", 4)
+        monkeypatch.setattr(layer_caches, "WRITTEN_BLOCKS", (8,))
+        real = attention.attend_written_blocks
+        monkeypatch.setattr(layer_caches, "attend_written_blocks",
+                            lambda *a, **k: blocks_used.append(k["block"]) or real(*a, **k))
     model, params, _, question, _ = setup
     assert shape_buckets.full_prefill_plan(17, NEW, 64) == (24, 8, 32)
     compiles = []
@@ -376,8 +387,11 @@ def test_full_cache_prefill_in_chunks_equals_one_shot_and_compiles_per_capacity(
             chunked = generate(model, params, context, attention_mask=mask, max_new_tokens=NEW, bucket=True)
             if length != 17:
                 assert len(compiles) == before, f"{len(compiles) - before} compilations for a {length}-token prompt"
-            np.testing.assert_array_equal(chunked, generate(model, params, context, attention_mask=mask,
-                                                            max_new_tokens=NEW, bucket=False))
+            with monkeypatch.context() as plain:
+                plain.setattr(layer_caches, "WRITTEN_BLOCKS", ())
+                np.testing.assert_array_equal(chunked, generate(model, params, context, attention_mask=mask,
+                                                                max_new_tokens=NEW, bucket=False))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+    assert bool(blocks_used) == written_blocks
     assert [shape_buckets.capacity_bucket(n) for n in (16, 17, 24, 25, 33, 48, 49)] == [16, 24, 24, 32, 48, 48, 64]
