@@ -84,11 +84,12 @@ def memory_one(mode: str):
     if mode == "full":
         tokens = generate(model, params, context, question_ids=question, max_new_tokens=new)
     elif mode == "one_shot":
-        tokens = generate(model, params, context, question_ids=question, max_new_tokens=new, compression=compression)
-    else:
+        tokens = generate(model, params, context, question_ids=question, max_new_tokens=new, compression=compression,
+                          bucket=True)
+    else:  # bucketed: a bounded number of compiled programs (their code is part of the peak on CPU)
         tokens, _, rounds = chunked_compressed_generate(model, params, context, question_ids=question,
                                                         max_new_tokens=new, compression=compression,
-                                                        chunk_size=MEMORY_CHUNK)
+                                                        chunk_size=MEMORY_CHUNK, bucket=True)
     text = tokenizer.decode([int(t) for t in np.asarray(tokens)[0]])
     print(json.dumps({"mode": mode, "context_tokens": len(prompt.context), "answer": prompt.answer, "generated": text,
                       "correct": bool(score("needle", text, prompt.answer, chat=True)), "rounds": rounds,

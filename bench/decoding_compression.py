@@ -14,9 +14,12 @@ Compressed runs: the context compressed once after prefill as usual, then every 
 tail is compressed into the packed prefix under the same recipe (`generate(..., compress_every=N)`). The bytes
 each round held come from the cache's own arrays.
 
---task count (OUT/count.jsonl): "Count from A to A + 149" for A = 1000, 2000, ... (about 900 answer tokens:
-SmolLM2 writes one token per digit), scored the same way over the numbers written against the true list. Added
-because the 135M model does not repeat a 1,000-token passage even with the full cache (copy accuracy 0.07).
+--task count (OUT/count.jsonl): "Write the numbers from A to A + 149, separated by commas." for A = 100, 300,
+500, ... (about 750 answer tokens: SmolLM2 writes one token per digit), scored the same way over the numbers
+written against the true list. Added because the 135M model does not repeat a 1,000-token passage even with the
+full cache (copy accuracy 0.07). The wording was chosen on two other ranges (from 7 and from 433), where the
+full cache counted correctly; an earlier wording ("Count from A to ...; write every number, one per line") made
+the full cache count 1, 2, 3, ... from one instead.
 """
 
 from __future__ import annotations
@@ -82,9 +85,10 @@ def prompts(task: str, tokenizer, count: int, tokens: int):
         return [(text, QUERY, text) for text in passages(tokenizer, count, tokens)]
     out = []
     for i in range(count):
-        first = 1000 * (i + 1)
-        out.append((f"Count from {first} to {first + COUNT - 1}.", "Write every number, one per line, and nothing else.",
-                    "\n".join(str(n) for n in range(first, first + COUNT))))
+        first = 100 * (2 * i + 1)
+        last = first + COUNT - 1
+        out.append((f"Here is a task: count upward from {first}.", f"Write the numbers from {first} to {last}, separated "
+                    "by commas.", ", ".join(str(n) for n in range(first, last + 1))))
     return out
 
 
