@@ -1,6 +1,7 @@
 """Chunked prefill with compression between chunks on SmolLM2-135M-Instruct (issue 14, item 1).
 
     python bench/chunked_prefill.py --stage memory     # an ~8k-token context at budget 0.25, chunks of 512
+    python bench/chunked_prefill.py --stage memory --bucket   # the same with bucketed shapes (memory_bucketed.json)
     python bench/chunked_prefill.py --stage accuracy   # the study's needle / multi-key prompts: chunked vs one-shot
     python bench/chunked_prefill.py --stage report     # bench/results/chunked_prefill.md from what is done
 
@@ -66,7 +67,7 @@ def memory_prompt(tokenizer):
     return study.study_prompts("needle", config, tokenizer, False, True, 1)[0]
 
 
-def memory_one(mode: str):
+def memory_one(mode: str, bucket: bool):
     """Runs one mode in this process; prints one JSON line (answer, bytes, peak RSS, seconds)."""
     import numpy as np
 
@@ -85,11 +86,11 @@ def memory_one(mode: str):
         tokens = generate(model, params, context, question_ids=question, max_new_tokens=new)
     elif mode == "one_shot":
         tokens = generate(model, params, context, question_ids=question, max_new_tokens=new, compression=compression,
-                          bucket=True)
-    else:  # bucketed: a bounded number of compiled programs (their code is part of the peak on CPU)
+                          bucket=bucket)
+    else:  # bucket: a bounded number of compiled programs (their code is part of the peak on CPU), padded sizes
         tokens, _, rounds = chunked_compressed_generate(model, params, context, question_ids=question,
                                                         max_new_tokens=new, compression=compression,
-                                                        chunk_size=MEMORY_CHUNK, bucket=True)
+                                                        chunk_size=MEMORY_CHUNK, bucket=bucket)
     text = tokenizer.decode([int(t) for t in np.asarray(tokens)[0]])
     print(json.dumps({"mode": mode, "context_tokens": len(prompt.context), "answer": prompt.answer, "generated": text,
                       "correct": bool(score("needle", text, prompt.answer, chat=True)), "rounds": rounds,
@@ -97,16 +98,20 @@ def memory_one(mode: str):
                       "seconds": time.perf_counter() - start}))
 
 
-def run_memory():
+def memory_file(bucket: bool) -> str:
+    return "memory_bucketed.json" if bucket else "memory.json"
+
+
+def run_memory(bucket: bool):
     results = []
     for mode in ("full", "one_shot", "chunked"):
-        done = subprocess.run([sys.executable, __file__, "--memory-one", mode], check=True, capture_output=True,
+        done = subprocess.run([sys.executable, __file__, "--memory-one", mode] + (["--bucket"] if bucket else []), check=True, capture_output=True,
                               text=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{mode}: {results[-1]['peak_rss_mib']:.0f} MiB peak, correct={results[-1]['correct']}", flush=True)
     os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "memory.json"), "w") as fh:
-        json.dump({"budget": MEMORY_BUDGET, "chunk": MEMORY_CHUNK, "results": results}, fh, indent=1)
+    with open(os.path.join(OUT, memory_file(bucket)), "w") as fh:
+        json.dump({"bucket": bucket, "budget": MEMORY_BUDGET, "chunk": MEMORY_CHUNK, "results": results}, fh, indent=1)
 
 
 def read_prompts(task: str, length: int, count: int):
@@ -152,8 +157,10 @@ def run_accuracy(args):
 
 def report():
     lines = ["# Chunked prefill with compression between chunks: SmolLM2-135M-Instruct", ""]
-    memory = os.path.join(OUT, "memory.json")
-    if os.path.exists(memory):
+    for bucket in (False, True):
+        memory = os.path.join(OUT, memory_file(bucket))
+        if not os.path.exists(memory):
+            continue
         with open(memory) as fh:
             m = json.load(fh)
         by_mode = {r["mode"]: r for r in m["results"]}
@@ -161,7 +168,8 @@ def report():
         rounds = chunked["rounds"]
         full = rounds[-1]["full_bytes"]
         lines += [f"## Memory: one needle prompt of {chunked['context_tokens']} context tokens, JointCompression(snapkv) "
-                  f"at {m['budget']} of the KV bytes, chunks of {m['chunk']}", "",
+                  f"at {m['budget']} of the KV bytes, chunks of {m['chunk']}"
+                  + (", bucketed shapes (--bucket)" if bucket else ""), "",
                   "| mode | answer correct | peak process memory (MiB) | seconds |", "|---|---|---|---|"]
         for mode, r in by_mode.items():
             lines.append(f"| {mode} | {r['correct']} | {r['peak_rss_mib']:.0f} | {r['seconds']:.0f} |")
@@ -201,6 +209,7 @@ def report():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=("memory", "accuracy", "report"), default="report")
+    parser.add_argument("--bucket", action="store_true", help="memory stage: bucketed shapes (bounded programs)")
     parser.add_argument("--memory-one", choices=("full", "one_shot", "chunked"), help=argparse.SUPPRESS)
     parser.add_argument("--tasks", type=lambda s: s.split(","), default=["needle", "multi_key"])
     parser.add_argument("--length", type=int, default=1024)
@@ -210,9 +219,9 @@ def main():
     parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
     args = parser.parse_args()
     if args.memory_one:
-        return memory_one(args.memory_one)
+        return memory_one(args.memory_one, args.bucket)
     if args.stage == "memory":
-        run_memory()
+        run_memory(args.bucket)
     elif args.stage == "accuracy":
         run_accuracy(args)
     report()
