@@ -40,7 +40,7 @@ def eval_records(workdir: str, hf_folder: str):
     c.model.checkpoint = hf_folder
     c.model.value_groups = 4
     c.tasks = ("perplexity", "needle")
-    c.methods = ("full", "snapkv", "subtoken", "joint")  # subtoken: the global top-B over heads and layers
+    c.methods = ("full", "subtoken", "joint")  # subtoken: the global top-B over heads and layers; joint: SnapKV tokens
     c.budgets = (1.0, 0.75)  # 0.75 exercises every method (subtoken fits only b > 1/2)
     c.batch_size = 4
     c.perplexity.update(dict(seq_len=48, num_sequences=4, max_bytes=20000, window=4))

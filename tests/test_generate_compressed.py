@@ -92,10 +92,10 @@ def test_packed_sizes_are_bucketed_powers_of_two(setup):
 
 @pytest.mark.parametrize("compression", [None, JointCompression(kv_budget=0.375)])
 def test_bucketed_padding_changes_no_token(setup, compression):
-    """Prompts of 21 and 27 tokens are left-padded to the buckets 24 and 28 (questions of 3 to 16): the same
-    tokens as unpadded generation, with and without compression."""
+    """A prompt of 21 tokens is left-padded to the bucket 24 (questions of 3 to 16): the same tokens as unpadded
+    generation, with and without compression."""
     model, params, _, question, _ = setup
-    for length in (21, 27):
+    for length in (21,):
         context = jax.random.randint(jax.random.key(length), (2, length), 0, CONFIG.vocab_size)
         mask = jnp.ones((2, length), jnp.int32).at[1, :5].set(0)
         run = lambda bucket: generate(model, params, context, question_ids=question, attention_mask=mask,  # noqa

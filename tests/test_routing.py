@@ -16,7 +16,7 @@ BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, n
             value_groups=4)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 1000), groups=st.sampled_from([2, 4, 8]), budget=st.sampled_from([0.25, 0.375, 0.5, 0.75, 1.0]))
 def test_fixed_k_keeps_exactly_k_largest(seed, groups, budget):
     scores = jax.random.normal(jax.random.key(seed), (2, 5, 3, groups))
@@ -40,7 +40,7 @@ def test_adaptive_meets_budget_and_varies_per_token(budget):
     assert per_token.min() < per_token.max()  # a variable number of groups per token
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 1000), budget=st.sampled_from([0.25, 0.375, 0.5, 0.75, 1.0]), ties=st.booleans())
 def test_exact_budget_keeps_the_top_pairs_of_each_sequence_and_head(seed, budget, ties):
     rng = np.random.default_rng(seed)
@@ -101,7 +101,7 @@ def test_exact_budget_untrained_router_meets_rho_on_every_layer():
     cfg = ModelConfig(**BASE, routing=RoutingConfig(mode="adaptive", exact_budget=True))
     model, params = init_params(cfg, jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (2, 48), 0, 64)
-    for budget in (0.25, 0.375, 0.5, 0.75):
+    for budget in (0.375, 0.75):
         _, state = model.apply({"params": params}, ids, value_budget=budget, mutable=["routing"])
         for layer in range(cfg.num_layers):
             mask = np.asarray(state["routing"][f"layer_{layer}"]["attn"]["value_group_mask"][0])

@@ -205,7 +205,7 @@ def eval_runs(tmp_path_factory):
 def test_sharded_eval_matches_one_device(eval_runs):
     single, mesh = eval_runs
     assert single["device_count"] == 1 and mesh["device_count"] == 8
-    assert len(mesh["records"]) == len(single["records"]) > 10
+    assert len(mesh["records"]) == len(single["records"]) >= 10
     for one, many in zip(single["records"], mesh["records"]):
         assert {k: v for k, v in one.items() if k != "value"} == {k: v for k, v in many.items() if k != "value"}
         if one["metric"] == "perplexity":  # float sums in another order: log-perplexity within 1e-5
