@@ -202,7 +202,9 @@ class JointCompression:
         scores = [scorer(state, layer) for layer in range(state.num_layers)]
         budget = share_of_slots(self.kv_budget, state) if self.kv_tokens is None else \
             fraction_of_tokens(self.kv_tokens, state.positions)
-        return allocate_joint(scores, budget, scope=self.scope, positions=state.positions)
+        # an in-context window (chunked prefill, decoding-time compression) is kept whole, as SnapKV keeps it
+        protect = state.window if state.window_in_context else 0
+        return allocate_joint(scores, budget, scope=self.scope, positions=state.positions, protect_last=protect)
 
 
 def realised_kv_bytes(token_masks, group_masks, positions, model_cfg: ModelConfig,

@@ -696,3 +696,33 @@ def test_kvzip_through_generate(tiny):
     with pytest.raises(InputError, match="repeats the whole context"):
         generate(model, params, context, attention_mask=context_mask, question_ids=question, max_new_tokens=3,
                  compression=Compression(0.5, selector=KVzip(), scope="head"), prefill_chunk=16)
+
+
+def test_joint_allocation_keeps_the_protected_recent_tokens_whole():
+    """protect_last: the last real tokens of a row keep their key and every group even when they score nothing,
+    paid from the same budget; the other tokens get exactly what an allocation over them alone with the rest of
+    the budget gives (a brute force re-derivation, not the same call)."""
+    rng = np.random.default_rng(5)
+    batch, length, heads, groups, protect = 2, 8, 2, 4, 2
+    scores = rng.random((batch, length, heads, groups)).astype(np.float32)
+    positions = np.tile(np.arange(length), (batch, 1)).astype(np.int32)
+    positions[1, :3] = -1
+    scores[:, -protect:] = 0.0  # the protected tokens would be evicted first on their scores
+    tokens, group_masks = allocate_joint([jnp.asarray(scores)], 0.5, positions=jnp.asarray(positions),
+                                         protect_last=protect)
+    t, g = np.asarray(tokens[0]), np.asarray(group_masks[0])
+    assert np.all(t[:, -protect:] == 1) and np.all(g[:, -protect:] == 1)
+    assert not np.any(t[1, :3])  # padding is never kept, nor counted as recent
+    for row in range(batch):
+        real = positions[row] >= 0
+        rest = real.copy()
+        rest[-protect:] = False
+        for head in range(heads):
+            # the same row without its protected tokens, with the budget they leave: what the plain allocator keeps
+            limit = 0.5 * 2 * groups * real.sum() - 2 * groups * protect
+            budget_rest = limit / (2 * groups * rest.sum())
+            sub_t, sub_g = allocate_joint([jnp.asarray(scores[row:row + 1, rest][:, :, head:head + 1])], budget_rest)
+            np.testing.assert_array_equal(t[row, rest, head], np.asarray(sub_t[0])[0, :, 0])
+            np.testing.assert_array_equal(g[row, rest, head], np.asarray(sub_g[0])[0, :, 0])
+            spent = 2 * groups * protect + groups * t[row, rest, head].sum() + g[row, rest, head].sum()
+            assert spent <= 0.5 * 2 * groups * real.sum() + 1e-6

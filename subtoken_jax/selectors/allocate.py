@@ -119,8 +119,11 @@ def _joint_choice(utility: jax.Array, valid: jax.Array, lam: jax.Array):
 
 
 @jax.jit
-def _joint_keep(scores: jax.Array, valid: jax.Array, budget: jax.Array) -> jax.Array:
+def _joint_keep(scores: jax.Array, valid: jax.Array, budget: jax.Array, forced: jax.Array) -> jax.Array:
     """Groups kept per item [U, M] (0 = evicted), each unit's cost within budget [U] * 2G * its valid items.
+
+    forced [U, M]: valid items that keep their key and all G groups whatever they score; their bytes come out of
+    the unit's budget first (all of it, if they need more) and the rest is allocated over the other items.
 
     U(k), an item's utility with k groups, is the sum of its k largest squared scores: the squared
     read-out error those groups avoid. Every item takes the k maximising U(k) - lam * cost(k) (the
@@ -132,6 +135,9 @@ def _joint_keep(scores: jax.Array, valid: jax.Array, budget: jax.Array) -> jax.A
     energy = jnp.sort(_energy(scores), axis=-1)[..., ::-1]
     utility = jnp.cumsum(energy, axis=-1)
     limit = budget.reshape(-1, 1) * 2 * groups * jnp.sum(valid, axis=-1, keepdims=True)
+    forced = forced & valid
+    limit = jnp.maximum(limit - 2 * groups * jnp.sum(forced, axis=-1, keepdims=True), 0.0)
+    valid = valid & ~forced
 
     def halve(_, bounds):  # invariant: lam = hi fits; the answer lies in (lo, hi]
         lo, hi = bounds
@@ -142,11 +148,12 @@ def _joint_keep(scores: jax.Array, valid: jax.Array, budget: jax.Array) -> jax.A
 
     start = (jnp.zeros(limit.shape, jnp.uint32), jnp.full(limit.shape, 0x7F800000, jnp.uint32))  # +inf keeps none
     _, hi = jax.lax.fori_loop(0, 32, halve, start)  # non-negative floats order as their bits
-    return _joint_choice(utility, valid, jax.lax.bitcast_convert_type(hi, jnp.float32))[0]
+    kept = _joint_choice(utility, valid, jax.lax.bitcast_convert_type(hi, jnp.float32))[0]
+    return jnp.where(forced, groups, kept)
 
 
-def allocate_joint(scores: Sequence[jax.Array], budget, *, scope: str = "head", positions=None
-                   ) -> Tuple[Tuple[jax.Array, ...], Tuple[jax.Array, ...]]:
+def allocate_joint(scores: Sequence[jax.Array], budget, *, scope: str = "head", positions=None,
+                   protect_last: int = 0) -> Tuple[Tuple[jax.Array, ...], Tuple[jax.Array, ...]]:
     """Tokens and value groups from one KV-bytes budget: per-layer (token masks [B, S, Hkv], group masks [B, S, Hkv, G]).
 
     scores: per layer [B, S, Hkv, G], a group's expected contribution to the read-out (e.g. the question's
@@ -154,7 +161,9 @@ def allocate_joint(scores: Sequence[jax.Array], budget, *, scope: str = "head", 
     groups), each (token, KV head) keeps its key and its k best groups, or nothing, for the k that buys the
     most squared read-out error per byte under one price per scope unit (`_joint_keep`): the split adapts to
     each token. budget is the fraction of the context's key + value bytes kept (index metadata aside);
-    scope as in allocate_value_groups.
+    scope as in allocate_value_groups. protect_last: the last that many real tokens of each row (by position) keep
+    their keys and every group, paid from the same budget (an in-context observation window, as SnapKV keeps
+    its own; in decoding-time compression, the tokens just written).
     """
     if scope not in SCOPES:
         raise InputError(f"unknown allocation scope {scope!r}; choose one of {SCOPES}")
@@ -166,14 +175,22 @@ def allocate_joint(scores: Sequence[jax.Array], budget, *, scope: str = "head", 
     stacked = jnp.stack(scores)  # [L, B, S, Hkv, G]
     layers = stacked.shape[0]
     valid = jnp.broadcast_to(real[None, :, :, None], stacked.shape[:4])
+    if positions is None:
+        recent = jnp.arange(n)[None, :] >= n - int(protect_last)
+    else:
+        last = jnp.max(jnp.asarray(positions), axis=1, keepdims=True)
+        recent = real & (last - jnp.asarray(positions) < int(protect_last))
+    forced = jnp.broadcast_to(recent[None, :, :, None], stacked.shape[:4])
     # items of one unit on axis 1: head -> (layer, row, head); layer -> (layer, row); global -> row
     order = {"head": (0, 1, 3, 2, 4), "layer": (0, 1, 2, 3, 4), "global": (1, 0, 2, 3, 4)}[scope]
     moved_s, moved_v = jnp.transpose(stacked, order), jnp.transpose(valid, order[:4])
+    moved_f = jnp.transpose(forced, order[:4])
     row_budget = jnp.broadcast_to(jnp.asarray(budget, jnp.float32).reshape(-1), (b,))
     unit_budget = {"head": jnp.broadcast_to(row_budget[None, :, None], (layers, b, h)),
                    "layer": jnp.broadcast_to(row_budget[None, :], (layers, b)), "global": row_budget}[scope]
     units = unit_budget.size
-    kept = _joint_keep(moved_s.reshape(units, -1, g), moved_v.reshape(units, -1), unit_budget.reshape(units))
+    kept = _joint_keep(moved_s.reshape(units, -1, g), moved_v.reshape(units, -1), unit_budget.reshape(units),
+                       moved_f.reshape(units, -1))
     inverse = tuple(int(i) for i in np.argsort(order[:4]))
     kept = jnp.transpose(kept.reshape(moved_v.shape), inverse)  # [L, B, S, Hkv]
     # the k groups kept are the k of most energy, those the utility counted (0 = best group)
