@@ -133,7 +133,8 @@ def main():
     parser.add_argument("results")
     parser.add_argument("--budgets", default="0.75,0.5,0.375,0.25")
     parser.add_argument("--presses", default=",".join(PRESSES))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: all cores; more than one stalls "
+                        "when another process shares the CPU)")
     args = parser.parse_args()
     import torch
     from tqdm.auto import tqdm
