@@ -726,3 +726,19 @@ def test_joint_allocation_keeps_the_protected_recent_tokens_whole():
             np.testing.assert_array_equal(g[row, rest, head], np.asarray(sub_g[0])[0, :, 0])
             spent = 2 * groups * protect + groups * t[row, rest, head].sum() + g[row, rest, head].sum()
             assert spent <= 0.5 * 2 * groups * real.sum() + 1e-6
+
+
+def test_joint_compression_keeps_an_in_context_window_whole():
+    """JointCompression on a state whose window is the last context tokens (chunked-prefill and decoding rounds)
+    keeps those tokens' keys and every group, on every layer and KV head; a question window protects nothing."""
+    from subtoken_jax.compression import JointCompression
+
+    window = 3
+    for in_context in (True, False):
+        state = random_state(seed=11, window=window, in_context=in_context)
+        tokens, groups = JointCompression(kv_budget=0.25)(state)
+        whole = [np.asarray(t)[:, -window:].all() and np.asarray(g)[:, -window:].all() for t, g in zip(tokens, groups)]
+        if in_context:
+            assert all(whole)
+        else:  # at 0.25 of the bytes, the plain allocation does not keep the last tokens whole everywhere
+            assert not all(whole)
