@@ -58,13 +58,16 @@ def passages(tokenizer, count: int, tokens: int):
     return out
 
 
-def recipe(name: str, budget: float):
+def recipe(name: str, budget: str):
+    """budget: "0.375" (a fraction of every token seen) or "384tok" (the bytes of that many whole tokens)."""
     from subtoken_jax import Compression, JointCompression
 
+    tokens = int(budget[:-3]) if budget.endswith("tok") else None
     if name == "snapkv":
-        return Compression(token_fraction=budget, selector="snapkv", scope="head")
+        return Compression(token_fraction=1.0 if tokens else float(budget), kept_tokens=tokens, selector="snapkv",
+                           scope="head")
     if name == "joint(snapkv)":
-        return JointCompression(kv_budget=budget, scorer="snapkv")
+        return JointCompression(kv_budget=0.375 if tokens else float(budget), kv_tokens=tokens, scorer="snapkv")
     raise ValueError(name)
 
 
@@ -111,7 +114,8 @@ def run(args):
     done = common.done_records(path, "passage", "method")
     model, params, tokenizer = load_pretrained("smollm2-135m-instruct", value_groups=8)
     texts = prompts(args.task, tokenizer, args.passages, args.tokens)
-    methods = ["full"] + [f"{m}@{args.budget}/every{args.every}" for m in args.methods]
+    budget = f"{args.kv_tokens}tok" if args.kv_tokens else f"{args.budget}"
+    methods = ["full"] + [f"{m}@{budget}/every{args.every}" for m in args.methods]
     jobs = [(i, m) for i in range(len(texts)) for m in methods if (i, m) not in done]
     for i, method in tqdm(jobs, desc="long answers"):
         document, query, reference = texts[i]
@@ -123,7 +127,7 @@ def run(args):
                               eos_id=tokenizer.eos_id)
         else:
             tokens, _, rounds = chunked_compressed_generate(
-                model, params, context, question_ids=question, compression=recipe(method.split("@")[0], args.budget),
+                model, params, context, question_ids=question, compression=recipe(*method.split("/")[0].split("@")),
                 chunk_size=context.shape[1], max_new_tokens=args.new, eos_id=tokenizer.eos_id,
                 compress_every=args.every)
         ids = [int(t) for t in np.asarray(tokens)[0]]
@@ -137,12 +141,18 @@ def run(args):
         jax.clear_caches()
 
 
-def held_over_bound(rounds, budget: float):
-    """Per decode round: bytes held / (budget x full bytes at the previous compression + the tail's dense bytes)."""
+def held_over_bound(rounds, budget: str):
+    """Per decode round: bytes held / (the budget's bytes at the previous compression + the tail's dense bytes); the
+    budget's bytes are budget x the full cache of the tokens seen, or those of min(K, seen) tokens for "Ktok"."""
     out = []
     for prev, r in zip(rounds, rounds[1:]):
         if r["phase"] == "decode":
-            out.append(r["held_bytes"] / (budget * prev["full_bytes"] + r["full_bytes"] - prev["full_bytes"]))
+            if budget.endswith("tok"):
+                per_token = prev["full_bytes"] / prev["tokens_seen"]
+                kept = min(int(budget[:-3]), prev["tokens_seen"]) * per_token
+            else:
+                kept = float(budget) * prev["full_bytes"]
+            out.append(r["held_bytes"] / (kept + r["full_bytes"] - prev["full_bytes"]))
     return out
 
 
@@ -184,7 +194,7 @@ def task_report(task: str, title: str):
             first.append(same.index(False) if False in same else len(same))
             if r["rounds"]:
                 ratio.append(max(x["held_bytes"] / x["full_bytes"] for x in r["rounds"] if x["phase"] == "decode"))
-                over.append(max(held_over_bound(r["rounds"], float(method.split("@")[1].split("/")[0]))))
+                over.append(max(held_over_bound(r["rounds"], method.split("@")[1].split("/")[0])))
         held = f"{max(ratio):.3f}" if ratio else "1 (the full cache)"
         bound = f"{max(over):.3f}" if over else ""
         lines.append(f"| {method} | {len(rows)} | {length:.0f} | {acc:.3f} | {np.mean(agree):.3f} | "
@@ -212,6 +222,9 @@ def main():
     parser.add_argument("--new", type=int, default=1000)
     parser.add_argument("--every", type=int, default=64)
     parser.add_argument("--budget", type=float, default=0.375)
+    parser.add_argument("--kv-tokens", type=int, default=None,
+                        help="the budget as the bytes of this many whole tokens instead (kvpress DecodingPress's "
+                             "target_size): a prompt shorter than that is kept whole")
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["joint(snapkv)", "snapkv"])
     parser.add_argument("--task", choices=("repeat", "count"), default="repeat")
     parser.add_argument("--report-only", action="store_true")
