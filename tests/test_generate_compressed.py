@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from xla_test_env import is_compilation
 
 from subtoken_jax import Compression, ConfigError, InputError, JointCompression, KVCache, ModelConfig, generate, init_params
 from subtoken_jax.attention import Attention
@@ -112,7 +113,7 @@ def test_a_prompt_of_a_new_length_in_a_seen_bucket_compiles_nothing(setup, compr
 
     model, params, _, question, _ = setup
     compiles = []
-    listener = lambda event, secs, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None  # noqa
+    listener = lambda event, secs, **_: compiles.append(event) if is_compilation(event) else None  # noqa
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         for length in (22, 23, 24):
@@ -376,7 +377,7 @@ def test_full_cache_prefill_in_chunks_equals_one_shot_and_compiles_per_capacity(
     model, params, _, question, _ = setup
     assert shape_buckets.full_prefill_plan(17, NEW, 64) == (24, 8, 32)
     compiles = []
-    listener = lambda event, secs, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None  # noqa
+    listener = lambda event, secs, **_: compiles.append(event) if is_compilation(event) else None  # noqa
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         for length in (17, 20, 23):

@@ -189,9 +189,9 @@ def eval_runs(tmp_path_factory):
     """tests/sharded_eval_check.py on one device and on 8 fake devices (data 2, fsdp 2, tensor 2), run side by side."""
     folder = str(tmp_path_factory.mktemp("sharded_eval"))
     script = os.path.join(HERE, "sharded_eval_check.py")
-    single_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    single_env["JAX_PLATFORMS"] = "cpu"
-    mesh_env = dict(single_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)  # conftest's kept
+    single_env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    mesh_env = dict(single_env, XLA_FLAGS=(flags + " --xla_force_host_platform_device_count=8").strip())
     # the single run writes the shared HF model first; the mesh run then reads the same files
     single = subprocess.run([sys.executable, script, "single", folder], env=single_env, capture_output=True, text=True,
                             timeout=400)
