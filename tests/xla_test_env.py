@@ -43,5 +43,5 @@ def remove_compilation_cache() -> None:
 def is_compilation(event: str) -> bool:
     """A jax.monitoring duration event that marks a new executable. JAX records backend_compile_duration around
     the whole compile-or-load step, so a program retraced and loaded from the persistent cache counts too
-    (checked: a second, identical jit in a fresh process records it after cache_retrieval_time_sec)."""
+    (checked: a second jit of the same program, served from the cache, records it after cache_retrieval_time_sec)."""
     return event.endswith("backend_compile_duration")
