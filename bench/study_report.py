@@ -3,6 +3,11 @@
 Accuracy per (task, length, method, budget) is pooled over every prompt done so far (n is printed with it);
 the KV bytes are the realised fractions, averaged over prompts (ours: keys + kept value groups + index
 metadata, from the masks; kvpress: the share of context tokens left in its cache).
+
+Claims (b) and (c) are paired comparisons: every row answers the same prompts, so each comparison is shown as
+"w-l prompts" (prompts only the first row answers, only the second) with an exact McNemar p per budget, and a
+sign test over prompts pooled over the budgets decides "held" (p < 0.05 and higher accuracy at every budget) from
+"leans its way, not significant" (higher everywhere, p >= 0.05).
 """
 
 from __future__ import annotations
@@ -150,6 +155,46 @@ def _fmt(cell):
     return "" if cell is None else f"{cell['accuracy']:.2f} ({cell['n']}) [{cell['kv_budget']:.3f}]"
 
 
+def paired_test(a, b):
+    """Exact two-sided McNemar test of two cells on the prompts both have: (a right b wrong, a wrong b right, p).
+
+    The rows of a comparison answer the same prompts, so the test counts only the prompts where they disagree
+    (a binomial with p = 1/2 under "no difference"); far stronger than comparing the two marginal accuracies."""
+    from scipy.stats import binomtest
+
+    common = set(a["items"]) & set(b["items"])
+    wins = sum(a["items"][i][0] > b["items"][i][0] for i in common)
+    losses = sum(a["items"][i][0] < b["items"][i][0] for i in common)
+    return wins, losses, (binomtest(wins, wins + losses).pvalue if wins + losses else 1.0)
+
+
+def pooled_test(pairs):
+    """Sign test over prompts of a's minus b's correct answers summed over budgets: (prompts a gains, prompts b
+    gains, p). pairs: [(a cell, b cell)] one per budget. A budget's cells answer the same prompts as every other
+    budget's, so the budgets are not independent samples; the prompts are, and each prompt is counted once."""
+    from scipy.stats import binomtest
+
+    total = defaultdict(int)
+    for a, b in pairs:
+        for i in set(a["items"]) & set(b["items"]):
+            total[i] += a["items"][i][0] - b["items"][i][0]
+    gains, losses = sum(d > 0 for d in total.values()), sum(d < 0 for d in total.values())
+    return gains, losses, (binomtest(gains, gains + losses).pvalue if gains + losses else 1.0)
+
+
+SIGNIFICANCE = 0.05
+
+
+def _verdict(accuracies, pooled):
+    """held: higher accuracy at every budget and the pooled sign test's p < SIGNIFICANCE; leans: higher at every
+    budget, not significant; not held: equal or lower at some budget. accuracies: [(ours, theirs)] per budget."""
+    if not accuracies:
+        return None
+    if not all(a > b for a, b in accuracies):
+        return "not held"
+    return "held" if pooled[2] < SIGNIFICANCE else "leans its way, not significant"
+
+
 def _stderr(a, b):
     """Standard error of a difference of two accuracies."""
     return math.sqrt(a["accuracy"] * (1 - a["accuracy"]) / a["n"] + b["accuracy"] * (1 - b["accuracy"]) / b["n"])
@@ -174,7 +219,7 @@ def claims(ours, theirs, tasks, lengths, budgets):
                 ratio = c_common["accuracy"] / max(full_common["accuracy"], 1e-9)
                 head += (f" (a) {'held' if ratio >= 0.99 else 'not held'}: best combination at 0.375 ({m}) keeps "
                          f"{100 * ratio:.1f}% of full-cache accuracy;")
-            wins = []
+            wins, accuracies, by_rival = [], [], defaultdict(list)
             for b in budgets:
                 m, c = best[b]
                 if c is None:
@@ -183,24 +228,36 @@ def claims(ours, theirs, tasks, lengths, budgets):
                           and is_token_method(k[2])]
                 rivals += [(k[2], v) for k, v in theirs.items() if k[:2] == (task, length) and k[3] == b
                            and k[2].startswith("kvpress:")]
+                for name, rival in rivals:
+                    by_rival[name].append((c, rival))
                 if rivals:  # each rival on the prompts both have; the strongest (by its own accuracy there) is shown
-                    paired = [(t, *_on_common(c, r)) for t, r in rivals]
-                    top, mine, theirs_ = max(paired, key=lambda x: x[2]["accuracy"] - x[1]["accuracy"])
-                    wins.append(f"b={b}: {m} {mine['accuracy']:.2f} vs {top} {theirs_['accuracy']:.2f} (n={mine['n']})")
-                    wins[-1] = ("won " if mine["accuracy"] > theirs_["accuracy"] else "lost ") + wins[-1]
+                    paired = [(t, r, *_on_common(c, r)) for t, r in rivals]
+                    top, rival, mine, theirs_ = max(paired, key=lambda x: x[3]["accuracy"] - x[2]["accuracy"])
+                    won, lost, p = paired_test(c, rival)
+                    accuracies.append((mine["accuracy"], theirs_["accuracy"]))
+                    wins.append(f"b={b}: {m} {mine['accuracy']:.2f} vs {top} {theirs_['accuracy']:.2f} "
+                                f"(n={mine['n']}, {won}-{lost} prompts, p={p:.2g})")
             if wins:
-                held = all(w.startswith("won") for w in wins)
-                head += f" (b) {'held' if held else 'not held'} ({'; '.join(wins)});"
+                # pooled over budgets against each rival; the rival the combination is least surely above decides
+                rival, pooled = max(((t, pooled_test(pairs)) for t, pairs in by_rival.items()), key=lambda x: x[1][2])
+                head += (f" (b) {_verdict(accuracies, pooled)}: {'; '.join(wins)}; pooled over budgets against the "
+                         f"closest rival ({rival}): {pooled[0]}-{pooled[1]} prompts, p={pooled[2]:.2g};")
             tallies = []
             for combo in combined:
-                pairs = [(b, *(x["accuracy"] for x in _on_common(get(combo, b), get(selector_of(combo), b))))
-                         for b in budgets if get(combo, b) and get(selector_of(combo), b)]
+                pairs = [(b, get(combo, b), get(selector_of(combo), b)) for b in budgets
+                         if get(combo, b) and get(selector_of(combo), b)]
                 if pairs:
-                    tallies.append((combo, sum(x > y for _, x, y in pairs), len(pairs)))
+                    pooled = pooled_test([(x, y) for _, x, y in pairs])
+                    marginal = [tuple(c["accuracy"] for c in _on_common(x, y)) for _, x, y in pairs]
+                    per_budget = ", ".join("{}-{}".format(*paired_test(x, y)[:2]) for _, x, y in pairs)
+                    tallies.append((combo, _verdict(marginal, pooled),
+                                    f"higher at {sum(a > b for a, b in marginal)}/{len(pairs)} budgets, per budget "
+                                    f"{per_budget}, pooled {pooled[0]}-{pooled[1]} prompts p={pooled[2]:.2g}"))
             if tallies:
-                winners = [c for c, won, n in tallies if won == n]
-                head += (f" (c) {'held by ' + ', '.join(winners) if winners else 'not held'}: budgets where selector + "
-                         f"groups beat the selector alone: " + "; ".join(f"{c} {w}/{n}" for c, w, n in tallies) + ".")
+                held = [c for c, verdict, _ in tallies if verdict == "held"]
+                head += (f" (c) {'held by ' + ', '.join(held) if held else 'not held'}: selector + groups against the "
+                         f"selector alone: " + "; ".join(f"{c} {verdict} ({detail})" for c, verdict, detail in tallies)
+                         + ".")
             lines.append(head)
     return lines
 
