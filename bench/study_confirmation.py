@@ -36,8 +36,8 @@ def main():
               "{}-{} prompts (McNemar p={:.2g})".format(*study_report.paired_test(a, s)))
         pairs.append((a, s))
     gains, losses, p = study_report.pooled_test(pairs)
-    verdict = ("confirmed" if gains > losses and p < study_report.SIGNIFICANCE else
-               "contradicted" if losses > gains else "not confirmed")
+    significant = p < study_report.SIGNIFICANCE
+    verdict = "confirmed" if significant and gains > losses else "contradicted" if significant else "not confirmed"
     print(f"pooled over budgets: the combination gains on {gains} prompts, the selector on {losses}; sign test "
           f"p={p:.3g}: {verdict}")
 
