@@ -277,12 +277,29 @@ def claims(ours, theirs, tasks, lengths, budgets):
                     tallies.append((combo, _verdict(marginal, pooled),
                                     f"higher at {sum(a > b for a, b in marginal)}/{len(pairs)} budgets, per budget "
                                     f"{per_budget}, pooled {pooled[0]}-{pooled[1]} prompts p={pooled[2]:.2g}"))
+            split = []
+            for combo in combined:
+                rival = selector_of(combo)
+                if not all(get(combo, b) and get(rival, b) for b in budgets):
+                    continue
+                right = {i for i, (c, _) in full["items"].items() if c}
+                counts = []
+                for b in budgets:
+                    x, y = get(combo, b)["items"], get(rival, b)["items"]
+                    common = set(x) & set(y) & set(full["items"])
+                    lost = lambda z: sum(1 - z[i][0] for i in common & right)  # noqa: E731
+                    fixed = lambda z: sum(z[i][0] for i in common - right)  # noqa: E731
+                    counts.append(f"{lost(x)}/{lost(y)} lost, {fixed(x)}/{fixed(y)} gained")
+                split.append(f"{combo} / {rival}: " + "; ".join(f"b={b} {c}" for b, c in zip(budgets, counts)))
             if tallies:
                 held = [c for c, verdict, _ in tallies if verdict == "held"]
                 head += (f" (c) {'held by ' + ', '.join(held) if held else 'not held'}: selector + groups against the "
                          f"selector alone: " + "; ".join(f"{c} {verdict} ({detail})" for c, verdict, detail in tallies)
                          + ".")
             lines.append(head)
+            if split:  # where a combination's difference from its selector comes from
+                lines.append("  - against the full cache (prompts it answers right that each row loses, prompts it "
+                             "answers wrong that each row gets right): " + " | ".join(split))
     return lines
 
 
