@@ -4,6 +4,7 @@ weights and token ids, accuracy against KV bytes, on retrieval tasks over real p
     python bench/query_aware_study.py                       # everything, resumable: rerun to continue
     python bench/query_aware_study.py --prompts 10 --lengths 1024 --out bench/results/study_small
     python bench/query_aware_study.py --report-only         # tables and plot from what is done so far
+    python bench/query_aware_study.py --diagnostic --tasks multi_key --lengths 1024   # where kept groups fall
 
 Tasks (evaluation.tasks; asked through the model's chat template): needle, multi_key (3 distractor
 needles), multi_value (two numbers for one key), two_needles (two keys far apart, both asked); and, only if
@@ -219,6 +220,49 @@ def run_ours(args):
                                        "seconds": time.perf_counter() - t0})
 
 
+DIAGNOSTIC_BUDGET, DIAGNOSTIC_LOOKAHEAD = 0.375, 24
+
+
+def write_diagnostic(args, task: str, length: int):
+    """The paper's diagnostic on the real model: where the kept value groups fall, across and within tokens, for
+    the study's first prompt of (task, length) at b = 0.375: the joint allocation (+ lookahead 24) beside the
+    fixed split (SnapKV keeps tau, then half of their groups by the same pooled scores). Writes
+    OUT/diagnostic_<task>_<length>.png and .json (share of (token, layer, KV head) entries keeping k groups)."""
+    import jax.numpy as jnp
+
+    from subtoken_jax.compression import Compression, JointCompression
+    from subtoken_jax.evaluation import methods as methods_lib
+    from subtoken_jax.evaluation import plots, runner
+    from subtoken_jax.selectors import capture_prefill_state
+
+    config = study_config(args, task, length)
+    source = runner.resolve_source(config, args.out)
+    model, params = runner.load_models(config, source)[:2]
+    prompt = study_prompts(task, config, source.tokenizer, source.bos, source.chat, 1)[0]
+    state = capture_prefill_state(model, params, jnp.asarray([prompt.context]), jnp.asarray([prompt.question]),
+                                  lookahead=DIAGNOSTIC_LOOKAHEAD)
+    tau, rho = methods_lib.combined_split(DIAGNOSTIC_BUDGET, 0.5)
+    recipes = {f"joint (SnapKV-pooled scores, lookahead {DIAGNOSTIC_LOOKAHEAD})":
+               JointCompression(kv_budget=DIAGNOSTIC_BUDGET, scorer="snapkv"),
+               f"fixed split: SnapKV keeps {tau:.2f} of the tokens, then {rho:g} of their groups":
+               Compression(token_fraction=tau, value_fraction=rho, selector="snapkv", scorer="snapkv", scope="head")}
+    positions = np.asarray(state.positions)
+    masks, shares = {}, {}
+    for name, recipe in recipes.items():
+        tokens, groups = recipe(state)
+        groups = [np.asarray(g) * np.asarray(t)[..., None] for t, g in zip(tokens, groups)]  # evicted: 0 groups
+        masks[name] = (groups, positions)
+        counts = np.concatenate([g.sum(-1)[positions >= 0].ravel() for g in groups])
+        shares[name] = [float(np.mean(counts == k)) for k in range(model.config.value_groups + 1)]
+    stem = os.path.join(args.out, f"diagnostic_{task}_{length}")
+    plots.value_group_diagnostic(masks, layer=model.config.num_layers // 2, head=0, path=stem + ".png",
+                                 title=f"SmolLM2-135M-Instruct, {task} prompt 0 of {length} tokens, b = "
+                                       f"{DIAGNOSTIC_BUDGET} of the KV bytes, both observed through the question + "
+                                       f"{DIAGNOSTIC_LOOKAHEAD} drafted answer tokens")
+    atomic_json(stem + ".json", {"budget": DIAGNOSTIC_BUDGET, "share_of_entries_keeping_k_groups": shares})
+    print(f"wrote {stem}.png / .json")
+
+
 def write_prompts(args, task, length, prompts, tokenizer):
     """The prompts as token ids for kvpress's side (same ids, same answer length)."""
     path = os.path.join(args.out, "prompts", f"{task}_{length}.jsonl")
@@ -267,6 +311,8 @@ def main():
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-kvpress", action="store_true")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--diagnostic", action="store_true", help="only the paper's diagnostic figure (where kept "
+                        "value groups fall) for the first prompt of each task and length")
     args = parser.parse_args()
     args.out = args.out or os.path.join(ROOT, "bench", "results", "study_dev" if args.dev else "study")
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -274,6 +320,11 @@ def main():
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if not os.path.isfile(HAYSTACK):
         parser.error(f"the haystack text {HAYSTACK} is missing (the study reads ../shared/data beside the checkout)")
+    if args.diagnostic:
+        for task in args.tasks:
+            for length in args.lengths:
+                write_diagnostic(args, task, length)
+        return
     if not args.report_only:
         ensure_prompts(args)
         if not args.skip_ours:
