@@ -103,6 +103,11 @@ for steps in (8, 24):
 VARIANTS.update({"kvzip": {"methods": ("kvzip",)},
                  "kvzip+groups(snapkv)": {"methods": ("combined",), "combined.selector": "kvzip",
                                           "combined.scorer": "snapkv"}})
+# KVzip's reconstruction attention as the joint allocation's scores: tokens and value groups priced together from
+# the query-agnostic ranking that keeps the most needles question-only; "@global" ranks every layer and KV head
+# at once, as KVzip itself does (the scope is chosen on --dev before the study's prompts run)
+VARIANTS.update({"joint(kvzip)": {"methods": ("joint",), "joint.scorer": "kvzip"},
+                 "joint(kvzip)@global": {"methods": ("joint",), "joint.scorer": "kvzip", "allocation_scope": "global"}})
 # kvpress's PyramidKV is left out: its layers then hold different numbers of tokens, and decoding over them in
 # transformers 5.2 fails (eager attention's mask is sized from one layer: "size of tensor a (998) must match ...")
 KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv", "kvzip")

@@ -102,7 +102,7 @@ def get_config() -> ConfigDict:
     c.selectors.n_future = 16  # expected attention (selector and value-group scorer): positions averaged
 
     c.subtoken = ConfigDict()
-    c.subtoken.scorer = "expected"  # expected | attention (the question's attention) | snapkv (pooled) | predictor
+    c.subtoken.scorer = "expected"  # expected | attention (question) | snapkv (pooled) | kvzip | predictor
 
     c.combined = ConfigDict()
     c.combined.selector = "snapkv"  # token selector keeping tau of the tokens

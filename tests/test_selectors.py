@@ -698,6 +698,32 @@ def test_kvzip_through_generate(tiny):
                  compression=Compression(0.5, selector=KVzip(), scope="head"), prefill_chunk=16)
 
 
+def test_kvzip_value_group_scorer(tiny):
+    """The "kvzip" group scorer is the reconstruction attention x each group's norm (numpy norms); a recipe
+    that scores groups with it gets the repetition pass from generate, by name or instance alike."""
+    from subtoken_jax import JointCompression, generate
+    from subtoken_jax.selectors import value_group_scorer
+    from subtoken_jax.selectors.scorers import ReconstructionAttention
+
+    model, params, context, context_mask, question, _, _ = tiny
+    state = capture_prefill_state(model, params, context, question, context_mask=context_mask, reconstruct=(3, 9))
+    groups = state.value_groups
+    for layer in range(2):
+        values = np.asarray(state.values[layer], np.float64)
+        b, s, h, d = values.shape
+        norms = np.sqrt((values.reshape(b, s, h, groups, d // groups) ** 2).sum(-1))
+        want = np.transpose(np.asarray(state.reconstruction[layer]), (0, 2, 1))[..., None] * norms
+        np.testing.assert_allclose(np.asarray(value_group_scorer("kvzip")(state, layer)), want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(InputError, match="kvzip scorer needs the reconstruction pass"):
+        value_group_scorer("kvzip")(capture_prefill_state(model, params, context, question,
+                                                          context_mask=context_mask), 0)
+    by_name = generate(model, params, context, attention_mask=context_mask, question_ids=question, max_new_tokens=3,
+                       compression=JointCompression(0.5, scorer="kvzip"))
+    by_instance = generate(model, params, context, attention_mask=context_mask, question_ids=question,
+                           max_new_tokens=3, compression=JointCompression(0.5, scorer=ReconstructionAttention()))
+    np.testing.assert_array_equal(np.asarray(by_name), np.asarray(by_instance))
+
+
 def test_joint_allocation_keeps_the_protected_recent_tokens_whole():
     """protect_last: the last real tokens of a row keep their key and every group even when they score nothing,
     paid from the same budget; the other tokens get exactly what an allocation over them alone with the rest of

@@ -77,8 +77,14 @@ class KVzip(TokenSelector):
 
 
 def reconstruction_prompt(compression) -> Tuple[int, ...] | None:
-    """The token ids a recipe's KVzip selector repeats the context after (None: the recipe needs no repetition)."""
+    """The token ids a recipe's KVzip selector repeats the context after (None: the recipe needs no repetition);
+    a recipe whose value-group scorer is "kvzip" repeats it bare, as a plain `KVzip()` selector does."""
     selector = getattr(compression, "selector", None)
-    if selector == "kvzip":
+    if isinstance(selector, KVzip):
+        return selector.prompt_ids
+    from subtoken_jax.selectors.scorers.reconstruction import ReconstructionAttention  # scorers import selectors
+
+    scorer = getattr(compression, "scorer", None)
+    if selector == "kvzip" or scorer == "kvzip" or isinstance(scorer, ReconstructionAttention):
         return KVzip().prompt_ids
-    return selector.prompt_ids if isinstance(selector, KVzip) else None
+    return None

@@ -22,7 +22,8 @@ __all__ = ["METHODS", "layer_value_group_scores", "value_group_norms", "value_gr
 
 def value_group_scorer(method: str = "attention", **kwargs) -> Callable[[PrefillState, int], jax.Array]:
     """The registered scorer `method` ("attention": the question's attention; "snapkv": that attention pooled
-    as SnapKV pools it; "expected": closed-form expected attention), built with those of kwargs it takes
+    as SnapKV pools it; "expected": closed-form expected attention; "kvzip": the attention of the model
+    repeating its context, query-agnostic), built with those of kwargs it takes
     (e.g. n_future, which only "expected" uses), as a (state, layer) -> [B, S, Hkv, G] callable. A keyword
     no registered scorer takes is an error."""
     if method not in VALUE_GROUP_SCORERS:

@@ -4,10 +4,11 @@ in `Compression(scorer=...)`, `JointCompression` and eval's `*.scorer` settings)
 from subtoken_jax.selectors.scorers.attention import QuestionAttention
 from subtoken_jax.selectors.scorers.base import ValueGroupScorer, value_group_norms
 from subtoken_jax.selectors.scorers.expected import ExpectedAttentionScores
+from subtoken_jax.selectors.scorers.reconstruction import ReconstructionAttention
 from subtoken_jax.selectors.scorers.snapkv import PooledQuestionAttention
 
 VALUE_GROUP_SCORERS = {"attention": QuestionAttention, "snapkv": PooledQuestionAttention,
-                       "expected": ExpectedAttentionScores}
+                       "expected": ExpectedAttentionScores, "kvzip": ReconstructionAttention}
 
 __all__ = ["VALUE_GROUP_SCORERS", "ExpectedAttentionScores", "PooledQuestionAttention", "QuestionAttention",
-           "ValueGroupScorer", "value_group_norms"]
+           "ReconstructionAttention", "ValueGroupScorer", "value_group_norms"]
