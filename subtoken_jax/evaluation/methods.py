@@ -181,6 +181,16 @@ def uses_predictor(config) -> bool:
             or ("combined" in config.methods and "predictor" in (config.combined.scorer, config.combined.selector)))
 
 
+def uses_kvzip(config, methods=None) -> bool:
+    """Whether one of `methods` (default: config.methods) needs KVzip's reconstruction pass: KVzip as the token
+    selector, or its reconstruction attention as a value-group scorer."""
+    methods = config.methods if methods is None else methods
+    return ("kvzip" in methods
+            or ("combined" in methods and "kvzip" in (config.combined.selector, config.combined.scorer))
+            or ("joint" in methods and config.joint.scorer == "kvzip")
+            or ("subtoken" in methods and config.subtoken.scorer == "kvzip"))
+
+
 def _group_scorer(name: str, config, scorers: Optional[Dict[str, Callable]]) -> Callable:
     if scorers and name in scorers:
         return scorers[name]

@@ -242,11 +242,8 @@ class Evaluator:
         self.group_baselines = {m: methods_lib.group_baseline_model(m, self.base_model.config)
                                 for m in names & set(methods_lib.GROUP_BASELINES)}
         self.with_attention = "h2o" in names or ("combined" in names and self.config.combined.selector == "h2o")
-        kvzip = ("kvzip" in names or ("combined" in names and "kvzip" in (self.config.combined.selector,
-                                                                           self.config.combined.scorer))
-                 or ("joint" in names and self.config.joint.scorer == "kvzip")
-                 or ("subtoken" in names and self.config.subtoken.scorer == "kvzip"))
-        self.reconstruct = tasks_lib.repeat_prompt(self.source.tokenizer, self.source.chat) if kvzip else None
+        self.reconstruct = (tasks_lib.repeat_prompt(self.source.tokenizer, self.source.chat)
+                            if methods_lib.uses_kvzip(self.config, names) else None)
         self.pad_id = self.source.tokenizer.pad_id if getattr(self.source.tokenizer, "pad_id", None) is not None else 0
 
     # ----------------------------------------------------------- per plan: masks and the cache they apply to
