@@ -42,8 +42,7 @@ from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.layer_caches import next_positions
 from subtoken_jax.layers import rope_inverse_frequencies
 from subtoken_jax.model import DecoderLM, default_positions
-from subtoken_jax.packed_cache import (PackedCache, PackedLayer, _power_of_two, _round_capacity, cache_nbytes,
-                                       pack_head_major)
+from subtoken_jax.packed_cache import PackedCache, PackedLayer, _power_of_two, cache_nbytes, pack_head_major
 from subtoken_jax.selectors import KVzip, PrefillState
 from subtoken_jax.selectors.base import _draft_queries, _prefill
 from subtoken_jax.shape_buckets import bucket_length, left_pad
@@ -98,8 +97,8 @@ def prefix_slots(layer: PackedLayer) -> HeadSlots:
     batch, heads, slots, dim = keys.keys.shape
     groups = entries.num_groups
     gd = dim // groups
-    real = jnp.arange(entries.capacity) < entries.count[..., None]  # [B, Hkv, C]
-    flat = entries.tokens.astype(jnp.int32) * groups + entries.groups.astype(jnp.int32)
+    real = entries.real  # [B, Hkv, P]
+    flat = entries.tokens.astype(jnp.int32) * groups + jnp.minimum(entries.groups.astype(jnp.int32), groups - 1)
     b, h = jnp.meshgrid(jnp.arange(batch), jnp.arange(heads), indexing="ij")
     index = (b[..., None], h[..., None], flat)
     values = jnp.zeros((batch, heads, slots * groups, gd), entries.values.dtype)
@@ -174,7 +173,7 @@ def _sizes(slots, keeps, group_masks, bucket: bool):
         pairs = max(int(held.sum(axis=(-1, -2)).max(initial=0)), 1)
         length, groups = s.positions.shape[-1], s.present.shape[-1]
         sizes.append((_power_of_two(pairs, length * groups), _power_of_two(keys, length)) if bucket
-                     else (_round_capacity(pairs), keys))
+                     else (pairs, keys))
     if bucket:  # one size for every layer: a tuple of per-layer sizes would compile the model per combination
         sizes = [tuple(max(size[i] for size in sizes) for i in range(2))] * len(sizes)
     return tuple(sizes)

@@ -14,13 +14,15 @@ Two value layouts (G groups of gd = D / G channels per KV head):
   token-major; or group-major in the global entry format below (`pack_fixed_k_group_major`, for the
   XLA read-out, which would otherwise do K times the dense read-out's work), with a static capacity
   of key slots x K.
-* global budget (`GlobalValues`): a fixed-capacity list of kept (token, group) entries per (batch,
-  KV head): values [B, Hkv, C, gd], the entry's token slot tokens [B, Hkv, C] (an index into the
-  key axis, smallest unsigned type that holds it: uint8 / uint16 / int32), its group groups
-  [B, Hkv, C] (uint8), and count [B, Hkv] (entries >= count are empty). C is static, chosen at pack
-  time (by default the largest kept count of any head, rounded up to a whole read-out block). Any
+* global budget (`GlobalValues`): a fixed-size list of kept (token, group) entries per (batch,
+  KV head): values [B, Hkv, P, gd], the entry's token slot tokens [B, Hkv, P] (an index into the
+  key axis, smallest unsigned type that holds it: uint8 / uint16 / int32) and its group groups
+  [B, Hkv, P] (uint8; G marks an empty slot). The list holds up to C kept pairs (C static, chosen at
+  pack time: by default the largest kept count of any head) in P = `entry_slots(C, G)` slots. Any
   mask pattern fits, including per-head budgets that differ from token to token. Entries are
-  ordered by group, then token, so the attention reads whole blocks of one group with plain matmuls.
+  ordered by group, then token, and each group starts on a whole read-out block of L slots (its
+  last block padded with empty slots), so every block holds one group and the attention reads it
+  with a plain matmul: no per-entry routing, no per-step bookkeeping of where groups change.
 
 Keys (`PackedKeys`): without token selection they stay as cached, [B, T, Hkv, D] with positions
 [B, T]; with token selection (`pack_global(token_keep_mask=...)`) each KV head's kept keys are
@@ -92,22 +94,29 @@ class FixedKValues:
 
 @flax.struct.dataclass
 class GlobalValues:
-    """C kept (token, group) entries per (batch, KV head).
+    """Kept (token, group) entries per (batch, KV head), in P slots of blocks of `block` slots.
 
-    values [B, Hkv, C, gd]; tokens [B, Hkv, C] (slot on the layer's key axis); groups [B, Hkv, C];
-    count [B, Hkv] int32: entries 0..count-1 are real, the rest are zero padding. The real entries are
-    sorted by group (then token), as `pack_global` writes them; `packed_attention` relies on it.
+    values [B, Hkv, P, gd]; tokens [B, Hkv, P] (slot on the layer's key axis); groups [B, Hkv, P]: the
+    entry's group, or num_groups for an empty slot (zero values, token 0). Entries are sorted by group,
+    then token, and each group's entries start on a block boundary (`pack_global` writes them so), so
+    every block holds entries of one group and empty slots: `packed_attention` relies on it.
     """
 
     values: jax.Array
     tokens: jax.Array
     groups: jax.Array
-    count: jax.Array
     num_groups: int = flax.struct.field(pytree_node=False, default=1)
+    block: int = flax.struct.field(pytree_node=False, default=1)
 
     @property
     def capacity(self) -> int:
+        """P, the number of entry slots (kept pairs plus block padding)."""
         return self.values.shape[2]
+
+    @property
+    def real(self) -> jax.Array:
+        """[B, Hkv, P] bool: which slots hold a kept pair."""
+        return self.groups.astype(jnp.int32) < self.num_groups
 
 
 @flax.struct.dataclass
@@ -221,6 +230,28 @@ def _concrete(what: str, fn, *args):
     return fn(*args)
 
 
+_MAX_BLOCK = 512  # most entries per read-out block of the global layout
+
+
+def read_out_block(capacity: int, groups: int = 1) -> int:
+    """L, the entries per read-out block for up to C kept pairs of G groups: the largest power of two at most
+    512, sqrt(C) and C / (32 G). Bigger blocks read faster (fewer, larger matmuls); the last bound keeps
+    the block padding of `entry_slots` under C / 32."""
+    limit = min(_MAX_BLOCK, math.isqrt(max(int(capacity), 1)), int(capacity) // (32 * int(groups)))
+    return 1 << (max(1, limit).bit_length() - 1)
+
+
+def entry_slots(capacity: int, groups: int) -> int:
+    """P, the slots that hold any C kept pairs of G groups with every group starting on a block of L slots.
+
+    A group of n pairs takes ceil(n / L) blocks, at most n + L - 1 slots, so G groups take at most
+    C + G (L - 1) slots, rounded down to whole blocks: about C / 32 more slots than pairs at most
+    (`read_out_block`), none with blocks of 1.
+    """
+    block = read_out_block(capacity, groups)
+    return (int(capacity) + int(groups) * (block - 1)) // block * block
+
+
 # ----------------------------------------------------------------------------- packing
 
 
@@ -331,7 +362,7 @@ def pack_fixed_k_group_major(keys: jax.Array, values: jax.Array, positions: jax.
     tokens = jnp.ones(positions.shape, bool) if token_keep_mask is None else token_keep_mask
     if key_capacity is None:
         key_capacity = _concrete("key_capacity", key_capacity_of, tokens, positions, 1)
-    return pack_global(keys, values, positions, tokens, kept, _round_capacity(int(key_capacity) * k),
+    return pack_global(keys, values, positions, tokens, kept, int(key_capacity) * k,
                        key_capacity=key_capacity)
 
 
@@ -344,10 +375,10 @@ def pack_global(keys: jax.Array, values: jax.Array, positions: jax.Array, token_
     token_keep_mask None, [B, T] or [B, T, Hkv]; group_mask [B, T, Hkv, G] (None = all groups).
     With a token_keep_mask, each KV head's kept keys are compacted to key_capacity slots (default: the
     most kept by any head); without one, keys stay dense. capacity C (default: the most kept pairs of
-    any head, rounded up to a multiple of the read-out block, see `_round_capacity`) bounds the entries
-    per (batch, KV head); surplus pairs (later tokens first) are dropped. Entries are stored by group,
-    then token (the order `packed_attention` relies on); empty entries carry group G - 1. Defaults
-    need concrete masks; inside jit pass both sizes.
+    any head) bounds the kept pairs per (batch, KV head); surplus pairs (later tokens first) are
+    dropped. Entries are stored by group, then token, each group from a block boundary, in
+    `entry_slots(C, G)` slots (the order `packed_attention` relies on); empty slots carry group G.
+    Defaults need concrete masks; inside jit pass both sizes.
     """
     batch, length, heads, dim = values.shape
     if group_mask is None:
@@ -366,13 +397,12 @@ def pack_global(keys: jax.Array, values: jax.Array, positions: jax.Array, token_
         if key_capacity is None:
             key_capacity = _concrete("key_capacity", key_capacity_of, token_keep_mask, positions, heads)
         if capacity is None:
-            capacity = _round_capacity(_concrete("capacity", global_capacity_of, group_mask, positions,
-                                                 token_keep_mask))
+            capacity = _concrete("capacity", global_capacity_of, group_mask, positions, token_keep_mask)
         return pack_head_major(head_major(keys), head_major(values), jnp.broadcast_to(positions[:, None],
                                                                                       (batch, heads, length)),
                                head_major(keep), head_major(group_mask), int(capacity), int(key_capacity))
     if capacity is None:
-        capacity = _round_capacity(_concrete("capacity", global_capacity_of, group_mask, positions, None))
+        capacity = _concrete("capacity", global_capacity_of, group_mask, positions, None)
     slot_of = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, heads, length))
     entries = _pack_entries(head_major(values), head_major(group_mask != 0) & head_major(valid)[..., None], slot_of,
                             int(capacity), length)
@@ -402,25 +432,37 @@ def pack_head_major(keys: jax.Array, values: jax.Array, positions: jax.Array, ke
 
 def _pack_entries(values: jax.Array, pairs: jax.Array, slot_of: jax.Array, capacity: int,
                   key_slots: int) -> GlobalValues:
-    """values [B, Hkv, N, D], kept pairs [B, Hkv, N, G] -> at most `capacity` entries per (batch, KV head),
-    stored by group, then token; slot_of [B, Hkv, N] maps a token to its slot on the layer's key axis."""
+    """values [B, Hkv, N, D], kept pairs [B, Hkv, N, G] -> at most `capacity` entries per (batch, KV head) in
+    `entry_slots(capacity, G)` slots, stored by group, then token, each group from a block boundary;
+    slot_of [B, Hkv, N] maps a token to its slot on the layer's key axis."""
     batch, heads, length, _ = values.shape
     groups = pairs.shape[-1]
     gd = values.shape[-1] // groups
+    block, slots = read_out_block(capacity, groups), entry_slots(capacity, groups)
     pairs_h = pairs.reshape(batch, heads, length * groups)  # token-major
     # surplus pairs beyond C are dropped later tokens first; the survivors are stored group-major
     kept_pairs = pairs_h & (jnp.cumsum(pairs_h.astype(jnp.int32), axis=-1) <= capacity)
-    by_group = jnp.transpose(kept_pairs.reshape(batch, heads, length, groups), (0, 1, 3, 2))  # [B, Hkv, G, T]
-    order, ok = _first_true(by_group.reshape(batch, heads, groups * length), capacity)  # [B, Hkv, C]
-    group, token = order // length, order % length
-    grouped = jnp.transpose(values.reshape(batch, heads, length, groups, gd), (0, 1, 3, 2, 4))  # [B, Hkv, G, T, gd]
-    kept = jnp.take_along_axis(grouped.reshape(batch, heads, groups * length, gd), order[..., None], axis=2)
-    kept = kept * ok[..., None].astype(values.dtype)
-    token_slot = jnp.where(ok, jnp.take_along_axis(slot_of, token, axis=2), 0)
-    count = jnp.sum(ok, axis=-1).astype(jnp.int32)
+    by_group = jnp.transpose(kept_pairs.reshape(batch, heads, length, groups), (0, 1, 3, 2))  # [B, Hkv, G, N]
+    count = jnp.sum(by_group, axis=-1, dtype=jnp.int32)  # [B, Hkv, G]
+    padded = -(-count // block) * block
+    end = jnp.cumsum(padded, axis=-1)
+    start = end - padded
+    slot = jnp.arange(slots, dtype=jnp.int32)
+    group = jnp.sum(slot[:, None] >= end[:, :, None, :], axis=-1, dtype=jnp.int32)  # [B, Hkv, P]; G past the end
+    safe = jnp.minimum(group, groups - 1)
+    rank = slot - jnp.take_along_axis(start, safe, axis=-1)  # the slot's rank among its group's entries
+    real = (group < groups) & (rank < jnp.take_along_axis(count, safe, axis=-1))
+    order, _ = _first_true(by_group, length)  # [B, Hkv, G, N]: each group's kept tokens first, in token order
+    flat = safe * length + jnp.minimum(rank, length - 1)
+    token = jnp.take_along_axis(order.reshape(batch, heads, groups * length), flat, axis=-1)  # [B, Hkv, P]
+    grouped = jnp.transpose(values.reshape(batch, heads, length, groups, gd), (0, 1, 3, 2, 4))  # [B, Hkv, G, N, gd]
+    kept = jnp.take_along_axis(grouped.reshape(batch, heads, groups * length, gd),
+                               (safe * length + token)[..., None], axis=2)
+    kept = kept * real[..., None].astype(values.dtype)
+    token_slot = jnp.where(real, jnp.take_along_axis(slot_of, token, axis=2), 0)
     return GlobalValues(values=kept, tokens=token_slot.astype(index_dtype(key_slots)),
-                        groups=jnp.where(ok, group, groups - 1).astype(index_dtype(groups)), count=count,
-                        num_groups=groups)
+                        groups=jnp.where(real, group, groups).astype(index_dtype(groups + 1)), num_groups=groups,
+                        block=block)
 
 
 def unpack_dense(packed: Union[FixedKValues, PackedLayer], positions: Optional[jax.Array] = None) -> jax.Array:
@@ -442,7 +484,7 @@ def unpack_dense(packed: Union[FixedKValues, PackedLayer], positions: Optional[j
     entries, keys = packed.values, packed.keys
     batch, heads, capacity, gd = entries.values.shape
     groups = entries.num_groups
-    real = jnp.arange(capacity) < entries.count[..., None]  # [B, Hkv, C]
+    real = entries.real  # [B, Hkv, P]
     token = entries.tokens.astype(jnp.int32)
     if keys.compact:
         if positions is None:
@@ -452,7 +494,7 @@ def unpack_dense(packed: Union[FixedKValues, PackedLayer], positions: Optional[j
         length = positions.shape[1]
     else:
         length = keys.keys.shape[1]
-    flat = token * groups + entries.groups.astype(jnp.int32)
+    flat = token * groups + jnp.minimum(entries.groups.astype(jnp.int32), groups - 1)
     dense = jnp.zeros((batch, heads, length * groups, gd), entries.values.dtype)
     b, h = jnp.meshgrid(jnp.arange(batch), jnp.arange(heads), indexing="ij")
     dense = dense.at[b[..., None], h[..., None], flat].add(entries.values * real[..., None].astype(dense.dtype))
@@ -464,7 +506,7 @@ def unpack_dense(packed: Union[FixedKValues, PackedLayer], positions: Optional[j
 
 _KINDS = {"keys": "keys", "tail_keys": "keys", "values": "values", "tail_values": "values", "value_mean": "values",
           "tokens": "indices", "groups": "indices", "positions": "positions", "tail_positions": "positions",
-          "prefix_end": "positions", "count": "counts", "tail_index": "counts"}
+          "prefix_end": "positions", "tail_index": "counts"}
 
 
 def cache_nbytes(packed, by_kind: bool = False) -> Union[int, Dict[str, int]]:
@@ -509,64 +551,31 @@ def _read_fixed_k(weights: jax.Array, entries: FixedKValues) -> jax.Array:
     return jnp.einsum("bhrtskg,bshke->bthrge", routed, entries.values)
 
 
-_MAX_BLOCK = 512  # most entries per read-out block of the global layout
-
-
-def _block_limit(capacity: int) -> int:
-    """The largest power of two <= min(512, sqrt(C)): the read-out block a capacity C may get."""
-    return 1 << (max(1, min(_MAX_BLOCK, math.isqrt(capacity))).bit_length() - 1)
-
-
-def _block_size(capacity: int) -> int:
-    """Entries per read-out block: the largest power of two <= _block_limit(C) that divides C (1 if C is odd)."""
-    return min(_block_limit(capacity), capacity & -capacity) if capacity else 1
-
-
-def _round_capacity(capacity: int) -> int:
-    """C rounded up to a multiple of the read-out block it will get (<= sqrt(C) extra, at most 512)."""
-    block = _block_limit(capacity)
-    return -(-capacity // block) * block
-
-
 def _read_global(weights: jax.Array, entries: GlobalValues) -> jax.Array:
     """weights [B, Hkv, R, Tq, S] -> [B, Tq, Hkv, R, G, gd]: entry values times their token's weight, per group.
 
-    Entries are stored by group, so the list splits into blocks of L entries of which all but at most
-    G - 1 hold a single group ("pure"). A pure block is read out with one matmul (weights [R * Tq, L]
-    x values [L, gd]) and added to its group; only the mixed blocks route every entry through a
-    one-hot of its group. That keeps the work near R * Tq * gd per entry instead of R * Tq * G * gd.
-    (The pure-block matmul pairs entries two by two so its output has 2 * gd columns: XLA's CPU dot is
-    several times faster at 32 columns than at 16, and on accelerators the extra products are free.)
+    Every block of L entries holds one group (its first slot's; an empty block none), so a block is read
+    out with one matmul (weights [R * Tq, L] x values [L, gd]) and added to its group: about R * Tq * gd
+    multiply-adds per entry, as in a dense read-out, and nothing per entry but its weight's gather.
+    (The matmul pairs entries two by two so its output has 2 * gd columns: XLA's CPU dot is several
+    times faster at 16 or 32 columns than at 8 or 16, and on accelerators the extra products are free.)
     """
-    batch, heads, reps, q_len, _ = weights.shape
+    batch, heads, reps, q_len, keys = weights.shape
     dtype = entries.values.dtype
-    capacity, groups, gd = entries.capacity, entries.num_groups, entries.values.shape[-1]
-    block = _block_size(capacity)
-    blocks, pair = capacity // block, 2 if block % 2 == 0 else 1
-    token = jnp.broadcast_to(entries.tokens.astype(jnp.int32)[:, :, None, None, :], (batch, heads, reps, q_len,
-                                                                                      capacity))
-    w = jnp.take_along_axis(weights, token, axis=-1).astype(dtype)  # empty entries: zero values, any weight
-    w = w.reshape(batch, heads, reps, q_len, blocks, block // pair, pair)
-    # pure blocks: [R * Tq * pair, L / pair] x [L / pair, pair * gd], keeping the matching pairs (the diagonal)
+    slots, groups, gd, block = entries.capacity, entries.num_groups, entries.values.shape[-1], entries.block
+    blocks, rows = slots // block, reps * q_len
+    pair = 2 if block % 2 == 0 else 1
+    # each entry's weight for every query row: one gather of its token's [R * Tq] weights
+    w = jnp.transpose(weights, (0, 1, 4, 2, 3)).reshape(batch, heads, keys, rows)
+    w = jnp.take_along_axis(w, entries.tokens.astype(jnp.int32)[..., None], axis=2).astype(dtype)  # [B, Hkv, P, RT]
+    w = w.reshape(batch, heads, blocks, block // pair, pair, rows)
     v = entries.values.reshape(batch, heads, blocks, block // pair, pair * gd)
-    sums = jnp.einsum("bhrtnap,bhnaf->bhnrtpf", w, v).reshape(batch, heads, blocks, reps, q_len, pair, pair, gd)
-    sums = jnp.einsum("bhnrtppe->bhnrte", sums) if pair > 1 else sums[..., 0, 0, :]  # [B, Hkv, N, R, Tq, gd]
-    group = entries.groups.astype(jnp.int32).reshape(batch, heads, blocks, block)
-    start = jnp.arange(blocks) * block
-    first = jnp.where(start < entries.count[..., None], group[..., 0], groups - 1)  # empty entries count as G - 1
-    last = jnp.where(start + block - 1 < entries.count[..., None], group[..., -1], groups - 1)
-    # the real entries are sorted by group, so a block is pure iff its ends agree
-    pure = jax.nn.one_hot(first, groups, dtype=dtype) * (first == last)[..., None].astype(dtype)  # [B, Hkv, N, G]
-    out = jnp.einsum("bhng,bhnrte->bthrge", pure, sums)
-    # mixed blocks (at most G - 1): every entry through a one-hot of its group (empty ones hold zeros)
-    mixed, ok = _first_true(first != last, min(groups - 1, blocks))  # [B, Hkv, M]
-    w_m = jnp.take_along_axis(w.reshape(batch, heads, reps, q_len, blocks, block),
-                              mixed[:, :, None, None, :, None], axis=4)  # [B, Hkv, R, Tq, M, L]
-    w_m = w_m * ok[:, :, None, None, :, None].astype(dtype)
-    v_m = jnp.take_along_axis(entries.values.reshape(batch, heads, blocks, block, gd), mixed[..., None, None], axis=2)
-    onehot = jax.nn.one_hot(jnp.take_along_axis(group, mixed[..., None], axis=2), groups, dtype=dtype)  # [.., M, L, G]
-    routed = w_m[..., None] * onehot[:, :, None, None]  # [B, Hkv, R, Tq, M, L, G]
-    return out + jnp.einsum("bhrtmlg,bhmle->bthrge", routed, v_m)
+    sums = jnp.einsum("bhnapq,bhnaf->bhnpqf", w, v).reshape(batch, heads, blocks, pair, rows, pair, gd)
+    sums = jnp.einsum("bhnpqpe->bhnqe", sums) if pair > 1 else sums[:, :, :, 0, :, 0]  # [B, Hkv, N, RT, gd]
+    # a block's group is its first slot's (empty blocks carry G, whose one-hot is all zeros)
+    block_group = jax.nn.one_hot(entries.groups[..., ::block].astype(jnp.int32), groups, dtype=dtype)  # [B, Hkv, N, G]
+    out = jnp.einsum("bhng,bhnqe->bhqge", block_group, sums).reshape(batch, heads, reps, q_len, groups, gd)
+    return jnp.transpose(out, (0, 3, 1, 2, 4, 5))
 
 
 def packed_attention(query: jax.Array, q_positions: jax.Array, layer: PackedLayer, *,
@@ -674,8 +683,7 @@ def shard_cache(cache: PackedCache) -> PackedCache:
                                   groups=sharding.constrain(values.groups, ("batch", "length", "kv_heads")))
         return values.replace(values=sharding.constrain(values.values, ("batch", "kv_heads")),
                               tokens=sharding.constrain(values.tokens, ("batch", "kv_heads")),
-                              groups=sharding.constrain(values.groups, ("batch", "kv_heads")),
-                              count=sharding.constrain(values.count, ("batch", "kv_heads")))
+                              groups=sharding.constrain(values.groups, ("batch", "kv_heads")))
 
     def layer_of(layer: PackedLayer) -> PackedLayer:
         mean = None if layer.value_mean is None else sharding.constrain(layer.value_mean, ("batch", "kv_heads"))

@@ -226,7 +226,7 @@ def test_packed_cache_is_sharded_by_batch_and_kv_head(eval_runs):
     _, mesh = eval_runs
     batch, both = "P(('data', 'fsdp'),)", "P(('data', 'fsdp'), 'tensor')"
     global_layout = mesh["cache_shardings"]["global/global"]
-    for leaf in ("keys.keys", "values.values", "values.tokens", "values.groups", "values.count"):
+    for leaf in ("keys.keys", "values.values", "values.tokens", "values.groups"):
         assert global_layout[f".layers[0].{leaf}"] == both, leaf
     assert global_layout[".tail_keys[0]"] == "P(('data', 'fsdp'), None, 'tensor')"
     assert global_layout[".prefix_end"] == batch
