@@ -570,8 +570,9 @@ def _read_global(weights: jax.Array, entries: GlobalValues) -> jax.Array:
     w = jnp.take_along_axis(w, entries.tokens.astype(jnp.int32)[..., None], axis=2).astype(dtype)  # [B, Hkv, P, RT]
     w = w.reshape(batch, heads, blocks, block // pair, pair, rows)
     v = entries.values.reshape(batch, heads, blocks, block // pair, pair * gd)
-    sums = jnp.einsum("bhnapq,bhnaf->bhnpqf", w, v).reshape(batch, heads, blocks, pair, rows, pair, gd)
-    sums = jnp.einsum("bhnpqpe->bhnqe", sums) if pair > 1 else sums[:, :, :, 0, :, 0]  # [B, Hkv, N, RT, gd]
+    sums = jnp.einsum("bhnapq,bhnaf->bhnpqf", w, v)  # [B, Hkv, N, pair, RT, pair * gd]
+    # keep the matching pairs (the diagonal) by slicing: an einsum diagonal made XLA transpose the product first
+    sums = sum(sums[:, :, :, i, :, i * gd:(i + 1) * gd] for i in range(pair))  # [B, Hkv, N, RT, gd]
     # a block's group is its first slot's (empty blocks carry G, whose one-hot is all zeros)
     block_group = jax.nn.one_hot(entries.groups[..., ::block].astype(jnp.int32), groups, dtype=dtype)  # [B, Hkv, N, G]
     out = jnp.einsum("bhng,bhnqe->bhqge", block_group, sums).reshape(batch, heads, reps, q_len, groups, gd)
