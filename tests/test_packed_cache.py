@@ -176,6 +176,20 @@ def test_global_blocked_read_out_with_unbalanced_groups():
     np.testing.assert_allclose(ours, jax.jit(lambda c: _dense_reference(c, group_mask))(case), atol=1e-5)
 
 
+def test_entry_slots_hold_the_worst_block_padding():
+    """C = 129 pairs of G = 2 groups in blocks of 2, split 65 / 64: group 0's odd count pads its last block, the
+    tightest case of `entry_slots` (130 slots). Every pair is kept, blocks stay pure, attention equals masked dense."""
+    rng, case = _case(7, 1, 66, 1, 2, 2, 2, 1, 0)  # slot 0 is padding: 65 real tokens
+    group_mask = np.ones((1, 66, 1, 2), np.float32)
+    group_mask[0, 1, 0, 1] = 0.0  # group 1 loses one token: 65 + 64 pairs
+    group_mask = jnp.asarray(group_mask)
+    layer = pack_global(case["keys"], case["values"], case["positions"], None, group_mask, 129)
+    assert layer.values.block == 2 and layer.values.capacity == entry_slots(129, 2) == 130
+    _assert_blocks_pure(layer.values, np.array([[129]]))
+    ours = packed_attention(case["query"], case["q_positions"], layer)
+    np.testing.assert_allclose(ours, _dense_reference(case, group_mask), atol=1e-5)
+
+
 def test_fixed_k_with_shared_token_selection_drops_evicted_rows():
     rng, case = _case(2, 2, 9, 2, 2, 4, 2, 1, 2)
     group_mask = jnp.asarray(np.argsort(rng.random((2, 9, 2, 4)), axis=-1) < 2, jnp.float32)
