@@ -9,10 +9,12 @@ SmolLM2-135M-Instruct (G = 8). Each phase runs in a fresh process, so it pays fo
 both through the full cache (`generate`, bucketed by default) and through the compressed cache
 (`generate(..., compression=Compression(0.5, 0.5, selector="key_norm"), bucket=True)`: KV budget 0.375).
 Printed per phase: total seconds, XLA compilations (jax.monitoring's backend-compile events, eager ops
-included) and the ratio many / one. `--soak N` runs N compressed generations of random lengths in
+included) and the ratio many / one. `--repeats R` runs the phases R times in turn (one, many, one, many, ...):
+this VM's speed drifts by 20% between runs minutes apart, so each ratio is taken within a repeat (adjacent
+runs) and the median over repeats is reported beside every repeat's. `--soak N` runs N compressed generations of random lengths in
 [--soak-min, --soak-max] in one process and samples its resident memory (RSS) every 10 generations.
 
-    python bench/generate_stream.py [--prompts 20 --min 500 --max 2000] [--soak 200]
+    python bench/generate_stream.py [--prompts 20 --min 500 --max 2000] [--repeats 3] [--soak 200]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -111,23 +114,32 @@ def main():
     parser.add_argument("--soak-min", type=int, default=100)
     parser.add_argument("--soak-max", type=int, default=1000)
     parser.add_argument("--phases", default="full_one,full_many,compressed_one,compressed_many")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every phase, in turn (ratios per repeat)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/generate_stream.json")
     args = parser.parse_args()
     if args.child:
         args.phase = args.child
         return child(args)
-    phases = [p for p in args.phases.split(",") if p] + (["soak"] if args.soak else [])
-    rows = {phase: run_phase(args, phase) for phase in phases}
+    phases = [p for p in args.phases.split(",") if p]
+    runs = [{phase: run_phase(args, phase) for phase in phases} for _ in range(args.repeats)]
+    rows = dict(runs[0])
+    if args.soak:
+        rows["soak"] = run_phase(args, "soak")
     info = machine_info()
-    write_json(args.out, {"rows": rows, "args": vars(args), "machine": info})
+    write_json(args.out, {"rows": rows, "repeats": runs, "args": vars(args), "machine": info})
     print(machine_line(info))
     table = []
     for cache in ("full", "compressed"):
-        one, many = rows.get(f"{cache}_one"), rows.get(f"{cache}_many")
-        if one and many:
-            table.append([cache, f"{one['seconds']:.0f} s / {one['compiles']}", f"{many['seconds']:.0f} s / "
-                          f"{many['compiles']}", f"{many['seconds'] / one['seconds']:.2f}x"])
+        pairs = [(run[f"{cache}_one"], run[f"{cache}_many"]) for run in runs
+                 if f"{cache}_one" in run and f"{cache}_many" in run]
+        for i, (one, many) in enumerate(pairs):
+            label = cache if len(pairs) == 1 else f"{cache}, run {i + 1}"
+            table.append([label, f"{one['seconds']:.0f} s / {one['compiles']}",
+                          f"{many['seconds']:.0f} s / {many['compiles']}", f"{many['seconds'] / one['seconds']:.2f}x"])
+        if len(pairs) > 1:
+            ratio = statistics.median(many["seconds"] / one["seconds"] for one, many in pairs)
+            table.append([f"{cache}, median of {len(pairs)}", "", "", f"{ratio:.2f}x"])
     if table:
         print(markdown_table(["cache", f"{args.prompts} prompts, one length: time / compilations",
                               f"{args.prompts} distinct lengths in [{args.min}, {args.max}]", "many / one"], table))

@@ -224,6 +224,18 @@ def _stderr(a, b):
     return math.sqrt(a["accuracy"] * (1 - a["accuracy"]) / a["n"] + b["accuracy"] * (1 - b["accuracy"]) / b["n"])
 
 
+def kept_interval(combo, full, won, lost, z=1.96):
+    """95% interval of the share of full-cache accuracy a row keeps, from the paired difference on the same prompts
+    (Agresti-Min: the Wald interval of a paired difference after adding 1/2 to each cell of the 2 x 2 table, which
+    stays honest when few prompts disagree), divided by the full cache's accuracy. Shows whether n prompts can
+    tell a row's 95% from 99%."""
+    n, base = combo["n"] + 2, max(full["accuracy"], 1e-9)
+    won, lost = won + 0.5, lost + 0.5
+    diff = (won - lost) / n
+    half = z * math.sqrt(won + lost - (won - lost) ** 2 / n) / n
+    return (base + diff - half) / base, (base + diff + half) / base
+
+
 def claims(ours, theirs, tasks, lengths, budgets):
     """The paper's claims (a), (b), (c) per (task, length): held / not held with the numbers."""
     lines = []
@@ -241,8 +253,11 @@ def claims(ours, theirs, tasks, lengths, budgets):
             if c is not None:
                 c_common, full_common = _on_common(c, full)
                 ratio = c_common["accuracy"] / max(full_common["accuracy"], 1e-9)
+                won, lost, p = paired_test(c, full)
+                low, high = kept_interval(c_common, full_common, won, lost)
                 head += (f" (a) {'held' if ratio >= 0.99 else 'not held'}: best combination at 0.375 ({m}) keeps "
-                         f"{100 * ratio:.1f}% of full-cache accuracy;")
+                         f"{100 * ratio:.1f}% of full-cache accuracy (paired with the full cache: {lost} prompts lost, "
+                         f"{won} gained, p={p:.2g}; 95% interval of the share kept {100 * low:.0f}-{100 * high:.0f}%);")
             wins, accuracies, by_rival = [], [], defaultdict(list)
             for b in budgets:
                 m, c = best[b]

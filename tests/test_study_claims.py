@@ -44,3 +44,34 @@ def test_verdict_needs_every_budget_and_significance():
     assert study_report._verdict([(0.6, 0.5), (0.5, 0.4)], (7, 0, 0.016)) == "held"
     assert study_report._verdict([(0.6, 0.5), (0.5, 0.4)], (3, 0, 0.25)) == "leans its way, not significant"
     assert study_report._verdict([(0.6, 0.5), (0.4, 0.4)], (7, 0, 0.016)) == "not held"
+
+
+def test_kept_interval_matches_agresti_min_by_hand():
+    # 100 prompts, the full cache right on 61; the row loses 4 of them and gains 1: difference -0.03
+    full, row = {"n": 100, "accuracy": 0.61}, {"n": 100, "accuracy": 0.58}
+    low, high = study_report.kept_interval(row, full, won=1, lost=4)
+    # by hand: cells + 1/2 -> 1.5 / 4.5 of 102; diff -3/102; half-width 1.96 sqrt(6 - 9/102) / 102
+    half = 1.96 * math.sqrt(6 - 9 / 102) / 102
+    assert low == pytest.approx((0.61 - 3 / 102 - half) / 0.61)
+    assert high == pytest.approx((0.61 - 3 / 102 + half) / 0.61)
+    # no prompt disagrees: still an interval of positive width (a plain Wald interval would collapse to 100-100%)
+    low, high = study_report.kept_interval(full, full, won=0, lost=0)
+    assert low < 1.0 < high
+
+
+def test_kept_interval_covers_the_true_share_about_95_percent_of_the_time():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n, p_full, p_lose, p_gain = 100, 0.6, 0.08, 0.03  # true share kept: (0.6 - 0.05) / 0.6
+    truth, covered = (p_full - p_lose + p_gain) / p_full, 0
+    for _ in range(2000):
+        full_right = rng.random(n) < p_full
+        flip = rng.random(n)
+        row_right = np.where(full_right, flip >= p_lose / p_full, flip < p_gain / (1 - p_full))
+        won, lost = int((row_right & ~full_right).sum()), int((~row_right & full_right).sum())
+        full = {"n": n, "accuracy": full_right.mean()}
+        low, high = study_report.kept_interval({"n": n}, full, won, lost)
+        covered += low <= truth <= high
+    # the interval divides by the observed full-cache accuracy, so coverage is near, not exactly, 95%
+    assert 0.90 <= covered / 2000 <= 0.99
