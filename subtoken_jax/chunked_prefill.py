@@ -42,7 +42,8 @@ from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.layer_caches import next_positions
 from subtoken_jax.layers import rope_inverse_frequencies
 from subtoken_jax.model import DecoderLM, default_positions
-from subtoken_jax.packed_cache import PackedCache, PackedLayer, _power_of_two, cache_nbytes, pack_head_major
+from subtoken_jax.packed_cache import (PackedCache, PackedLayer, _power_of_two, cache_nbytes, entries_to_slots,
+                                       pack_head_major)
 from subtoken_jax.selectors import KVzip, PrefillState
 from subtoken_jax.selectors.base import _draft_queries, _prefill
 from subtoken_jax.shape_buckets import bucket_length, left_pad
@@ -94,18 +95,8 @@ def prefix_slots(layer: PackedLayer) -> HeadSlots:
     keys, entries = layer.keys, layer.values
     if not keys.compact:
         raise InputError("chunked prefill re-compresses packed layers with compacted keys (pack_head_major)")
-    batch, heads, slots, dim = keys.keys.shape
-    groups = entries.num_groups
-    gd = dim // groups
-    real = entries.real  # [B, Hkv, P]
-    flat = entries.tokens.astype(jnp.int32) * groups + jnp.minimum(entries.groups.astype(jnp.int32), groups - 1)
-    b, h = jnp.meshgrid(jnp.arange(batch), jnp.arange(heads), indexing="ij")
-    index = (b[..., None], h[..., None], flat)
-    values = jnp.zeros((batch, heads, slots * groups, gd), entries.values.dtype)
-    values = values.at[index].add(entries.values * real[..., None].astype(values.dtype))
-    present = jnp.zeros((batch, heads, slots * groups), bool).at[index].max(real)
-    return HeadSlots(keys.keys, values.reshape(batch, heads, slots, dim), keys.positions,
-                     present.reshape(batch, heads, slots, groups))
+    values, present = entries_to_slots(entries, entries.tokens.astype(jnp.int32), keys.keys.shape[2])
+    return HeadSlots(keys.keys, values, keys.positions, present)
 
 
 def join(first: HeadSlots, second: HeadSlots) -> HeadSlots:

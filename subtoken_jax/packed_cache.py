@@ -482,9 +482,6 @@ def unpack_dense(packed: Union[FixedKValues, PackedLayer], positions: Optional[j
     if isinstance(packed.values, FixedKValues):
         return unpack_dense(packed.values)
     entries, keys = packed.values, packed.keys
-    batch, heads, capacity, gd = entries.values.shape
-    groups = entries.num_groups
-    real = entries.real  # [B, Hkv, P]
     token = entries.tokens.astype(jnp.int32)
     if keys.compact:
         if positions is None:
@@ -494,12 +491,23 @@ def unpack_dense(packed: Union[FixedKValues, PackedLayer], positions: Optional[j
         length = positions.shape[1]
     else:
         length = keys.keys.shape[1]
-    flat = token * groups + jnp.minimum(entries.groups.astype(jnp.int32), groups - 1)
-    dense = jnp.zeros((batch, heads, length * groups, gd), entries.values.dtype)
-    b, h = jnp.meshgrid(jnp.arange(batch), jnp.arange(heads), indexing="ij")
-    dense = dense.at[b[..., None], h[..., None], flat].add(entries.values * real[..., None].astype(dense.dtype))
-    dense = dense.reshape(batch, heads, length, groups * gd)
+    dense, _ = entries_to_slots(entries, token, length)
     return jnp.transpose(dense, (0, 2, 1, 3))
+
+
+def entries_to_slots(entries: GlobalValues, token: jax.Array, slots: int) -> Tuple[jax.Array, jax.Array]:
+    """Every stored entry put back at its (token slot, group): head-major values [B, Hkv, slots, G * gd] (zeros
+    where nothing is stored) and present [B, Hkv, slots, G]. token [B, Hkv, P]: each entry's slot index."""
+    batch, heads, _, gd = entries.values.shape
+    groups = entries.num_groups
+    real = entries.real  # empty slots carry group G: clamped to a real group, and add nothing
+    flat = token * groups + jnp.minimum(entries.groups.astype(jnp.int32), groups - 1)
+    b, h = jnp.meshgrid(jnp.arange(batch), jnp.arange(heads), indexing="ij")
+    index = (b[..., None], h[..., None], flat)
+    values = jnp.zeros((batch, heads, slots * groups, gd), entries.values.dtype)
+    values = values.at[index].add(entries.values * real[..., None].astype(values.dtype))
+    present = jnp.zeros((batch, heads, slots * groups), bool).at[index].max(real)
+    return values.reshape(batch, heads, slots, groups * gd), present.reshape(batch, heads, slots, groups)
 
 
 # ----------------------------------------------------------------------------- byte accounting
