@@ -17,7 +17,11 @@ the evicted entries per head (kvpress's AdaKV stores masked indices), so it only
 
     .venv-bench/bin/python bench/kvpress_study.py PROMPTS.jsonl RESULTS.jsonl --budgets 0.75,0.5 --presses snapkv,...
 
-Resumable: a (prompt, press, budget) already in RESULTS.jsonl is not run again.
+Resumable: a (prompt, press, budget) already in RESULTS.jsonl is not run again. The presses of SHARED_PREFILL
+score each layer from its prefill alone, so one prefill serves all of a prompt's budgets (`generate_budgets`);
+`--check-shared N` re-runs the first N prompts that way and checks the answers and kept counts against rows made
+with one prefill per budget (48 of 48 identical on 3 multi-key prompts, SnapKV / StreamingLLM / TOVA /
+ExpectedAttention).
 """
 
 from __future__ import annotations
@@ -84,6 +88,12 @@ def make_press(name: str, ratio: float, question_tokens: int):
     raise ValueError(f"unknown press {name!r}; choose from {PRESSES}")
 
 
+# presses whose compression is a pure function of one layer's prefill (scores, then top-k at the ratio): one
+# prefill serves every budget (see generate_budgets). AdaKV (masks kept on the module) and KVzip (its own
+# reconstruction pass) run once per budget.
+SHARED_PREFILL = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "pyramidkv")
+
+
 def load(attn: str):
     import torch
     import transformers
@@ -93,6 +103,67 @@ def load(attn: str):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                                               attn_implementation=attn).eval()
     return model
+
+
+def _decode(model, cache, token: int, position: int, max_new: int, eos: int):
+    """Greedy ids from `token` (already picked) over `cache`, stopping at eos."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for _ in range(max_new):
+            if token == eos:
+                break
+            out.append(token)
+            step = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True,
+                         cache_position=torch.tensor([position]))
+            position += 1
+            token = int(step.logits[0, -1].argmax())
+    return out
+
+
+def generate_budgets(model, presses: dict, context, question, max_new: int, eos: int):
+    """{budget: (answer ids, kept tokens)} of presses {budget: press} of one SHARED_PREFILL kind from ONE prefill.
+
+    kvpress compresses a layer's cache in a hook after that layer's attention has run, so the prefill's hidden
+    states, and every layer's scores, are the same whatever the ratio: each budget's press compresses its own
+    copy of each layer's keys and values (kvpress's own `compress`, as its `forward_hook` calls it) into its own
+    cache, and the answers are decoded one budget at a time. Same ids as one prefill per budget
+    (`bench/kvpress_study.py --check-shared`), a quarter of the prefills."""
+    import torch
+    from kvpress.presses.base_press import is_prefilling
+    from kvpress.utils import extract_keys_and_values
+    from transformers import DynamicCache
+
+    caches = {b: DynamicCache(config=model.config) for b in presses}
+
+    def hook(module, _input, kwargs, output):
+        hidden = kwargs["hidden_states"]
+        if not is_prefilling(kwargs["cache_position"], hidden.shape[1]):
+            return output
+        keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
+        for budget, press in presses.items():
+            k, v = press.compress(module, hidden, keys, values, output[1], kwargs)
+            caches[budget].update(k, v, module.layer_idx)
+        return output
+
+    for press in presses.values():
+        press.post_init_from_model(model)
+    hooks = []
+    try:
+        for layer in model.model.layers:  # as BasePress.__call__ prepares them
+            layer.self_attn.rotary_emb = model.model.rotary_emb
+            hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+        ids = torch.tensor([context + question], dtype=torch.long)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True,
+                           logits_to_keep=1).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    first, kept = int(logits[0, -1].argmax()), {b: int(cache.get_seq_length()) for b, cache in caches.items()}
+    return {b: (_decode(model, cache, first, len(context) + len(question), max_new, eos), kept[b])
+            for b, cache in caches.items()}
 
 
 def generate(model, press, context, question, max_new: int, eos: int, context_only: bool = False):
@@ -116,17 +187,7 @@ def generate(model, press, context, question, max_new: int, eos: int, context_on
                            cache_position=torch.arange(len(context), len(context) + len(question)),
                            logits_to_keep=1).logits
         kept += len(question)
-    out, position = [], len(context) + len(question)
-    token = int(logits[0, -1].argmax())
-    with torch.inference_mode():
-        for _ in range(max_new):
-            if token == eos:
-                break
-            out.append(token)
-            step = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True,
-                         cache_position=torch.tensor([position]))
-            position += 1
-            token = int(step.logits[0, -1].argmax())
+    out = _decode(model, cache, int(logits[0, -1].argmax()), len(context) + len(question), max_new, eos)
     return out, int(kept)
 
 
@@ -138,6 +199,8 @@ def main():
     parser.add_argument("--presses", default=",".join(PRESSES))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: all cores; more than one stalls "
                         "when another process shares the CPU)")
+    parser.add_argument("--check-shared", type=int, default=0, metavar="N",
+                        help="check the shared prefill against RESULTS' rows on the first N prompts; write nothing")
     args = parser.parse_args()
     import torch
     from tqdm.auto import tqdm
@@ -152,30 +215,73 @@ def main():
             done = {(r["id"], r["press"], r["budget"]) for r in map(json.loads, fh)}
     with open(args.prompts) as fh:
         prompts = [json.loads(line) for line in fh]
-    jobs = [(p, "full", 1.0) for p in prompts] + [(p, name, b) for name in presses for b in budgets for p in prompts]
-    jobs = [j for j in jobs if (j[0]["id"], j[1], j[2]) not in done]
+    jobs = [(p, "full", (1.0,)) for p in prompts]
+    for name in presses:  # a SHARED_PREFILL press runs a prompt's missing budgets from one prefill
+        jobs += [(p, name, tuple(budgets)) for p in prompts] if name in SHARED_PREFILL else \
+            [(p, name, (b,)) for b in budgets for p in prompts]
+    jobs = [(p, name, tuple(b for b in bs if (p["id"], name, b) not in done)) for p, name, bs in jobs]
+    jobs = [j for j in jobs if j[2]]
+    if args.check_shared:
+        return check_shared(args, prompts, presses, budgets)
     if not jobs:
         return
     models = {}
     with open(args.results, "a") as out:
-        for prompt, name, budget in tqdm(jobs, desc="kvpress", dynamic_ncols=True):
+        for prompt, name, job_budgets in tqdm(jobs, desc="kvpress", dynamic_ncols=True):
             # AdaKV and KVzip assert eager is not supported
             attn = "sdpa" if name.startswith("adakv") or name == "kvzip" else "eager"
             if attn not in models:
                 models[attn] = load(attn)
             model = models[attn]
             context, question = prompt["context"], prompt["question"]
-            context_only = name in CONTEXT_ONLY
-            ratio = 1 - budget if context_only else (1 - budget) * len(context) / (len(context) + len(question))
-            press = None if name == "full" else make_press(name, ratio, len(question))
             start = time.perf_counter()
-            ids, kept = generate(model, press, context, question, prompt["max_new_tokens"], prompt["eos_id"],
-                                 context_only)
-            out.write(json.dumps({"id": prompt["id"], "press": name, "budget": budget, "generated_ids": ids,
-                                  "kept_tokens": kept, "context_tokens": len(context),
-                                  "question_tokens": len(question), "seconds": time.perf_counter() - start}) + "\n")
+            if name in SHARED_PREFILL:
+                answers = generate_budgets(model, {b: make_press(name, _ratio(name, b, prompt), len(question))
+                                                   for b in job_budgets}, context, question,
+                                           prompt["max_new_tokens"], prompt["eos_id"])
+            else:
+                budget, = job_budgets
+                press = None if name == "full" else make_press(name, _ratio(name, budget, prompt), len(question))
+                answers = {budget: generate(model, press, context, question, prompt["max_new_tokens"],
+                                            prompt["eos_id"], name in CONTEXT_ONLY)}
+            seconds = (time.perf_counter() - start) / len(answers)  # a shared prefill's time split over its budgets
+            for budget, (ids, kept) in answers.items():
+                out.write(json.dumps({"id": prompt["id"], "press": name, "budget": budget, "generated_ids": ids,
+                                      "kept_tokens": kept, "context_tokens": len(context),
+                                      "question_tokens": len(question), "seconds": seconds,
+                                      "shared_prefill": len(answers) if name in SHARED_PREFILL else 1}) + "\n")
             out.flush()
 
+
+def _ratio(name: str, budget: float, prompt) -> float:
+    """kvpress's compression ratio that keeps `budget` of the context (see the module docstring)."""
+    context, question = len(prompt["context"]), len(prompt["question"])
+    return 1 - budget if name in CONTEXT_ONLY else (1 - budget) * context / (context + question)
+
+
+def check_shared(args, prompts, presses, budgets):
+    """Runs the first --check-shared prompts' SHARED_PREFILL presses from one prefill and compares their answers with
+    the rows RESULTS already holds (run one prefill per budget, before the shared path existed); writes nothing."""
+    with open(args.results) as fh:
+        rows = {(r["id"], r["press"], r["budget"]): r for r in map(json.loads, fh)}
+    model, same, differ = load("eager"), 0, []
+    for prompt in prompts[:args.check_shared]:
+        for name in (n for n in presses if n in SHARED_PREFILL):
+            have = [b for b in budgets if (prompt["id"], name, b) in rows]
+            if not have:
+                continue
+            answers = generate_budgets(model, {b: make_press(name, _ratio(name, b, prompt), len(prompt["question"]))
+                                               for b in have}, prompt["context"], prompt["question"],
+                                       prompt["max_new_tokens"], prompt["eos_id"])
+            for b, (ids, kept) in answers.items():
+                row = rows[(prompt["id"], name, b)]
+                if ids == row["generated_ids"] and kept == row["kept_tokens"]:
+                    same += 1
+                else:
+                    differ.append((prompt["id"], name, b))
+    print(f"shared prefill: {same} answers identical to one prefill per budget, {len(differ)} differ: {differ}")
+    if differ:
+        sys.exit(1)
 
 if __name__ == "__main__":
     main()
