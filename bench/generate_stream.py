@@ -6,7 +6,9 @@ SmolLM2-135M-Instruct (G = 8). Each phase runs in a fresh process, so it pays fo
   one length    N prompts of one length (the middle of the range), `--new-tokens` greedy tokens each;
   many lengths  N prompts of N distinct lengths drawn from [--min, --max] (seeded);
 
-both through the full cache (`generate`, bucketed by default) and through the compressed cache
+both through the full cache (`generate`, bucketed by default; with `--pin-capacity`, every prompt's cache is
+pinned to one capacity, `generate(..., cache_capacity=--max + PREFILL_CHUNK + --new-tokens)`) and through the
+compressed cache
 (`generate(..., compression=Compression(0.5, 0.5, selector="key_norm"), bucket=True)`: KV budget 0.375).
 Printed per phase: total seconds, XLA compilations (jax.monitoring's backend-compile events, eager ops
 included) and the ratio many / one. `--repeats R` runs the phases R times in turn (one, many, one, many, ...):
@@ -14,7 +16,7 @@ this VM's speed drifts by 20% between runs minutes apart, so each ratio is taken
 runs) and the median over repeats is reported beside every repeat's. `--soak N` runs N compressed generations of random lengths in
 [--soak-min, --soak-max] in one process and samples its resident memory (RSS) every 10 generations.
 
-    python bench/generate_stream.py [--prompts 20 --min 500 --max 2000] [--repeats 3] [--soak 200]
+    python bench/generate_stream.py [--prompts 20 --min 500 --max 2000] [--repeats 3] [--pin-capacity] [--soak 200]
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def child(args):
 
     import subtoken_jax
     from subtoken_jax.pretrained import REGISTRY
+    from subtoken_jax.shape_buckets import PREFILL_CHUNK
 
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -80,7 +83,9 @@ def child(args):
             out = subtoken_jax.generate(model, params, ids, max_new_tokens=args.new_tokens, compression=recipe,
                                         bucket=True)
         else:
-            out = subtoken_jax.generate(model, params, ids, max_new_tokens=args.new_tokens)
+            out = subtoken_jax.generate(model, params, ids, max_new_tokens=args.new_tokens,
+                                        cache_capacity=args.max + PREFILL_CHUNK + args.new_tokens
+                                        if args.pin_capacity else None)
         jax.block_until_ready(out)
         if (i + 1) % 10 == 0 or i + 1 == len(lengths):
             samples.append({"generations": i + 1, "rss_mib": rss_mib(), "compiles": len(compiles) - loaded,
@@ -96,6 +101,7 @@ def run_phase(args, phase: str):
     command = [sys.executable, __file__, "--child", phase] + [f"--{k.replace('_', '-')}={v}" for k, v in (
         ("prompts", args.prompts), ("min", args.min), ("max", args.max), ("new_tokens", args.new_tokens),
         ("seed", args.seed), ("soak", args.soak), ("soak_min", args.soak_min), ("soak_max", args.soak_max))]
+    command += ["--pin-capacity"] if args.pin_capacity else []
     log(f"phase {phase} ...")
     out = subprocess.run(command, check=True, capture_output=True, text=True)
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -114,6 +120,8 @@ def main():
     parser.add_argument("--soak-min", type=int, default=100)
     parser.add_argument("--soak-max", type=int, default=1000)
     parser.add_argument("--phases", default="full_one,full_many,compressed_one,compressed_many")
+    parser.add_argument("--pin-capacity", action="store_true",
+                        help="the full cache of every prompt pinned to one capacity (generate's cache_capacity)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every phase, in turn (ratios per repeat)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/generate_stream.json")

@@ -71,7 +71,7 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
              eos_id: Optional[int] = None, progress: bool = False, compression=None, question_ids=None,
              question_mask=None, bucket: Optional[bool] = None, mesh=None, chunk: int = 64,
              prefill_chunk: Optional[int] = None, compress_every: Optional[int] = None, observe_question: bool = False,
-             **compressed_kwargs):
+             cache_capacity: Optional[int] = None, **compressed_kwargs):
     """Generates max_new_tokens after prompt_ids [B, T] (left-pad ragged prompts and pass attention_mask).
 
     Returns int32 [B, max_new_tokens]; after an EOS a row keeps emitting EOS. temperature 0 is greedy.
@@ -83,7 +83,10 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     masked and changes no token. The full cache: the prompt is left-padded to whole chunks of
     `shape_buckets.PREFILL_CHUNK` tokens (short prompts: to their bucket) and prefilled chunk by chunk into a
     cache of one of two capacities per octave, so one chunk program and one decode program serve every prompt
-    whose cache falls in a capacity. With compression: see `compressed_generate`. None: on for the full cache,
+    whose cache falls in a capacity; cache_capacity pins that capacity for every prompt (rounded up to 128 slots;
+    too small for a prompt: an InputError), so a stream of prompts up to it compiles one chunk program and one
+    decode program in all, for a cache of that size throughout (`bench/generate_stream.py --cache-capacity`).
+    With compression: see `compressed_generate`. None: on for the full cache,
     off with compression. mesh: a `jax.sharding.Mesh` to run on (rows over its batch axes, params by
     the model's logical rules, the cache by batch and KV head); None: an enclosing `sharding.use_mesh`'s, if any.
     chunk: decode steps per compiled scan when progress is shown (without progress, one scan decodes them all).
@@ -100,8 +103,12 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
                             temperature=temperature, top_k=top_k, rng=rng, eos_id=eos_id, progress=progress,
                             compression=compression, question_ids=question_ids, question_mask=question_mask,
                             bucket=bucket, chunk=chunk, prefill_chunk=prefill_chunk, compress_every=compress_every,
-                            observe_question=observe_question, **compressed_kwargs)
+                            observe_question=observe_question, cache_capacity=cache_capacity,
+                            **compressed_kwargs)
     check_ids(prompt_ids, "prompt_ids")
+    if cache_capacity is not None and (compression is not None or bucket is False):
+        raise InputError("cache_capacity pins the full cache of a bucketed generate: not with compression= or "
+                         "bucket=False")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     if observe_question and prefill_chunk is None:
         raise InputError("observe_question observes each prefill chunk through the question: give prefill_chunk")
@@ -147,8 +154,10 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     if bucket is None or bucket:
         # a bounded number of programs for prompts of any length: the prompt left-padded to whole chunks, prefilled
         # chunk by chunk into a cache of a coarse capacity bucket (shape_buckets.full_prefill_plan)
-        padded, chunk_len, capacity = full_prefill_plan(prompt_len, max_new_tokens, model.config.max_position_embeddings)
-        prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, padded)
+        padded, chunk_len, capacity = full_prefill_plan(prompt_len, max_new_tokens,
+                                                        model.config.max_position_embeddings,
+                                                        cache_capacity)
+        prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, padded, on_host=True)
         mask = np.asarray(attention_mask)
         if not mask.any(axis=1).all():
             raise InputError("attention_mask marks no real token in some prompt row: every row needs one")

@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 import jax.numpy as jnp
 import numpy as np
 
+from subtoken_jax.errors import InputError
+
 STEPS_PER_OCTAVE = 4  # buckets 512, 640, 768, 896, 1024, 1280, ...: padding < 1 / STEPS_PER_OCTAVE of a length
 SMALLEST = 16  # below this, one bucket
 # the full-cache prefill of a longer prompt runs in chunks of this many tokens into a cache of a coarse capacity
@@ -40,12 +42,21 @@ def capacity_bucket(n: int) -> int:
     return power * 3 // 4 if power * 3 // 4 >= n else power
 
 
-def full_prefill_plan(length: int, new_tokens: int, limit: int) -> Tuple[int, int, int]:
+# a pinned cache capacity is rounded up to whole blocks of this many slots, so chunks attend block by block over
+# the written slots only (layer_caches.WRITTEN_BLOCKS)
+CAPACITY_STEP = 128
+
+
+def full_prefill_plan(length: int, new_tokens: int, limit: int, capacity: Optional[int] = None
+                      ) -> Tuple[int, int, int]:
     """(padded prompt length, prefill chunk, cache capacity) of a full-cache generation with bucketing.
 
     Up to PREFILL_CHUNK tokens: one chunk of the prompt's bucket_length. Longer: a whole number of PREFILL_CHUNK
     chunks (the first carries the left padding). Never past the model's `limit` positions: a prompt that fits is
-    not refused for its bucket (its chunks then cover it unevenly)."""
+    not refused for its bucket (its chunks then cover it unevenly). capacity: the cache's size for every prompt
+    (rounded up to CAPACITY_STEP slots, at most `limit`) instead of the prompt's capacity_bucket, so a stream of
+    prompts compiles one chunk program and one decode program in all; an InputError if the padded prompt and the
+    new tokens do not fit it."""
     room = limit - new_tokens
     if length <= PREFILL_CHUNK:
         padded = max(length, min(bucket_length(length), room))
@@ -53,11 +64,20 @@ def full_prefill_plan(length: int, new_tokens: int, limit: int) -> Tuple[int, in
     else:
         padded = max(length, min(-(-length // PREFILL_CHUNK) * PREFILL_CHUNK, room))
         chunk = PREFILL_CHUNK
-    return padded, chunk, min(capacity_bucket(padded + new_tokens), limit)
+    if capacity is None:
+        return padded, chunk, min(capacity_bucket(padded + new_tokens), limit)
+    capacity = min(-(-int(capacity) // CAPACITY_STEP) * CAPACITY_STEP, limit)
+    if padded + new_tokens > capacity:
+        raise InputError(f"cache_capacity {capacity} is too small for this prompt: {length} tokens (padded to "
+                         f"{padded}) + max_new_tokens {new_tokens}; pin it to the longest prompt of the stream plus "
+                         f"{PREFILL_CHUNK} + max_new_tokens, or leave it None")
+    return padded, chunk, capacity
 
 
-def left_pad(ids, mask: Optional[jnp.ndarray], length: int, pad_id: int = 0) -> Tuple[jnp.ndarray, jnp.ndarray]:
-    """ids [B, T] (mask [B, T], 1 = real; None = all real) left-padded to [B, length] with mask 0."""
+def left_pad(ids, mask: Optional[jnp.ndarray], length: int, pad_id: int = 0, on_host: bool = False
+             ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+    """ids [B, T] (mask [B, T], 1 = real; None = all real) left-padded to [B, length] with mask 0. on_host: numpy
+    arrays back (a device copy compiles a small staging program per new shape)."""
     # on the host: padded on the device, every distinct prompt length would compile its own pad programs
     ids = np.asarray(ids, np.int32)
     mask = np.ones(ids.shape, np.int32) if mask is None else np.asarray(mask, np.int32)
@@ -65,4 +85,4 @@ def left_pad(ids, mask: Optional[jnp.ndarray], length: int, pad_id: int = 0) -> 
     if extra > 0:
         ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
         mask = np.pad(mask, ((0, 0), (extra, 0)), constant_values=0)
-    return jnp.asarray(ids), jnp.asarray(mask)
+    return (ids, mask) if on_host else (jnp.asarray(ids), jnp.asarray(mask))

@@ -396,3 +396,41 @@ def test_full_cache_prefill_in_chunks_equals_one_shot_and_compiles_per_capacity(
         jax.monitoring.unregister_event_duration_listener(listener)
     assert bool(blocks_used) == written_blocks
     assert [shape_buckets.capacity_bucket(n) for n in (16, 17, 24, 25, 33, 48, 49)] == [16, 24, 24, 32, 48, 48, 64]
+
+
+def test_a_pinned_cache_capacity_serves_every_length_with_one_set_of_programs(setup, monkeypatch):
+    """cache_capacity=40 (rounded up to blocks of 8): prompts of 9, 17 and 27 tokens, whose own capacity buckets
+    differ (16, 32, 48 with the new tokens), give the unbucketed tokens, and after the first compile nothing; a
+    prompt too long for the pinned cache is refused before any compute."""
+    import jax.monitoring
+
+    from subtoken_jax import shape_buckets
+
+    monkeypatch.setattr(shape_buckets, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(shape_buckets, "CAPACITY_STEP", 8)
+    jax.clear_caches()
+    model, params, _, _, _ = setup
+    assert [shape_buckets.full_prefill_plan(n, NEW, 64)[2] for n in (9, 17, 27)] == [24, 32, 48]
+    assert shape_buckets.full_prefill_plan(9, NEW, 64, capacity=37) == (16, 8, 40)
+    compiles = []
+    listener = lambda event, secs, **_: compiles.append(event) if is_compilation(event) else None  # noqa
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for length in (9, 17, 27):
+            context = np.random.default_rng(length).integers(0, CONFIG.vocab_size, (2, length))
+            mask = np.ones((2, length), np.int32)
+            mask[1, :3] = 0
+            before = len(compiles)
+            pinned = generate(model, params, context, attention_mask=mask, max_new_tokens=NEW, cache_capacity=37)
+            if length != 9:
+                assert len(compiles) == before, f"{len(compiles) - before} compilations for a {length}-token prompt"
+            np.testing.assert_array_equal(pinned, generate(model, params, context, attention_mask=mask,
+                                                           max_new_tokens=NEW, bucket=False))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    too_long = np.zeros((1, 35), np.int32)  # padded to 40, + NEW new tokens > 40
+    with pytest.raises(InputError, match="cache_capacity 40 is too small"):
+        generate(model, params, too_long, max_new_tokens=NEW, cache_capacity=37)
+    with pytest.raises(InputError, match="not with compression"):
+        generate(model, params, too_long, max_new_tokens=NEW, cache_capacity=64,
+                 compression=JointCompression(kv_budget=0.5))
