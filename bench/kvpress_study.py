@@ -19,9 +19,8 @@ the evicted entries per head (kvpress's AdaKV stores masked indices), so it only
 
 Resumable: a (prompt, press, budget) already in RESULTS.jsonl is not run again. The presses of SHARED_PREFILL
 score each layer from its prefill alone, so one prefill serves all of a prompt's budgets (`generate_budgets`);
-`--check-shared N` re-runs the first N prompts that way and checks the answers and kept counts against rows made
-with one prefill per budget (48 of 48 identical on 3 multi-key prompts, SnapKV / StreamingLLM / TOVA /
-ExpectedAttention).
+`--check-shared N` runs the first N prompts both ways and checks the answers and kept counts of both against the
+stored rows (made with one prefill per budget), with the time of each way.
 """
 
 from __future__ import annotations
@@ -260,26 +259,36 @@ def _ratio(name: str, budget: float, prompt) -> float:
 
 
 def check_shared(args, prompts, presses, budgets):
-    """Runs the first --check-shared prompts' SHARED_PREFILL presses from one prefill and compares their answers with
-    the rows RESULTS already holds (run one prefill per budget, before the shared path existed); writes nothing."""
+    """Runs the first --check-shared prompts' SHARED_PREFILL presses both ways, one prefill for all budgets and one
+    prefill per budget (interleaved), checks both against the rows RESULTS holds and prints the time ratio; writes
+    nothing."""
     with open(args.results) as fh:
         rows = {(r["id"], r["press"], r["budget"]): r for r in map(json.loads, fh)}
-    model, same, differ = load("eager"), 0, []
+    model, same, differ, seconds = load("eager"), 0, [], {"shared": 0.0, "per budget": 0.0}
     for prompt in prompts[:args.check_shared]:
+        context, question = prompt["context"], prompt["question"]
+        new, eos = prompt["max_new_tokens"], prompt["eos_id"]
         for name in (n for n in presses if n in SHARED_PREFILL):
             have = [b for b in budgets if (prompt["id"], name, b) in rows]
             if not have:
                 continue
-            answers = generate_budgets(model, {b: make_press(name, _ratio(name, b, prompt), len(prompt["question"]))
-                                               for b in have}, prompt["context"], prompt["question"],
-                                       prompt["max_new_tokens"], prompt["eos_id"])
-            for b, (ids, kept) in answers.items():
+            press = lambda b: make_press(name, _ratio(name, b, prompt), len(question))  # noqa: E731
+            start = time.perf_counter()
+            shared = generate_budgets(model, {b: press(b) for b in have}, context, question, new, eos)
+            middle = time.perf_counter()
+            single = {b: generate(model, press(b), context, question, new, eos) for b in have}
+            seconds["shared"] += middle - start
+            seconds["per budget"] += time.perf_counter() - middle
+            for b in have:
                 row = rows[(prompt["id"], name, b)]
-                if ids == row["generated_ids"] and kept == row["kept_tokens"]:
+                stored = (row["generated_ids"], row["kept_tokens"])
+                if tuple(shared[b]) == tuple(single[b]) == tuple(stored):
                     same += 1
                 else:
                     differ.append((prompt["id"], name, b))
-    print(f"shared prefill: {same} answers identical to one prefill per budget, {len(differ)} differ: {differ}")
+    print(f"shared prefill: {same} answers identical to one prefill per budget (run now and stored), "
+          f"{len(differ)} differ: {differ}; time {seconds['shared']:.0f} s against {seconds['per budget']:.0f} s "
+          f"({seconds['per budget'] / max(seconds['shared'], 1e-9):.2f}x faster)")
     if differ:
         sys.exit(1)
 
