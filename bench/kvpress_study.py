@@ -32,7 +32,8 @@ import os
 import sys
 import time
 
-PRESSES = ("snapkv", "expected_attention", "streaming", "tova", "adakv_snapkv", "key_norm", "kvzip", "pyramidkv")
+PRESSES = ("snapkv", "expected_attention", "streaming", "tova", "adakv_snapkv", "key_norm", "kvzip", "pyramidkv",
+           "expected_attention_our_settings")
 # query-agnostic presses: the context alone is prefilled (and compressed) under the press, then the question is
 # read over the compressed cache, as in kvpress's own pipeline; the others see context + question
 CONTEXT_ONLY = ("kvzip",)
@@ -69,6 +70,9 @@ def make_press(name: str, ratio: float, question_tokens: int):
         return kvpress.SnapKVPress(compression_ratio=ratio, window_size=question_tokens, kernel_size=5)
     if name == "expected_attention":
         return kvpress.ExpectedAttentionPress(compression_ratio=ratio)
+    if name == "expected_attention_our_settings":  # the settings of our ExpectedAttention selector's defaults, for
+        # the agreement check (kvpress's defaults average 512 future positions and keep 4 sinks)
+        return kvpress.ExpectedAttentionPress(compression_ratio=ratio, n_future_positions=16, n_sink=0)
     if name == "streaming":
         return kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=4)
     if name == "tova":
@@ -90,7 +94,8 @@ def make_press(name: str, ratio: float, question_tokens: int):
 # presses whose compression is a pure function of one layer's prefill (scores, then top-k at the ratio): one
 # prefill serves every budget (see generate_budgets). AdaKV (masks kept on the module) and KVzip (its own
 # reconstruction pass) run once per budget.
-SHARED_PREFILL = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "pyramidkv")
+SHARED_PREFILL = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "pyramidkv",
+                  "expected_attention_our_settings")
 
 
 def load(attn: str):
