@@ -18,7 +18,8 @@ the evicted entries per head (kvpress's AdaKV stores masked indices), so it only
     .venv-bench/bin/python bench/kvpress_study.py PROMPTS.jsonl RESULTS.jsonl --budgets 0.75,0.5 --presses snapkv,...
 
 Resumable: a (prompt, press, budget) already in RESULTS.jsonl is not run again. The presses of SHARED_PREFILL
-score each layer from its prefill alone, so one prefill serves all of a prompt's budgets (`generate_budgets`);
+score each layer from its prefill alone, so one prefill serves all of a prompt's budgets (`generate_budgets`), and
+KVzip's one reconstruction pass scores the pairs for every budget (`generate_kvzip_budgets`);
 `--check-shared N` runs the first N prompts both ways and checks the answers and kept counts of both against the
 stored rows (made with one prefill per budget), with the time of each way.
 """
@@ -170,6 +171,50 @@ def generate_budgets(model, presses: dict, context, question, max_new: int, eos:
             for b, cache in caches.items()}
 
 
+def generate_kvzip_budgets(model, prompt, budgets):
+    """{budget: (answer ids, kept tokens)} of KVzip at every budget from ONE prefill and ONE reconstruction pass.
+
+    KVzip scores every context pair by how the model attends while re-reading the context (its scores do not depend
+    on the ratio), then `compress_post` picks the pairs to mask at the ratio. So the scores of one pass are kept and
+    each budget's press (kvpress's own `compress_post`) masks its pairs; the question and the answer then run over a
+    copy of the context's cache (the masking overwrites the masked keys in the cache it decodes from)."""
+    import copy
+
+    import torch
+    from transformers import DynamicCache
+
+    context, question = prompt["context"], prompt["question"]
+    presses = {b: make_press("kvzip", _ratio("kvzip", b, prompt), len(question)) for b in budgets}
+    scorer, scores = next(iter(presses.values())), {}
+    reset = scorer._reset_internal_parameters
+
+    def keep_scores_then_reset():  # KVzipPress.__call__ drops its scores on exit
+        if scorer.score_val is not None:
+            scores["value"] = scorer.score_val
+        reset()
+
+    scorer._reset_internal_parameters = keep_scores_then_reset
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode(), scorer(model):
+        model(input_ids=torch.tensor([context], dtype=torch.long), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+    answers = {}
+    for budget, press in presses.items():
+        press.score_val = scores["value"]
+        with torch.inference_mode():
+            press.compress_post(model)  # each attention module's masked pairs at this ratio
+            copied = copy.deepcopy(cache)
+            logits = model(input_ids=torch.tensor([question]), past_key_values=copied, use_cache=True,
+                           cache_position=torch.arange(len(context), len(context) + len(question)),
+                           logits_to_keep=1).logits
+        ids = _decode(model, copied, int(logits[0, -1].argmax()), len(context) + len(question),
+                      prompt["max_new_tokens"], prompt["eos_id"])
+        answers[budget] = (ids, len(context) + len(question))
+    for layer in model.model.layers:
+        layer.self_attn.masked_key_indices = None
+    return answers
+
+
 def generate(model, press, context, question, max_new: int, eos: int, context_only: bool = False):
     """Greedy answer ids after prefilling context + question under the press (None: full cache); context_only:
     the context alone under the press, then the question over the compressed cache."""
@@ -220,8 +265,8 @@ def main():
     with open(args.prompts) as fh:
         prompts = [json.loads(line) for line in fh]
     jobs = [(p, "full", (1.0,)) for p in prompts]
-    for name in presses:  # a SHARED_PREFILL press runs a prompt's missing budgets from one prefill
-        jobs += [(p, name, tuple(budgets)) for p in prompts] if name in SHARED_PREFILL else \
+    for name in presses:  # a SHARED_PREFILL press (and KVzip) runs a prompt's missing budgets from one prefill
+        jobs += [(p, name, tuple(budgets)) for p in prompts] if name in SHARED_PREFILL + ("kvzip",) else \
             [(p, name, (b,)) for b in budgets for p in prompts]
     jobs = [(p, name, tuple(b for b in bs if (p["id"], name, b) not in done)) for p, name, bs in jobs]
     jobs = [j for j in jobs if j[2]]
@@ -239,7 +284,9 @@ def main():
             model = models[attn]
             context, question = prompt["context"], prompt["question"]
             start = time.perf_counter()
-            if name in SHARED_PREFILL:
+            if name == "kvzip":
+                answers = generate_kvzip_budgets(model, prompt, job_budgets)
+            elif name in SHARED_PREFILL:
                 answers = generate_budgets(model, {b: make_press(name, _ratio(name, b, prompt), len(question))
                                                    for b in job_budgets}, context, question,
                                            prompt["max_new_tokens"], prompt["eos_id"])
@@ -253,7 +300,7 @@ def main():
                 out.write(json.dumps({"id": prompt["id"], "press": name, "budget": budget, "generated_ids": ids,
                                       "kept_tokens": kept, "context_tokens": len(context),
                                       "question_tokens": len(question), "seconds": seconds,
-                                      "shared_prefill": len(answers) if name in SHARED_PREFILL else 1}) + "\n")
+                                      "shared_prefill": len(answers)}) + "\n")
             out.flush()
 
 
@@ -269,19 +316,22 @@ def check_shared(args, prompts, presses, budgets):
     nothing."""
     with open(args.results) as fh:
         rows = {(r["id"], r["press"], r["budget"]): r for r in map(json.loads, fh)}
-    model, same, differ, seconds = load("eager"), 0, [], {"shared": 0.0, "per budget": 0.0}
+    models, same, differ, seconds = {}, 0, [], {"shared": 0.0, "per budget": 0.0}
     for prompt in prompts[:args.check_shared]:
         context, question = prompt["context"], prompt["question"]
         new, eos = prompt["max_new_tokens"], prompt["eos_id"]
-        for name in (n for n in presses if n in SHARED_PREFILL):
+        for name in (n for n in presses if n in SHARED_PREFILL + ("kvzip",)):
             have = [b for b in budgets if (prompt["id"], name, b) in rows]
             if not have:
                 continue
+            attn = "sdpa" if name == "kvzip" else "eager"
+            model = models[attn] if attn in models else models.setdefault(attn, load(attn))
             press = lambda b: make_press(name, _ratio(name, b, prompt), len(question))  # noqa: E731
             start = time.perf_counter()
-            shared = generate_budgets(model, {b: press(b) for b in have}, context, question, new, eos)
+            shared = generate_kvzip_budgets(model, prompt, have) if name == "kvzip" else \
+                generate_budgets(model, {b: press(b) for b in have}, context, question, new, eos)
             middle = time.perf_counter()
-            single = {b: generate(model, press(b), context, question, new, eos) for b in have}
+            single = {b: generate(model, press(b), context, question, new, eos, name in CONTEXT_ONLY) for b in have}
             seconds["shared"] += middle - start
             seconds["per budget"] += time.perf_counter() - middle
             for b in have:
