@@ -93,10 +93,12 @@ def make_press(name: str, ratio: float, question_tokens: int):
 
 
 # presses whose compression is a pure function of one layer's prefill (scores, then top-k at the ratio): one
-# prefill serves every budget (see generate_budgets). AdaKV (masks kept on the module) and KVzip (its own
-# reconstruction pass) run once per budget.
+# prefill serves every budget (see generate_budgets). AdaKV (masks kept on the attention modules) and KVzip (its
+# own reconstruction pass) mask inside a full-size cache; their scores too are the same at every ratio
+# (generate_adakv_budgets, generate_kvzip_budgets).
 SHARED_PREFILL = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "pyramidkv",
                   "expected_attention_our_settings")
+SHARED_MASKS = ("adakv_snapkv", "kvzip")
 
 
 def load(attn: str):
@@ -169,6 +171,56 @@ def generate_budgets(model, presses: dict, context, question, max_new: int, eos:
     first, kept = int(logits[0, -1].argmax()), {b: int(cache.get_seq_length()) for b, cache in caches.items()}
     return {b: (_decode(model, cache, first, len(context) + len(question), max_new, eos), kept[b])
             for b, cache in caches.items()}
+
+
+def generate_adakv_budgets(model, presses: dict, context, question, max_new: int, eos: int):
+    """{budget: (answer ids, kept tokens)} of AdaKV presses {budget: press} from ONE prefill.
+
+    AdaKV compresses nothing: in each layer's hook its `compress` scores the pairs (SnapKV's scores, the same at every
+    ratio) and leaves on the attention module the pairs to mask while decoding. Each budget's press runs that
+    `compress` in the hook and its masks are kept aside; each answer is then decoded over a copy of the full cache
+    (the masking overwrites the masked keys in the cache it decodes from) with that budget's masks in place."""
+    import copy
+
+    import torch
+    from kvpress.presses.base_press import is_prefilling
+    from kvpress.utils import extract_keys_and_values
+    from transformers import DynamicCache
+
+    masks = {b: {} for b in presses}
+
+    def hook(module, _input, kwargs, output):
+        hidden = kwargs["hidden_states"]
+        if not is_prefilling(kwargs["cache_position"], hidden.shape[1]):
+            return output
+        keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
+        for budget, press in presses.items():
+            press.compress(module, hidden, keys, values, output[1], kwargs)
+            masks[budget][module.layer_idx] = module.masked_key_indices
+        return output
+
+    for press in presses.values():
+        press.post_init_from_model(model)
+    cache, hooks = DynamicCache(config=model.config), []
+    try:
+        for layer in model.model.layers:
+            layer.self_attn.rotary_emb = model.model.rotary_emb
+            hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([context + question], dtype=torch.long), past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    answers = {}
+    for budget in presses:
+        for layer in model.model.layers:
+            layer.self_attn.masked_key_indices = masks[budget][layer.self_attn.layer_idx]
+        answers[budget] = (_decode(model, copy.deepcopy(cache), int(logits[0, -1].argmax()),
+                                   len(context) + len(question), max_new, eos), int(cache.get_seq_length()))
+    for layer in model.model.layers:
+        layer.self_attn.masked_key_indices = None
+    return answers
 
 
 def generate_kvzip_budgets(model, prompt, budgets):
@@ -265,8 +317,8 @@ def main():
     with open(args.prompts) as fh:
         prompts = [json.loads(line) for line in fh]
     jobs = [(p, "full", (1.0,)) for p in prompts]
-    for name in presses:  # a SHARED_PREFILL press (and KVzip) runs a prompt's missing budgets from one prefill
-        jobs += [(p, name, tuple(budgets)) for p in prompts] if name in SHARED_PREFILL + ("kvzip",) else \
+    for name in presses:  # a SHARED_PREFILL press (and KVzip, AdaKV) runs a prompt's missing budgets from one prefill
+        jobs += [(p, name, tuple(budgets)) for p in prompts] if name in SHARED_PREFILL + SHARED_MASKS else \
             [(p, name, (b,)) for b in budgets for p in prompts]
     jobs = [(p, name, tuple(b for b in bs if (p["id"], name, b) not in done)) for p, name, bs in jobs]
     jobs = [j for j in jobs if j[2]]
@@ -286,6 +338,10 @@ def main():
             start = time.perf_counter()
             if name == "kvzip":
                 answers = generate_kvzip_budgets(model, prompt, job_budgets)
+            elif name == "adakv_snapkv":
+                answers = generate_adakv_budgets(model, {b: make_press(name, _ratio(name, b, prompt), len(question))
+                                                         for b in job_budgets}, context, question,
+                                                 prompt["max_new_tokens"], prompt["eos_id"])
             elif name in SHARED_PREFILL:
                 answers = generate_budgets(model, {b: make_press(name, _ratio(name, b, prompt), len(question))
                                                    for b in job_budgets}, context, question,
@@ -320,16 +376,20 @@ def check_shared(args, prompts, presses, budgets):
     for prompt in prompts[:args.check_shared]:
         context, question = prompt["context"], prompt["question"]
         new, eos = prompt["max_new_tokens"], prompt["eos_id"]
-        for name in (n for n in presses if n in SHARED_PREFILL + ("kvzip",)):
+        for name in (n for n in presses if n in SHARED_PREFILL + SHARED_MASKS):
             have = [b for b in budgets if (prompt["id"], name, b) in rows]
             if not have:
                 continue
-            attn = "sdpa" if name == "kvzip" else "eager"
+            attn = "sdpa" if name in SHARED_MASKS else "eager"
             model = models[attn] if attn in models else models.setdefault(attn, load(attn))
             press = lambda b: make_press(name, _ratio(name, b, prompt), len(question))  # noqa: E731
             start = time.perf_counter()
-            shared = generate_kvzip_budgets(model, prompt, have) if name == "kvzip" else \
-                generate_budgets(model, {b: press(b) for b in have}, context, question, new, eos)
+            if name == "kvzip":
+                shared = generate_kvzip_budgets(model, prompt, have)
+            elif name == "adakv_snapkv":
+                shared = generate_adakv_budgets(model, {b: press(b) for b in have}, context, question, new, eos)
+            else:
+                shared = generate_budgets(model, {b: press(b) for b in have}, context, question, new, eos)
             middle = time.perf_counter()
             single = {b: generate(model, press(b), context, question, new, eos, name in CONTEXT_ONLY) for b in have}
             seconds["shared"] += middle - start
