@@ -85,7 +85,7 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
     cache of one of two capacities per octave, so one chunk program and one decode program serve every prompt
     whose cache falls in a capacity; cache_capacity pins that capacity for every prompt (rounded up to 128 slots;
     too small for a prompt: an InputError), so a stream of prompts up to it compiles one chunk program and one
-    decode program in all, for a cache of that size throughout (`bench/generate_stream.py --cache-capacity`).
+    decode program in all, for a cache of that size throughout (`bench/generate_stream.py --pin-capacity`).
     With compression: see `compressed_generate`. None: on for the full cache,
     off with compression. mesh: a `jax.sharding.Mesh` to run on (rows over its batch axes, params by
     the model's logical rules, the cache by batch and KV head); None: an enclosing `sharding.use_mesh`'s, if any.
@@ -106,9 +106,12 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
                             observe_question=observe_question, cache_capacity=cache_capacity,
                             **compressed_kwargs)
     check_ids(prompt_ids, "prompt_ids")
-    if cache_capacity is not None and (compression is not None or bucket is False):
-        raise InputError("cache_capacity pins the full cache of a bucketed generate: not with compression= or "
-                         "bucket=False")
+    if cache_capacity is not None:
+        if compression is not None or bucket is False:
+            raise InputError("cache_capacity pins the full cache of a bucketed generate: not with compression= or "
+                             "bucket=False")
+        if isinstance(cache_capacity, bool) or not isinstance(cache_capacity, (int, np.integer)) or cache_capacity < 1:
+            raise InputError(f"cache_capacity must be a positive number of cache slots, got {cache_capacity!r}")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     if observe_question and prefill_chunk is None:
         raise InputError("observe_question observes each prefill chunk through the question: give prefill_chunk")

@@ -431,6 +431,8 @@ def test_a_pinned_cache_capacity_serves_every_length_with_one_set_of_programs(se
     too_long = np.zeros((1, 35), np.int32)  # padded to 40, + NEW new tokens > 40
     with pytest.raises(InputError, match="cache_capacity 40 is too small"):
         generate(model, params, too_long, max_new_tokens=NEW, cache_capacity=37)
+    with pytest.raises(InputError, match="positive number of cache slots"):
+        generate(model, params, too_long, max_new_tokens=NEW, cache_capacity=0)
     with pytest.raises(InputError, match="not with compression"):
         generate(model, params, too_long, max_new_tokens=NEW, cache_capacity=64,
                  compression=JointCompression(kv_budget=0.5))
