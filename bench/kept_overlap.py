@@ -17,7 +17,8 @@ gives its mean and its 5th percentile over all of them, per press and budget.
 
 Both sides run as the study runs them, so ExpectedAttention's settings differ on purpose here: ours averages
 16 future positions and keeps no sinks (configs/eval.py), kvpress's press its defaults (512 positions, 4
-sinks); with matched settings the two keep identical sets (bench/vs_reference.py).
+sinks); with matched settings the two keep identical sets (bench/vs_reference.py), and the press
+`expected_attention_our_settings` (kvpress's press at 16 positions, no sinks) shows it on the study's prompts.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 PROMPTS = os.path.join(ROOT, "bench", "results", "study", "prompts", "multi_key_1024.jsonl")
 OUT = os.path.join(ROOT, "bench", "results", "kept_overlap")
-PRESSES = ("snapkv", "streaming", "expected_attention")
+PRESSES = ("snapkv", "streaming", "expected_attention", "expected_attention_our_settings")
 BUDGETS = (0.75, 0.5, 0.375, 0.25)
 
 
@@ -87,6 +88,7 @@ def our_selector(name: str):
     # as configs/eval.py sets them for the study: SnapKV kernel 5, 4 sinks, expected attention over 16 positions
     settings = {"snapkv": dict(kernel_size=5), "streaming": dict(n_sink=4),
                 "expected_attention": dict(n_future=16, n_sink=0)}
+    name = "expected_attention" if name == "expected_attention_our_settings" else name  # the press matched to ours
     return TOKEN_SELECTORS[name](**settings[name])
 
 
