@@ -28,7 +28,8 @@ Ours (masks from subtoken_jax, answers generated from the packed cache):
   V+lookL     beyond the paper: the observation window is the question + the first L answer tokens drafted
               greedily over the full cache and then discarded (config lookahead; L = 8 or 24, chosen on --dev)
 kvpress's (bench/kvpress_study.py, in the bench venv): SnapKV, ExpectedAttention, StreamingLLM, TOVA,
-key-norm, AdaKV(SnapKV), at the same share of the context's tokens.
+key-norm, AdaKV(SnapKV), KVzip, and ExpectedAttention at our selector's settings (for the agreement check),
+at the same share of the context's tokens.
 
 Results are cells (task, length, chunk of prompts, variant) under OUT/cells/ and OUT/kvpress.jsonl; a cell
 that exists is not recomputed, so an interrupted run resumes where it stopped. The report (OUT/study.md,
@@ -110,7 +111,8 @@ VARIANTS.update({"joint(kvzip)": {"methods": ("joint",), "joint.scorer": "kvzip"
                  "joint(kvzip)@global": {"methods": ("joint",), "joint.scorer": "kvzip", "allocation_scope": "global"}})
 # kvpress's PyramidKV is left out: its layers then hold different numbers of tokens, and decoding over them in
 # transformers 5.2 fails (eager attention's mask is sized from one layer: "size of tensor a (998) must match ...")
-KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv", "kvzip")
+KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv", "kvzip",
+           "expected_attention_our_settings")
 SEED = 2026
 NEEDLE_DEPTHS = tuple(float(d) for d in np.linspace(0, 1, 10))
 # --dev: the development set every step-2 choice is made on before it runs on the study's prompts
