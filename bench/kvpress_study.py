@@ -129,6 +129,39 @@ def _decode(model, cache, token: int, position: int, max_new: int, eos: int):
     return out
 
 
+def _prefill_every_budget(model, presses: dict, ids, keep):
+    """One prefill of ids [1, T] whose every attention layer runs each budget's press `compress` on that layer's keys
+    and values in a hook (after the layer's attention, as kvpress's `forward_hook` does) and hands (budget, module,
+    keys, values) to keep(...). Returns the last position's logits and the uncompressed cache."""
+    import torch
+    from kvpress.presses.base_press import is_prefilling
+    from kvpress.utils import extract_keys_and_values
+    from transformers import DynamicCache
+
+    def hook(module, _input, kwargs, output):
+        hidden = kwargs["hidden_states"]
+        if not is_prefilling(kwargs["cache_position"], hidden.shape[1]):
+            return output
+        keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
+        for budget, press in presses.items():
+            keep(budget, module, *press.compress(module, hidden, keys, values, output[1], kwargs))
+        return output
+
+    for press in presses.values():
+        press.post_init_from_model(model)
+    cache, hooks = DynamicCache(config=model.config), []
+    try:
+        for layer in model.model.layers:  # as BasePress.__call__ prepares them
+            layer.self_attn.rotary_emb = model.model.rotary_emb
+            hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+        with torch.inference_mode():
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, cache
+
+
 def generate_budgets(model, presses: dict, context, question, max_new: int, eos: int):
     """{budget: (answer ids, kept tokens)} of presses {budget: press} of one SHARED_PREFILL kind from ONE prefill.
 
@@ -138,36 +171,11 @@ def generate_budgets(model, presses: dict, context, question, max_new: int, eos:
     cache, and the answers are decoded one budget at a time. Same ids as one prefill per budget
     (`bench/kvpress_study.py --check-shared`), a quarter of the prefills."""
     import torch
-    from kvpress.presses.base_press import is_prefilling
-    from kvpress.utils import extract_keys_and_values
     from transformers import DynamicCache
 
     caches = {b: DynamicCache(config=model.config) for b in presses}
-
-    def hook(module, _input, kwargs, output):
-        hidden = kwargs["hidden_states"]
-        if not is_prefilling(kwargs["cache_position"], hidden.shape[1]):
-            return output
-        keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
-        for budget, press in presses.items():
-            k, v = press.compress(module, hidden, keys, values, output[1], kwargs)
-            caches[budget].update(k, v, module.layer_idx)
-        return output
-
-    for press in presses.values():
-        press.post_init_from_model(model)
-    hooks = []
-    try:
-        for layer in model.model.layers:  # as BasePress.__call__ prepares them
-            layer.self_attn.rotary_emb = model.model.rotary_emb
-            hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
-        ids = torch.tensor([context + question], dtype=torch.long)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True,
-                           logits_to_keep=1).logits
-    finally:
-        for h in hooks:
-            h.remove()
+    logits, _ = _prefill_every_budget(model, presses, torch.tensor([context + question], dtype=torch.long),
+                                      lambda b, module, k, v: caches[b].update(k, v, module.layer_idx))
     first, kept = int(logits[0, -1].argmax()), {b: int(cache.get_seq_length()) for b, cache in caches.items()}
     return {b: (_decode(model, cache, first, len(context) + len(question), max_new, eos), kept[b])
             for b, cache in caches.items()}
@@ -183,35 +191,14 @@ def generate_adakv_budgets(model, presses: dict, context, question, max_new: int
     import copy
 
     import torch
-    from kvpress.presses.base_press import is_prefilling
-    from kvpress.utils import extract_keys_and_values
-    from transformers import DynamicCache
 
     masks = {b: {} for b in presses}
 
-    def hook(module, _input, kwargs, output):
-        hidden = kwargs["hidden_states"]
-        if not is_prefilling(kwargs["cache_position"], hidden.shape[1]):
-            return output
-        keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
-        for budget, press in presses.items():
-            press.compress(module, hidden, keys, values, output[1], kwargs)
-            masks[budget][module.layer_idx] = module.masked_key_indices
-        return output
+    def keep_masks(budget, module, *_):  # AdaKV's compress returns the keys and values as they were
+        masks[budget][module.layer_idx] = module.masked_key_indices
 
-    for press in presses.values():
-        press.post_init_from_model(model)
-    cache, hooks = DynamicCache(config=model.config), []
-    try:
-        for layer in model.model.layers:
-            layer.self_attn.rotary_emb = model.model.rotary_emb
-            hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
-        with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([context + question], dtype=torch.long), past_key_values=cache,
-                           use_cache=True, logits_to_keep=1).logits
-    finally:
-        for h in hooks:
-            h.remove()
+    logits, cache = _prefill_every_budget(model, presses, torch.tensor([context + question], dtype=torch.long),
+                                          keep_masks)
     answers = {}
     for budget in presses:
         for layer in model.model.layers:

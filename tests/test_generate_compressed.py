@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from xla_test_env import is_compilation
+from xla_test_env import compilations
 
 from subtoken_jax import Compression, ConfigError, InputError, JointCompression, KVCache, ModelConfig, generate, init_params
 from subtoken_jax.attention import Attention
@@ -109,13 +109,8 @@ def test_bucketed_padding_changes_no_token(setup, compression):
 def test_a_prompt_of_a_new_length_in_a_seen_bucket_compiles_nothing(setup, compression):
     """After a prompt of 22 tokens, prompts of 23 and 24 (the same buckets: 24 for the context, 28 with the question)
     compile no new XLA program, full cache or compressed (bucket=True): every stage runs as bucketed programs."""
-    import jax.monitoring
-
     model, params, _, question, _ = setup
-    compiles = []
-    listener = lambda event, secs, **_: compiles.append(event) if is_compilation(event) else None  # noqa
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compilations() as compiles:
         for length in (22, 23, 24):
             context = np.random.default_rng(length).integers(0, CONFIG.vocab_size, (2, length))  # host ids
             before = len(compiles)
@@ -127,8 +122,6 @@ def test_a_prompt_of_a_new_length_in_a_seen_bucket_compiles_nothing(setup, compr
         before = len(compiles)
         jax.jit(lambda x: x * 3 + length)(np.zeros(5))  # a fresh program: the listener does see compilations
         assert len(compiles) == before + 1
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_full_budget_equals_uncompressed_generation(setup):
@@ -361,8 +354,6 @@ def test_full_cache_prefill_in_chunks_equals_one_shot_and_compiles_per_capacity(
     the new tokens) give the unbucketed tokens, and after the first, the others compile nothing. written_blocks:
     each chunk attends block by block over the slots written so far (attend_written_blocks, blocks of 8), as
     SmolLM2's 256-token chunks do; the unbucketed reference attends over every slot."""
-    import jax.monitoring
-
     from subtoken_jax import attention, shape_buckets
 
     monkeypatch.setattr(shape_buckets, "PREFILL_CHUNK", 8)
@@ -376,10 +367,7 @@ def test_full_cache_prefill_in_chunks_equals_one_shot_and_compiles_per_capacity(
                             lambda *a, **k: blocks_used.append(k["block"]) or real(*a, **k))
     model, params, _, question, _ = setup
     assert shape_buckets.full_prefill_plan(17, NEW, 64) == (24, 8, 32)
-    compiles = []
-    listener = lambda event, secs, **_: compiles.append(event) if is_compilation(event) else None  # noqa
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compilations() as compiles:
         for length in (17, 20, 23):
             context = np.random.default_rng(length).integers(0, CONFIG.vocab_size, (2, length))
             mask = np.ones((2, length), np.int32)
@@ -392,8 +380,6 @@ def test_full_cache_prefill_in_chunks_equals_one_shot_and_compiles_per_capacity(
                 plain.setattr(layer_caches, "WRITTEN_BLOCKS", ())
                 np.testing.assert_array_equal(chunked, generate(model, params, context, attention_mask=mask,
                                                                 max_new_tokens=NEW, bucket=False))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert bool(blocks_used) == written_blocks
     assert [shape_buckets.capacity_bucket(n) for n in (16, 17, 24, 25, 33, 48, 49)] == [16, 24, 24, 32, 48, 48, 64]
 
@@ -402,8 +388,6 @@ def test_a_pinned_cache_capacity_serves_every_length_with_one_set_of_programs(se
     """cache_capacity=40 (rounded up to blocks of 8): prompts of 9, 17 and 27 tokens, whose own capacity buckets
     differ (16, 32, 48 with the new tokens), give the unbucketed tokens, and after the first compile nothing; a
     prompt too long for the pinned cache is refused before any compute."""
-    import jax.monitoring
-
     from subtoken_jax import shape_buckets
 
     monkeypatch.setattr(shape_buckets, "PREFILL_CHUNK", 8)
@@ -412,10 +396,7 @@ def test_a_pinned_cache_capacity_serves_every_length_with_one_set_of_programs(se
     model, params, _, _, _ = setup
     assert [shape_buckets.full_prefill_plan(n, NEW, 64)[2] for n in (9, 17, 27)] == [24, 32, 48]
     assert shape_buckets.full_prefill_plan(9, NEW, 64, capacity=37) == (16, 8, 40)
-    compiles = []
-    listener = lambda event, secs, **_: compiles.append(event) if is_compilation(event) else None  # noqa
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compilations() as compiles:
         for length in (9, 17, 27):
             context = np.random.default_rng(length).integers(0, CONFIG.vocab_size, (2, length))
             mask = np.ones((2, length), np.int32)
@@ -426,8 +407,6 @@ def test_a_pinned_cache_capacity_serves_every_length_with_one_set_of_programs(se
                 assert len(compiles) == before, f"{len(compiles) - before} compilations for a {length}-token prompt"
             np.testing.assert_array_equal(pinned, generate(model, params, context, attention_mask=mask,
                                                            max_new_tokens=NEW, bucket=False))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     too_long = np.zeros((1, 35), np.int32)  # padded to 40, + NEW new tokens > 40
     with pytest.raises(InputError, match="cache_capacity 40 is too small"):
         generate(model, params, too_long, max_new_tokens=NEW, cache_capacity=37)

@@ -7,6 +7,7 @@ The directory is made once per run (the controller's environment reaches the wor
 and removed at the end; a user's own JAX_COMPILATION_CACHE_DIR is left alone.
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -45,3 +46,17 @@ def is_compilation(event: str) -> bool:
     the whole compile-or-load step, so a program retraced and loaded from the persistent cache counts too
     (checked: a second jit of the same program, served from the cache, records it after cache_retrieval_time_sec)."""
     return event.endswith("backend_compile_duration")
+
+
+@contextlib.contextmanager
+def compilations():
+    """A list that collects the XLA compilations (is_compilation events) made inside the with block."""
+    import jax.monitoring
+
+    events = []
+    listener = lambda event, secs, **_: events.append(event) if is_compilation(event) else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
