@@ -348,6 +348,14 @@ def test_a_prompt_that_fits_is_not_refused_for_its_bucket(setup, compression, le
     np.testing.assert_array_equal(bucketed, plain)
 
 
+def ragged_prompt(length: int, masked: int):
+    """Two rows of `length` random host ids (seeded by the length), the second left-padded by `masked` (mask 0)."""
+    context = np.random.default_rng(length).integers(0, CONFIG.vocab_size, (2, length))
+    mask = np.ones((2, length), np.int32)
+    mask[1, :masked] = 0
+    return context, mask
+
+
 @pytest.mark.parametrize("written_blocks", [False, True])
 def test_full_cache_prefill_in_chunks_equals_one_shot_and_compiles_per_capacity(setup, monkeypatch, written_blocks):
     """With prefill chunks of 8 tokens, prompts of 17 to 23 tokens (padded to 24, capacity 32 with the question and
@@ -369,9 +377,7 @@ def test_full_cache_prefill_in_chunks_equals_one_shot_and_compiles_per_capacity(
     assert shape_buckets.full_prefill_plan(17, NEW, 64) == (24, 8, 32)
     with compilations() as compiles:
         for length in (17, 20, 23):
-            context = np.random.default_rng(length).integers(0, CONFIG.vocab_size, (2, length))
-            mask = np.ones((2, length), np.int32)
-            mask[1, :6] = 0
+            context, mask = ragged_prompt(length, masked=6)
             before = len(compiles)
             chunked = generate(model, params, context, attention_mask=mask, max_new_tokens=NEW, bucket=True)
             if length != 17:
@@ -398,9 +404,7 @@ def test_a_pinned_cache_capacity_serves_every_length_with_one_set_of_programs(se
     assert shape_buckets.full_prefill_plan(9, NEW, 64, capacity=37) == (16, 8, 40)
     with compilations() as compiles:
         for length in (9, 17, 27):
-            context = np.random.default_rng(length).integers(0, CONFIG.vocab_size, (2, length))
-            mask = np.ones((2, length), np.int32)
-            mask[1, :3] = 0
+            context, mask = ragged_prompt(length, masked=3)
             before = len(compiles)
             pinned = generate(model, params, context, attention_mask=mask, max_new_tokens=NEW, cache_capacity=37)
             if length != 9:
