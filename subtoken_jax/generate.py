@@ -160,11 +160,9 @@ def generate(model: DecoderLM, params, prompt_ids, *, max_new_tokens: int, atten
         padded, chunk_len, capacity = full_prefill_plan(prompt_len, max_new_tokens,
                                                         model.config.max_position_embeddings,
                                                         cache_capacity)
-        prompt_ids, attention_mask = left_pad(prompt_ids, attention_mask, padded, on_host=True)
-        mask = np.asarray(attention_mask)
+        ids, mask = left_pad(prompt_ids, attention_mask, padded, on_host=True)
         if not mask.any(axis=1).all():
             raise InputError("attention_mask marks no real token in some prompt row: every row needs one")
-        ids = np.asarray(prompt_ids)
         positions = np.where(mask > 0, np.cumsum(mask, axis=1) - 1, -1).astype(np.int32)  # default_positions
         params, = on_active_mesh(model, params)
         cache = KVCache.create(model.config, batch, capacity)
