@@ -254,6 +254,21 @@ def generate_kvzip_budgets(model, prompt, budgets):
     return answers
 
 
+def generate_every_budget(model, name: str, prompt, budgets) -> dict:
+    """{budget: (answer ids, kept tokens)} of press `name` (one of SHARED_PREFILL + SHARED_MASKS) from one prefill."""
+    if name == "kvzip":
+        return generate_kvzip_budgets(model, prompt, budgets)
+    context, question = prompt["context"], prompt["question"]
+    presses = {b: make_press(name, _ratio(name, b, prompt), len(question)) for b in budgets}
+    run = generate_adakv_budgets if name == "adakv_snapkv" else generate_budgets
+    return run(model, presses, context, question, prompt["max_new_tokens"], prompt["eos_id"])
+
+
+def attention_of(name: str) -> str:
+    """The attention implementation a press runs under: AdaKV's and KVzip's masking asserts eager is not supported."""
+    return "sdpa" if name in SHARED_MASKS else "eager"
+
+
 def generate(model, press, context, question, max_new: int, eos: int, context_only: bool = False):
     """Greedy answer ids after prefilling context + question under the press (None: full cache); context_only:
     the context alone under the press, then the question over the compressed cache."""
@@ -303,36 +318,27 @@ def main():
             done = {(r["id"], r["press"], r["budget"]) for r in map(json.loads, fh)}
     with open(args.prompts) as fh:
         prompts = [json.loads(line) for line in fh]
+    if args.check_shared:
+        return check_shared(args, prompts, presses, budgets)
     jobs = [(p, "full", (1.0,)) for p in prompts]
     for name in presses:  # a SHARED_PREFILL press (and KVzip, AdaKV) runs a prompt's missing budgets from one prefill
         jobs += [(p, name, tuple(budgets)) for p in prompts] if name in SHARED_PREFILL + SHARED_MASKS else \
             [(p, name, (b,)) for b in budgets for p in prompts]
     jobs = [(p, name, tuple(b for b in bs if (p["id"], name, b) not in done)) for p, name, bs in jobs]
     jobs = [j for j in jobs if j[2]]
-    if args.check_shared:
-        return check_shared(args, prompts, presses, budgets)
     if not jobs:
         return
     models = {}
     with open(args.results, "a") as out:
         for prompt, name, job_budgets in tqdm(jobs, desc="kvpress", dynamic_ncols=True):
-            # AdaKV and KVzip assert eager is not supported
-            attn = "sdpa" if name.startswith("adakv") or name == "kvzip" else "eager"
+            attn = attention_of(name)
             if attn not in models:
                 models[attn] = load(attn)
             model = models[attn]
             context, question = prompt["context"], prompt["question"]
             start = time.perf_counter()
-            if name == "kvzip":
-                answers = generate_kvzip_budgets(model, prompt, job_budgets)
-            elif name == "adakv_snapkv":
-                answers = generate_adakv_budgets(model, {b: make_press(name, _ratio(name, b, prompt), len(question))
-                                                         for b in job_budgets}, context, question,
-                                                 prompt["max_new_tokens"], prompt["eos_id"])
-            elif name in SHARED_PREFILL:
-                answers = generate_budgets(model, {b: make_press(name, _ratio(name, b, prompt), len(question))
-                                                   for b in job_budgets}, context, question,
-                                           prompt["max_new_tokens"], prompt["eos_id"])
+            if name in SHARED_PREFILL + SHARED_MASKS:
+                answers = generate_every_budget(model, name, prompt, job_budgets)
             else:
                 budget, = job_budgets
                 press = None if name == "full" else make_press(name, _ratio(name, budget, prompt), len(question))
@@ -354,7 +360,7 @@ def _ratio(name: str, budget: float, prompt) -> float:
 
 
 def check_shared(args, prompts, presses, budgets):
-    """Runs the first --check-shared prompts' SHARED_PREFILL presses both ways, one prefill for all budgets and one
+    """Runs the first --check-shared prompts' SHARED_PREFILL and SHARED_MASKS presses both ways, one prefill for all budgets and one
     prefill per budget (interleaved), checks both against the rows RESULTS holds and prints the time ratio; writes
     nothing."""
     with open(args.results) as fh:
@@ -367,18 +373,15 @@ def check_shared(args, prompts, presses, budgets):
             have = [b for b in budgets if (prompt["id"], name, b) in rows]
             if not have:
                 continue
-            attn = "sdpa" if name in SHARED_MASKS else "eager"
-            model = models[attn] if attn in models else models.setdefault(attn, load(attn))
-            press = lambda b: make_press(name, _ratio(name, b, prompt), len(question))  # noqa: E731
+            attn = attention_of(name)
+            if attn not in models:
+                models[attn] = load(attn)
+            model = models[attn]
             start = time.perf_counter()
-            if name == "kvzip":
-                shared = generate_kvzip_budgets(model, prompt, have)
-            elif name == "adakv_snapkv":
-                shared = generate_adakv_budgets(model, {b: press(b) for b in have}, context, question, new, eos)
-            else:
-                shared = generate_budgets(model, {b: press(b) for b in have}, context, question, new, eos)
+            shared = generate_every_budget(model, name, prompt, have)
             middle = time.perf_counter()
-            single = {b: generate(model, press(b), context, question, new, eos, name in CONTEXT_ONLY) for b in have}
+            single = {b: generate(model, make_press(name, _ratio(name, b, prompt), len(question)), context, question,
+                                  new, eos, name in CONTEXT_ONLY) for b in have}
             seconds["shared"] += middle - start
             seconds["per budget"] += time.perf_counter() - middle
             for b in have:
