@@ -25,6 +25,9 @@ Ours (masks from subtoken_jax, answers generated from the packed cache):
               the groups scored by SnapKV's pooled question attention (kernel 5) x group norm
   V+mean      variant V with dropped groups read as the context's mean value (value_fill="mean")
   V+mean+pca  and values rotated to their principal axes on WikiText-2 valid (value_basis.calibration)
+  expected_attention+kvpress_settings
+              our ExpectedAttention with kvpress's defaults (statistics over the whole prefill, 512 future
+              positions, 4 sinks), for the agreement check
   V+lookL     beyond the paper: the observation window is the question + the first L answer tokens drafted
               greedily over the full cache and then discarded (config lookahead; L = 8 or 24, chosen on --dev)
 kvpress's (bench/kvpress_study.py, in the bench venv): SnapKV, ExpectedAttention, StreamingLLM, TOVA,
@@ -109,6 +112,12 @@ VARIANTS.update({"kvzip": {"methods": ("kvzip",)},
 # at once, as KVzip itself does (the scope is chosen on --dev before the study's prompts run)
 VARIANTS.update({"joint(kvzip)": {"methods": ("joint",), "joint.scorer": "kvzip"},
                  "joint(kvzip)@global": {"methods": ("joint",), "joint.scorer": "kvzip", "allocation_scope": "global"}})
+# the agreement check: our ExpectedAttention at kvpress's settings (statistics over the whole prefill of context +
+# question from the 4th position on, 512 future positions, 4 sinks), so a gap to kvpress's press is the settings'
+# and not the implementation's
+VARIANTS.update({"tokens+kvpress_settings": {"methods": ("expected_attention",), "selectors.n_future": 512,
+                                             "selectors.expected_attention_sinks": 4,
+                                             "selectors.expected_attention_observe": "prefill"}})
 # kvpress's PyramidKV is left out: its layers then hold different numbers of tokens, and decoding over them in
 # transformers 5.2 fails (eager attention's mask is sized from one layer: "size of tensor a (998) must match ...")
 KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv", "kvzip",

@@ -322,7 +322,8 @@ def agreement(ours, theirs, tasks, lengths, budgets):
     lines = []
     # our selector -> kvpress's press of the same method (our AdaKV wraps SnapKV, as the study's AdaKV press does)
     pairs = [("snapkv", "snapkv"), ("expected_attention", "expected_attention"),
-             ("expected_attention", "expected_attention_our_settings"), ("streaming", "streaming"),
+             ("expected_attention", "expected_attention_our_settings"),
+             ("expected_attention+kvpress_settings", "expected_attention"), ("streaming", "streaming"),
              ("key_norm", "key_norm"), ("tova", "tova"), ("adakv", "adakv_snapkv"), ("kvzip", "kvzip"),
              ("pyramidkv", "pyramidkv")]
     for name, press in pairs:

@@ -100,6 +100,9 @@ def get_config() -> ConfigDict:
     c.selectors.streaming_sinks = 4
     c.selectors.expected_attention_sinks = 0
     c.selectors.n_future = 16  # expected attention (selector and value-group scorer): positions averaged
+    # expected attention's query statistics from the observation "window" (question) or the whole "prefill"
+    # (context + question, from the sinks on, as kvpress's press takes them)
+    c.selectors.expected_attention_observe = "window"
 
     c.subtoken = ConfigDict()
     c.subtoken.scorer = "expected"  # expected | attention (question) | snapkv (pooled) | kvzip | predictor

@@ -137,7 +137,9 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
     capture = _compiled_capture if bucket else capture_prefill_state
     state, logits = capture(model, params, prompt_ids, question_ids, context_mask=attention_mask,
                             question_mask=question_mask, window=min(window, prompt_ids.shape[1]), return_logits=True,
-                            lookahead=lookahead, reconstruct=reconstruction_prompt(compression))
+                            lookahead=lookahead, reconstruct=reconstruction_prompt(compression),
+                            keep_context_queries=getattr(getattr(compression, "selector", None),
+                                                         "needs_context_queries", False))
     masks = _compiled_compression(compression, state) if bucket else compression(state)
     kwargs.setdefault("value_fill", getattr(compression, "value_fill", "zero"))
     tokens, packed = generate_from_state(model, params, state, masks, max_new_tokens=max_new_tokens,
@@ -149,7 +151,8 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
 # With bucketed shapes, each stage before decoding runs as one compiled program per bucket: run op by op,
 # the capture, the recipe and the packing compiled several hundred small programs over a stream of 20 prompts.
 _compiled_capture = jax.jit(capture_prefill_state, static_argnames=(
-    "model", "window", "with_attention", "chunk", "return_logits", "lookahead", "reconstruct"))
+    "model", "window", "with_attention", "chunk", "return_logits", "lookahead", "reconstruct",
+    "keep_context_queries"))
 
 
 @functools.partial(jax.jit, static_argnames=("compression",))

@@ -44,7 +44,8 @@ def random_state(seed=0, batch=2, length=10, window=3, heads=4, kv_heads=2, dim=
         positions=jnp.asarray(positions), query_positions=jnp.asarray(q_positions),
         inv_freq=jnp.asarray(rope_inverse_frequencies(dim, 10000.0)),
         attention=tuple(jnp.asarray(rng.random((batch, kv_heads, length)).astype(np.float32)) for _ in range(layers)),
-        value_groups=groups, window_in_context=in_context)
+        value_groups=groups, window_in_context=in_context,
+        context_queries=tuple(arr(batch, length, heads, dim) for _ in range(layers)))
 
 
 def np_state(state, layer):
@@ -107,7 +108,9 @@ def rope_matrix(p, inv_freq):
     return m
 
 
-def ref_expected(state, layer, n_future, use_cov, use_vnorm):
+def ref_expected(state, layer, n_future, use_cov, use_vnorm, observe="window", n_sink=0):
+    """observe="prefill": statistics over the context's queries from position n_sink on, then the question's (as
+    kvpress's ExpectedAttentionPress takes them from one prefill of context + question)."""
     q, k, v, pos, qpos = np_state(state, layer)
     batch, window, heads, dim = q.shape
     kv_heads, length = k.shape[2], k.shape[1]
@@ -115,12 +118,16 @@ def ref_expected(state, layer, n_future, use_cov, use_vnorm):
     inv = np.asarray(state.inv_freq)
     out = np.zeros((batch, length, kv_heads))
     for b in range(batch):
-        valid_t = [t for t in range(window) if qpos[b, t] >= 0]
+        observed = [(qpos[b, t], q[b, t]) for t in range(window) if qpos[b, t] >= 0]
+        if observe == "prefill":
+            context_q = np.asarray(state.context_queries[layer], np.float64)
+            observed = [(pos[b, s], context_q[b, s]) for s in range(length) if pos[b, s] >= n_sink] + \
+                ([] if state.window_in_context else observed)
         start = max(qpos[b].max(), pos[b].max()) + 1
         r_bar = np.mean([rope_matrix(start + i, inv) for i in range(n_future)], axis=0)
         real = [s for s in range(length) if pos[b, s] >= 0]
         for h in range(heads):
-            raw = np.stack([rope_matrix(qpos[b, t], inv).T @ q[b, t, h] for t in valid_t])
+            raw = np.stack([rope_matrix(p, inv).T @ query[h] for p, query in observed])
             mu = r_bar @ raw.mean(0)
             cov = r_bar @ np.cov(raw.T, bias=True).reshape(dim, dim) @ r_bar.T
             logits = np.array([mu @ k[b, s, h // rep] / np.sqrt(dim)
@@ -148,7 +155,8 @@ def ref_scores(name, selector, state, layer):
     if name == "tova":
         return ref_last_query_attention(state, layer)
     if name == "expected_attention":
-        return ref_expected(state, layer, selector.n_future, selector.use_covariance, selector.use_vnorm)
+        return ref_expected(state, layer, selector.n_future, selector.use_covariance, selector.use_vnorm,
+                            selector.observe, selector.n_sink)
     raise AssertionError(name)
 
 
@@ -199,7 +207,8 @@ SELECTOR_CASES = [("snapkv", SnapKV()), ("snapkv", SnapKV(kernel_size=3, pooling
                   ("streaming", StreamingLLM(n_sink=2)), ("key_norm", KeyNorm()), ("random", RandomSelector(seed=3)),
                   ("expected_attention", ExpectedAttention(n_future=4)), ("tova", TOVA()),
                   ("expected_attention", ExpectedAttention(n_future=3, use_covariance=False, use_vnorm=False,
-                                                           n_sink=1))]
+                                                           n_sink=1)),
+                  ("expected_attention", ExpectedAttention(n_future=5, n_sink=2, observe="prefill"))]
 
 
 @pytest.mark.parametrize("in_context", [False, True])
@@ -213,6 +222,15 @@ def test_selector_matches_brute_force(name, selector, in_context):
         np.testing.assert_allclose(ours, ref_scores(name, selector, state, layer), rtol=1e-4, atol=1e-6)
         expected = ref_select(ours, 0.4, np.asarray(state.positions), first, last)
         np.testing.assert_array_equal(np.asarray(masks[layer]), expected)
+
+
+def test_expected_attention_over_the_prefill_needs_the_context_queries():
+    state = random_state().replace(context_queries=None)
+    with pytest.raises(InputError, match="keep_context_queries=True"):
+        ExpectedAttention(observe="prefill").scores(state, 0)
+    with pytest.raises(InputError, match="observe must be one of window, prefill"):
+        ExpectedAttention(observe="context")
+    assert ExpectedAttention(observe="prefill").needs_context_queries and not SnapKV().needs_context_queries
 
 
 def test_tova_keeps_the_same_tokens_in_every_kv_head_and_the_current_query():
@@ -544,6 +562,13 @@ def test_capture_matches_a_single_forward_pass(tiny):
         received = np.asarray(state.attention[layer]).sum(-1)  # every real context query spends weight 1
         np.testing.assert_allclose(received, np.broadcast_to(real.sum(1)[:, None], received.shape), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(state.query_positions)[:, 0], [CONTEXT, CONTEXT - PAD])
+    assert state.context_queries is None  # only kept when asked for
+    kept = capture_prefill_state(model, params, context, question, context_mask=context_mask,
+                                 keep_context_queries=True)
+    for layer in range(2):
+        full_q = variables["prefill"][f"layer_{layer}"]["attn"]["queries"][0]
+        np.testing.assert_allclose(np.asarray(kept.context_queries[layer])[real], np.asarray(full_q[:, :CONTEXT])[real],
+                                   atol=2e-5)
     in_context = capture_prefill_state(model, params, context, context_mask=context_mask, window=3)
     assert in_context.window_in_context and in_context.window == 3
     np.testing.assert_array_equal(np.asarray(in_context.query_positions), np.asarray(state.positions)[:, -3:])
@@ -696,6 +721,22 @@ def test_kvzip_through_generate(tiny):
     with pytest.raises(InputError, match="repeats the whole context"):
         generate(model, params, context, attention_mask=context_mask, question_ids=question, max_new_tokens=3,
                  compression=Compression(0.5, selector=KVzip(), scope="head"), prefill_chunk=16)
+
+
+def test_expected_attention_over_the_prefill_through_generate(tiny):
+    """generate keeps the context's queries for a selector that reads them: its answer is the one decoded from
+    the masks of a state captured with them."""
+    from subtoken_jax import Compression, generate
+    from subtoken_jax.compressed_generate import generate_from_state
+
+    model, params, context, context_mask, question, _, _ = tiny
+    recipe = Compression(0.5, selector=ExpectedAttention(n_future=8, n_sink=1, observe="prefill"))
+    got = generate(model, params, context, attention_mask=context_mask, question_ids=question, max_new_tokens=3,
+                   compression=recipe, bucket=False)
+    state = capture_prefill_state(model, params, context, question, context_mask=context_mask,
+                                  keep_context_queries=True)
+    want, _ = generate_from_state(model, params, state, recipe(state), max_new_tokens=3, question_ids=question)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_kvzip_value_group_scorer(tiny):

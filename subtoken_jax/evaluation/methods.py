@@ -42,6 +42,7 @@ from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import EXACT_RULES, ModelConfig, RoutingConfig
 from subtoken_jax.selectors import SCOPES, TOKEN_SELECTORS, PrefillState, pad_to_capacity, value_group_scorer
+from subtoken_jax.selectors.expected_attention import OBSERVED
 
 TOKEN_METHODS = tuple(TOKEN_SELECTORS)
 # query-independent baselines: the base model under a parameter-free router (RoutingConfig fields). norm_span
@@ -163,7 +164,8 @@ def make_selectors(config) -> Dict[str, object]:
     s = config.selectors
     kwargs = {"snapkv": dict(kernel_size=s.snapkv_kernel_size), "h2o": dict(recent=s.h2o_recent),
               "streaming": dict(n_sink=s.streaming_sinks), "key_norm": {}, "random": dict(seed=config.seed),
-              "expected_attention": dict(n_future=s.n_future, n_sink=s.expected_attention_sinks),
+              "expected_attention": dict(n_future=s.n_future, n_sink=s.expected_attention_sinks,
+                                         observe=s.get("expected_attention_observe", "window")),
               "pyramidkv": dict(kernel_size=s.snapkv_kernel_size),
               "adakv": dict(base=TOKEN_SELECTORS["snapkv"](kernel_size=s.snapkv_kernel_size))}
     return {name: cls(**kwargs.get(name, {})) for name, cls in TOKEN_SELECTORS.items()}
@@ -380,6 +382,9 @@ def check_method_config(config) -> None:
             continue
         if config[section].scorer not in SCORERS:
             raise ConfigError(f"{section}.scorer={config[section].scorer!r} is unknown; choose one of {SCORERS}")
+    observe = config.get("selectors", {}).get("expected_attention_observe", "window")
+    if observe not in OBSERVED:
+        raise ConfigError(f"selectors.expected_attention_observe={observe!r} is unknown; choose one of {OBSERVED}")
     routed = config.get("routed", {})
     if routed.get("exact_rule", "calibrated") not in EXACT_RULES:
         raise ConfigError(f"routed.exact_rule={routed.get('exact_rule')!r} is unknown; choose one of {EXACT_RULES}")

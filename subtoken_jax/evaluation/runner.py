@@ -244,6 +244,9 @@ class Evaluator:
         self.with_attention = "h2o" in names or ("combined" in names and self.config.combined.selector == "h2o")
         self.reconstruct = (tasks_lib.repeat_prompt(self.source.tokenizer, self.source.chat)
                             if methods_lib.uses_kvzip(self.config, names) else None)
+        selector_names = names | ({self.config.combined.selector} if "combined" in names else set())
+        self.keep_context_queries = any(getattr(self.selectors.get(n), "needs_context_queries", False)
+                                        for n in selector_names)
         self.pad_id = self.source.tokenizer.pad_id if getattr(self.source.tokenizer, "pad_id", None) is not None else 0
 
     # ----------------------------------------------------------- per plan: masks and the cache they apply to

@@ -46,6 +46,9 @@ class PrefillState:
     # KVzip: [B, Hkv, S] per layer, the most attention each context key got from any query head of its group while
     # the model repeated the context (`capture_prefill_state(..., reconstruct=...)`); None when not captured
     reconstruction: Optional[Tuple[jax.Array, ...]] = None
+    # [B, S, Hq, D] per layer, RoPE applied: every context position's queries (`capture_prefill_state(...,
+    # keep_context_queries=True)`), for statistics over the whole prefill (ExpectedAttention(observe="prefill"))
+    context_queries: Optional[Tuple[jax.Array, ...]] = None
 
     @property
     def num_layers(self) -> int:
@@ -166,7 +169,7 @@ def _prefill(model: DecoderLM, params, ids, positions, cache):
 def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=None, *, context_mask=None,
                           question_mask=None, window: int = 8, with_attention: bool = False,
                           chunk: int = 256, return_logits: bool = False, lookahead: int = 0,
-                          reconstruct: Optional[Tuple[int, ...]] = None):
+                          reconstruct: Optional[Tuple[int, ...]] = None, keep_context_queries: bool = False):
     """Prefills the context into a KV cache and captures what selectors need.
 
     context_ids [B, S] (left-pad ragged rows, context_mask 1 = real). With question_ids [B, W] the
@@ -186,6 +189,10 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
     reconstruct (token ids, e.g. a "Repeat the previous context" turn; () for none): KVzip's pass. The prompt
     then the whole context run again over the context's cache, and each context key's largest attention from
     those queries is kept as `state.reconstruction` (query-agnostic: the question plays no part in it).
+
+    keep_context_queries: every context position's queries are kept as `state.context_queries` ([B, S, Hq, D] per
+    layer: as large as the keys times the query heads per KV head), for selectors whose statistics cover the whole
+    prefill rather than the observation window.
     """
     cfg = model.config
     context_ids = jnp.asarray(context_ids, jnp.int32)
@@ -228,7 +235,8 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
                                                     dict(cfg.rope_scaling) if cfg.rope_scaling else None))
     state = PrefillState(keys=keys, values=values, queries=queries, positions=positions, query_positions=q_positions,
                          inv_freq=inv_freq, attention=attention, value_groups=cfg.value_groups,
-                         window_in_context=question_ids is None, reconstruction=reconstruction)
+                         window_in_context=question_ids is None, reconstruction=reconstruction,
+                         context_queries=ctx_queries if keep_context_queries else None)
     return (state, last_logits) if return_logits else state
 
 
@@ -332,6 +340,11 @@ class TokenSelector:
     def protected(self, state: PrefillState) -> Tuple[int, int]:
         """(first, last): how many leading / trailing real tokens are always kept."""
         return 0, 0
+
+    @property
+    def needs_context_queries(self) -> bool:
+        """Whether `scores` reads state.context_queries (capture with keep_context_queries=True)."""
+        return False
 
     def masks(self, state: PrefillState, budget) -> Tuple[jax.Array, ...]:
         """Per-layer token keep masks [B, S, Hkv] keeping `budget` of the real context tokens."""

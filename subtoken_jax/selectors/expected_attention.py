@@ -8,6 +8,12 @@ so the unnormalised expected attention of key k_j is that exponential; normalisi
 keys per query head gives expected attention weights. The token score averages them over the query
 heads of a KV group and, optionally, multiplies by ||v_j|| (a token's contribution to the output scales
 with its value). Idea after kvpress's ExpectedAttentionPress; this is an independent implementation.
+
+Which queries the statistics come from (`observe`): "window" (default) the observation window, i.e. the question
+(and a drafted answer with lookahead) in query-aware use; "prefill" every prefilled position from the n_sink-th on,
+context and question together, as kvpress's press does when it compresses context + question in one prefill (the
+state must then carry the context's queries: `capture_prefill_state(..., keep_context_queries=True)`). Over a
+prefill of a long context the statistics are mostly the context's own queries, whatever the question asks.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from subtoken_jax.errors import InputError
 from subtoken_jax.layers import apply_rope
 from subtoken_jax.selectors.base import PrefillState, TokenSelector
 
@@ -53,14 +60,36 @@ def future_statistics(mean, cov, start, n_future: int, inv_freq):
     return mean, cov
 
 
+OBSERVED = ("window", "prefill")
+
+
+def observed_queries(state: PrefillState, layer: int, observe: str = "window", n_sink: int = 0):
+    """(queries [B, T, Hq, D], positions [B, T]) the statistics are taken over: the observation window, or (observe
+    "prefill") every context position from n_sink on and then the window (the window alone when it lies inside the
+    context already)."""
+    if observe == "window":
+        return state.queries[layer], state.query_positions
+    if observe != "prefill":
+        raise InputError(f"observe must be one of {', '.join(OBSERVED)}, got {observe!r}")
+    if state.context_queries is None:
+        raise InputError('observe="prefill" needs the context\'s queries: capture the state with '
+                         'capture_prefill_state(..., keep_context_queries=True)')
+    positions = jnp.where(state.positions >= n_sink, state.positions, -1)  # sinks' queries are outliers
+    if state.window_in_context:
+        return state.context_queries[layer], positions
+    return (jnp.concatenate([state.context_queries[layer], state.queries[layer]], axis=1),
+            jnp.concatenate([positions, state.query_positions], axis=1))
+
+
 def expected_attention_weights(state: PrefillState, layer: int, n_future: int = 16,
-                               use_covariance: bool = True) -> jax.Array:
+                               use_covariance: bool = True, observe: str = "window", n_sink: int = 0) -> jax.Array:
     """Expected attention of the next n_future queries on the context keys, [B, Hkv, S].
 
     Per query head normalised over the real context keys, then averaged over the heads of each KV group.
     """
-    return _expected_weights(state.queries[layer], state.query_positions, state.keys[layer], state.positions,
-                             state.inv_freq, n_future, use_covariance)
+    queries, query_positions = observed_queries(state, layer, observe, n_sink)
+    return _expected_weights(queries, query_positions, state.keys[layer], state.positions, state.inv_freq, n_future,
+                             use_covariance)
 
 
 @functools.partial(jax.jit, static_argnames=("n_future", "use_covariance"))
@@ -83,16 +112,27 @@ def _expected_weights(queries, query_positions, keys, positions, inv_freq, n_fut
 
 @dataclasses.dataclass(frozen=True)
 class ExpectedAttention(TokenSelector):
-    """n_future: how many upcoming positions the rotation is averaged over; n_sink first tokens always kept."""
+    """n_future: how many upcoming positions the rotation is averaged over; n_sink first tokens always kept (and,
+    observing the prefill, left out of the statistics); observe: "window" or "prefill" (module docstring)."""
 
     n_future: int = 16
     use_covariance: bool = True
     use_vnorm: bool = True
     epsilon: float = 0.0  # added before the value-norm factor, so zero-norm values are not all tied at 0
     n_sink: int = 0
+    observe: str = "window"
+
+    def __post_init__(self):
+        if self.observe not in OBSERVED:
+            raise InputError(f"ExpectedAttention observe must be one of {', '.join(OBSERVED)}, got {self.observe!r}")
+
+    @property
+    def needs_context_queries(self) -> bool:
+        return self.observe == "prefill"
 
     def scores(self, state: PrefillState, layer: int) -> jax.Array:
-        weights = jnp.transpose(expected_attention_weights(state, layer, self.n_future, self.use_covariance),
+        weights = jnp.transpose(expected_attention_weights(state, layer, self.n_future, self.use_covariance,
+                                                           self.observe, self.n_sink),
                                 (0, 2, 1))  # [B, S, Hkv]
         if self.use_vnorm:
             weights = (weights + self.epsilon) * jnp.linalg.norm(state.values[layer].astype(jnp.float32), axis=-1)

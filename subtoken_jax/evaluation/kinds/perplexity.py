@@ -47,7 +47,8 @@ class Perplexity:
             inputs, targets = methods_lib.committed((jnp.asarray(inputs), jnp.asarray(targets)))
             state = methods_lib.committed(capture_prefill_state(
                 evaluator.base_model, evaluator.base_params, context, None, window=min(cfg.window, prefix),
-                with_attention=evaluator.with_attention, reconstruct=evaluator.reconstruct))
+                with_attention=evaluator.with_attention, reconstruct=evaluator.reconstruct,
+                keep_context_queries=evaluator.keep_context_queries))
             evaluator.maybe_diagnose(state, context, context_mask, rows, length)
             positions = methods_lib.committed(
                 jnp.broadcast_to(jnp.arange(prefix, length, dtype=jnp.int32), (len(batch), length - prefix)))

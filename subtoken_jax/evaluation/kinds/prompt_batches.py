@@ -56,7 +56,8 @@ def prompt_batches(evaluator, task: str, prompts: List[tasks_lib.Prompt], answer
             state = methods_lib.committed(capture_prefill_state(
                 evaluator.base_model, evaluator.base_params, context, question, context_mask=context_mask,
                 question_mask=question_mask, with_attention=evaluator.with_attention,
-                lookahead=config.get("lookahead", 0), reconstruct=evaluator.reconstruct))
+                lookahead=config.get("lookahead", 0), reconstruct=evaluator.reconstruct,
+                keep_context_queries=evaluator.keep_context_queries))
             capacity = context.shape[1] + question.shape[1] + answer_slots
             evaluator.maybe_diagnose(state, context, context_mask, len(batch), capacity)
             yield PromptBatch(batch, context, context_mask, question, question_mask, state, capacity, bar)
