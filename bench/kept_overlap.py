@@ -17,8 +17,10 @@ gives its mean and its 5th percentile over all of them, per press and budget.
 
 Both sides run as the study runs them, so ExpectedAttention's settings differ on purpose here: ours averages
 16 future positions and keeps no sinks (configs/eval.py), kvpress's press its defaults (512 positions, 4
-sinks); with matched settings the two keep identical sets (bench/vs_reference.py), and the press
-`expected_attention_our_settings` (kvpress's press at 16 positions, no sinks) shows it on the study's prompts.
+sinks), and so does where the query statistics come from (ours: the question; kvpress's press: every prefilled
+position of context + question). The press `expected_attention_our_settings` (kvpress's at 16 positions, no sinks)
+and our row "expected_attention (ours at kvpress's settings)" (`ExpectedAttention(n_future=512, n_sink=4,
+observe="prefill")`) match the two from either side.
 """
 
 from __future__ import annotations
@@ -82,14 +84,21 @@ def kvpress_side(args):
     print(f"largest distance of a kept key to its matched row: {worst:.3g}")
 
 
-def our_selector(name: str):
-    from subtoken_jax.selectors import TOKEN_SELECTORS
+def our_selectors(press: str):
+    """{row label: our selector} compared with a press: ours as configs/eval.py sets them for the study (SnapKV
+    kernel 5, 4 sinks, expected attention over 16 positions from the question), and against kvpress's
+    ExpectedAttention also ours at the press's own settings (statistics over the whole prefill, 512 positions,
+    4 sinks)."""
+    from subtoken_jax.selectors import TOKEN_SELECTORS, ExpectedAttention
 
-    # as configs/eval.py sets them for the study: SnapKV kernel 5, 4 sinks, expected attention over 16 positions
     settings = {"snapkv": dict(kernel_size=5), "streaming": dict(n_sink=4),
                 "expected_attention": dict(n_future=16, n_sink=0)}
-    name = "expected_attention" if name == "expected_attention_our_settings" else name  # the press matched to ours
-    return TOKEN_SELECTORS[name](**settings[name])
+    name = "expected_attention" if press == "expected_attention_our_settings" else press  # the press matched to ours
+    rows = {press: TOKEN_SELECTORS[name](**settings[name])}
+    if press == "expected_attention":
+        rows["expected_attention (ours at kvpress's settings)"] = ExpectedAttention(n_future=512, n_sink=4,
+                                                                                    observe="prefill")
+    return rows
 
 
 def ours_side(args):
@@ -114,14 +123,16 @@ def ours_side(args):
         prompt = prompts[record["id"]]
         if record["id"] not in states:
             states = {record["id"]: capture_prefill_state(model, params, jnp.asarray([prompt["context"]]),
-                                                          jnp.asarray([prompt["question"]]))}
+                                                          jnp.asarray([prompt["question"]]),
+                                                          keep_context_queries=True)}
         state = states[record["id"]]
-        tokens, _ = Compression(token_fraction=record["budget"], selector=our_selector(record["press"]))(state)
-        for layer, heads in enumerate(record["kept"]):
-            mask = np.asarray(tokens[layer][0])  # [S, Hkv]
-            for head, kept in enumerate(heads):
-                share = float(mask[kept, head].sum()) / max(len(kept), 1)
-                overlaps.setdefault((record["press"], record["budget"]), []).append(share)
+        for row, selector in our_selectors(record["press"]).items():
+            tokens, _ = Compression(token_fraction=record["budget"], selector=selector)(state)
+            for layer, heads in enumerate(record["kept"]):
+                mask = np.asarray(tokens[layer][0])  # [S, Hkv]
+                for head, kept in enumerate(heads):
+                    share = float(mask[kept, head].sum()) / max(len(kept), 1)
+                    overlaps.setdefault((row, record["budget"]), []).append(share)
     rows = [{"press": press, "budget": budget, "mean": float(np.mean(v)), "p5": float(np.percentile(v, 5)),
              "cases": len(v)} for (press, budget), v in sorted(overlaps.items())]
     lines = ["| selector (ours vs kvpress's) | b | mean overlap | 5th percentile | (prompt, layer, KV head) cases |",
