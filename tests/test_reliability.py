@@ -107,6 +107,16 @@ def test_bad_eval_exact_rule_is_one_line_and_writes_nothing(tmp_path):
         RoutingConfig(mode="adaptive", exact_budget=True, exact_rule="sorted")
 
 
+def test_bad_expected_attention_observation_is_one_line_and_writes_nothing(tmp_path):
+    config = _config("eval", tasks=("needle",), methods=("expected_attention",), budgets=(0.5,),
+                     **{"selectors.expected_attention_observe": "context"})
+    with pytest.raises(ConfigError) as info:
+        runner.run(config, str(tmp_path / "out"))
+    assert ("selectors.expected_attention_observe='context' is unknown; choose one of ('window', 'prefill')"
+            in _one_line(info.value))
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- workdirs
 
 
