@@ -201,6 +201,41 @@ def test_packed_generation_equals_masked_dense(workdir, tmp_path):
     assert answers["packed"] == answers["masked"]
 
 
+def test_an_answer_does_not_depend_on_the_prompts_evaluated_with_it(workdir, tmp_path, monkeypatch):
+    """A task's prompts are generated for the longest budget among them; each answer is cut to its own prompt's
+    budget, so the first prompt answers the same alone as beside a prompt with a longer budget."""
+    import dataclasses
+
+    from subtoken_jax.evaluation import runner
+    from subtoken_jax.evaluation import tasks as tasks_lib
+
+    build = tasks_lib.build_prompts
+
+    def second_answer_longer(*args, **kwargs):  # the tiny tasks' answers are all one length
+        prompts = build(*args, **kwargs)
+        return prompts[:1] + [dataclasses.replace(p, answer_tokens=p.answer_tokens + 8) for p in prompts[1:]]
+
+    monkeypatch.setattr(tasks_lib, "build_prompts", second_answer_longer)
+    predictions = {}
+    for samples in (2, 1):
+        config = _config(**{**SMALL, "variable_tracking.samples": samples}, tasks=("variable_tracking",),
+                         budgets=(0.5,), methods=("snapkv",))
+        config.diagnostic.enabled = False
+        runner.run(config, str(tmp_path / str(samples)), str(workdir))
+        predictions[samples] = [e["prediction"] for e in map(json.loads, open(tmp_path / str(samples) / "eval" /
+                                                                              "examples.jsonl"))]
+    first = build("variable_tracking", config, *_byte_source(config, workdir))[0]
+    assert len(predictions[2]) == 2 and predictions[1] == predictions[2][:1]
+    assert len(predictions[1][0].encode()) <= first.answer_tokens + config.extra_new_tokens  # one byte, one token
+
+
+def _byte_source(config, workdir):
+    from subtoken_jax.evaluation import runner
+
+    source = runner.resolve_source(config, str(workdir))
+    return source.tokenizer, source.bos, source.chat
+
+
 def test_token_count_budgets_equal_the_same_fraction(workdir, tmp_path):
     """token_budgets=(N,) on prompts of L tokens keeps what budgets=(N / L,) keeps: the same answers and bytes, by
     the count path (kept_tokens / kv_tokens) instead of the fraction path; methods that keep every key say why."""

@@ -20,7 +20,8 @@ class Generation:
         return tasks_lib.build_prompts(task, config, source.tokenizer, source.bos, source.chat)
 
     def answer_slots(self, prompts, config, source) -> int:
-        """One generation length per task (not per batch): fewer compilations."""
+        """One generation length per task (not per batch): fewer compilations. Each answer is then cut to its own
+        prompt's budget (`own_budget`)."""
         return max(p.answer_tokens for p in prompts) + config.extra_new_tokens
 
     def check_lengths(self, task: str, prompts, source, config) -> None:
@@ -46,10 +47,18 @@ class Generation:
                     out = methods_lib.greedy_answer(model, params, cache, batch.question, batch.state.query_positions,
                                                     t_masks, g_masks, new_tokens)
                 for prompt, row in zip(batch.prompts, sharding.to_host(out)):
-                    text = evaluator.decode(row)
+                    text = evaluator.decode(own_budget(row, prompt, config))
                     correct = tasks_lib.score(task, text, prompt.answer, evaluator.source.chat)
                     scores.add(plan, correct, {"task": task, "method": plan.method, "budget": plan.budget,
                                                "prediction": text, "answer": prompt.answer, "correct": bool(correct),
                                                **prompt.info})
                 batch.tick()
         return scores.records(task, len(prompts)), scores.examples
+
+
+def own_budget(row, prompt, config):
+    """A generated row cut to its prompt's own budget, answer_tokens + extra_new_tokens: the task's prompts are
+    generated for the longest budget among them, and greedy decoding is causal, so the cut is exactly what a run
+    of this prompt alone generates. Without it an answer would depend on which prompts it was evaluated with
+    (and differ from another implementation's, e.g. kvpress's, given the prompt's own budget)."""
+    return row[:prompt.answer_tokens + config.extra_new_tokens]
