@@ -75,3 +75,31 @@ def test_kept_interval_covers_the_true_share_about_95_percent_of_the_time():
         covered += low <= truth <= high
     # the interval divides by the observed full-cache accuracy, so coverage is near, not exactly, 95%
     assert 0.90 <= covered / 2000 <= 0.99
+
+
+def test_ratio_interval_matches_the_delta_method_by_hand():
+    full, row = [1.0, 0.5, 0.0, 1.0], [1.0, 0.0, 0.0, 0.5]
+    ratio, low, high = study_report.ratio_interval(row, full)
+    # by hand: means 0.375 / 0.625, r = 0.6; sample (co)variances with n - 1 = 3
+    r, my = 0.6, 0.625
+    s_xx = ((1 - .375) ** 2 + .375 ** 2 + .375 ** 2 + .125 ** 2) / 3
+    s_yy = (.375 ** 2 + .125 ** 2 + .625 ** 2 + .375 ** 2) / 3
+    s_xy = ((1 - .375) * .375 + (-.375) * (-.125) + (-.375) * (-.625) + .125 * .375) / 3
+    half = 1.96 * math.sqrt((s_xx - 2 * r * s_xy + r * r * s_yy) / 4) / my
+    assert ratio == pytest.approx(r)
+    assert (low, high) == pytest.approx((r - half, r + half))
+
+
+def test_ratio_interval_covers_the_true_share_about_95_percent_of_the_time():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    n, covered = 100, 0
+    # each prompt's full cache recalls 0, 1 or 2 of 2 items (mean 0.6); the row drops an item it had with
+    # probability 0.1 (true share kept: 0.9)
+    for _ in range(2000):
+        items = rng.choice([0, 1, 2], size=n, p=[0.25, 0.3, 0.45])
+        kept = items - rng.binomial(items, 0.1)
+        ratio, low, high = study_report.ratio_interval(list(kept / 2), list(items / 2))
+        covered += low <= 0.9 <= high
+    assert 0.92 <= covered / 2000 <= 0.98
