@@ -80,6 +80,9 @@ def check_chunked_recipe(compression) -> None:
         name = "kvzip" if isinstance(name, KVzip) else name
         if isinstance(name, str) and name in _NOT_PER_HEAD:
             raise InputError(f"prefill_chunk cannot use {part} {name!r}: it {_NOT_PER_HEAD[name]}")
+    if getattr(getattr(compression, "selector", None), "needs_context_queries", False):
+        raise InputError("prefill_chunk cannot use a selector that reads every context query (e.g. "
+                         "ExpectedAttention(observe='prefill')): a chunked prefill never holds them")
 
 
 def chunk_slots(keys: jax.Array, values: jax.Array, positions: jax.Array, groups: int) -> HeadSlots:

@@ -1,6 +1,7 @@
 """KV selectors against brute-force numpy loops; exact budgets of top-k and allocation; lossless budget 1.0;
 expected attention against realised attention on a tiny random model."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -737,6 +738,9 @@ def test_expected_attention_over_the_prefill_through_generate(tiny):
                                   keep_context_queries=True)
     want, _ = generate_from_state(model, params, state, recipe(state), max_new_tokens=3, question_ids=question)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(InputError, match="a chunked prefill never holds them"):
+        generate(model, params, context, attention_mask=context_mask, question_ids=question, max_new_tokens=3,
+                 compression=dataclasses.replace(recipe, scope="head"), prefill_chunk=16)
 
 
 def test_kvzip_value_group_scorer(tiny):
