@@ -73,12 +73,12 @@ def memory_one(mode: str, bucket: bool):
 
     from subtoken_jax import generate
     from subtoken_jax.chunked_prefill import chunked_compressed_generate
-    from subtoken_jax.evaluation.tasks import score
+    from subtoken_jax.evaluation.tasks import new_tokens, score
 
     model, params, tokenizer = load_model()
     prompt = memory_prompt(tokenizer)
     context, question = np.asarray([prompt.context], np.int32), np.asarray([prompt.question], np.int32)
-    new = prompt.answer_tokens + 4
+    new = new_tokens(prompt, 4)
     compression = recipe("joint(snapkv)", MEMORY_BUDGET)
     start = time.perf_counter()
     rounds = None

@@ -123,6 +123,7 @@ VARIANTS.update({"tokens+kvpress_settings": {"methods": ("expected_attention",),
 KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv", "kvzip",
            "expected_attention_our_settings")
 SEED = 2026
+EXTRA_NEW_TOKENS = 4  # configs/eval.py's extra_new_tokens: answer tokens per item beyond the reference (tasks.new_tokens)
 NEEDLE_DEPTHS = tuple(float(d) for d in np.linspace(0, 1, 10))
 # --dev: the development set every step-2 choice is made on before it runs on the study's prompts
 DEV_HAYSTACK, DEV_SEED = CALIBRATION, 1234
@@ -280,14 +281,17 @@ def write_diagnostic(args, task: str, length: int):
 
 
 def write_prompts(args, task, length, prompts, tokenizer):
-    """The prompts as token ids for kvpress's side (same ids, same answer length)."""
+    """The prompts as token ids for kvpress's side (same ids, same answer budget as ours)."""
+    from subtoken_jax.evaluation import tasks as tasks_lib
+
     path = os.path.join(args.out, "prompts", f"{task}_{length}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         for i, p in enumerate(prompts):
             fh.write(json.dumps({"id": f"{task}_{length}_{i:04d}", "task": task, "length": length,
                                  "context": p.context, "question": p.question, "answer": p.answer,
-                                 "max_new_tokens": p.answer_tokens + 4, "eos_id": tokenizer.eos_id}) + "\n")
+                                 "max_new_tokens": tasks_lib.new_tokens(p, EXTRA_NEW_TOKENS),
+                                 "eos_id": tokenizer.eos_id}) + "\n")
 
 
 def run_kvpress(args):

@@ -22,7 +22,7 @@ class Generation:
     def answer_slots(self, prompts, config, source) -> int:
         """One generation length per task (not per batch): fewer compilations. Each answer is then cut to its own
         prompt's budget (`own_budget`)."""
-        return max(p.answer_tokens for p in prompts) + config.extra_new_tokens
+        return max(tasks_lib.new_tokens(p, config.extra_new_tokens) for p in prompts)
 
     def check_lengths(self, task: str, prompts, source, config) -> None:
         check_prompt_lengths(task, prompts, self.answer_slots(prompts, config, source), source)
@@ -57,8 +57,8 @@ class Generation:
 
 
 def own_budget(row, prompt, config):
-    """A generated row cut to its prompt's own budget, answer_tokens + extra_new_tokens: the task's prompts are
+    """A generated row cut to its prompt's own budget (`tasks.new_tokens`): the task's prompts are
     generated for the longest budget among them, and greedy decoding is causal, so the cut is exactly what a run
     of this prompt alone generates. Without it an answer would depend on which prompts it was evaluated with
     (and differ from another implementation's, e.g. kvpress's, given the prompt's own budget)."""
-    return row[:prompt.answer_tokens + config.extra_new_tokens]
+    return row[:tasks_lib.new_tokens(prompt, config.extra_new_tokens)]
