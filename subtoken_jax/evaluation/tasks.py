@@ -65,7 +65,9 @@ def new_tokens(prompt: Prompt, extra: int) -> int:
     restates) and `extra` tokens per answer item. Per item, because an answer of several items is usually a
     list, and each item's separator and numbering ("\n2. ") takes tokens that a single-item answer does not: on
     the study's development prompts (WikiText-2 valid, seed 1234) 4 of 20 multi-value full-cache answers and 1 of
-    20 two-needle ones recalled their last item 1-3 tokens past a flat budget of 4 extra tokens."""
+    20 two-needle ones recalled their last item 1-3 tokens past a flat budget of 4 extra tokens (covered now), and
+    one more of each 16 and 7 tokens past it (still cut: a budget that long lets rambling answers list the
+    context's numbers)."""
     return prompt.answer_tokens + extra * prompt.answer_items
 
 
