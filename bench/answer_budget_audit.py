@@ -1,8 +1,8 @@
 """Would our stored study answers score differently if each were cut to its own prompt's budget?
 
-Before eval cut every answer to its prompt's own budget (answer + question + extra_new_tokens, the budget
-kvpress's side generates; `evaluation.kinds.generation.own_budget`), a task's answers were all generated for
-the longest budget among the prompts of a cell. This re-tokenises each stored prediction, cuts it to its own
+Before eval cut every answer to its prompt's own budget (`evaluation.kinds.generation.own_budget`; the budget
+kvpress's side generates, the max_new_tokens of the study's prompt files), a task's answers were all generated
+for the longest budget among the prompts of a cell. This re-tokenises each stored prediction, cuts it to its own
 budget and scores it again; cells whose scores change must be rerun (re-tokenising is not exact: about 1.4% of
 kvpress's generated answers do not round-trip, so this is an audit, not a substitute for a rerun).
 
