@@ -448,7 +448,8 @@ def write(out_dir, tasks, lengths, budgets):
                         lines.append("| full (transformers, b=1) | " + " | ".join([_fmt(t)] + [""] * (len(budgets) - 1))
                                      + " |")
                     continue
-                lines.append(f"| {m} | " + " | ".join(_fmt(both.get((task, length, m, b))) for b in budgets) + " |")
+                if any(both.get((task, length, m, b)) for b in budgets):  # rows with no cell at these budgets stay out
+                    lines.append(f"| {m} | " + " | ".join(_fmt(both.get((task, length, m, b))) for b in budgets) + " |")
             lines.append("")
     our_recall = item_recall(out_dir)
     recall = {**their_recall, **our_recall}
