@@ -11,7 +11,8 @@ compression ratio set so that the kept context tokens are the same share b of th
 
 SnapKV's window is exactly the question (window_size = Q) so the question itself is never evicted; the
 other presses score the question's tokens with the rest (the note in the study's report says so). Then the
-answer is decoded greedily over the compressed cache. Every press here prunes the cache (the DynamicCache
+answer is decoded greedily over the compressed cache, for the prompt file's max_new_tokens (ours: the same
+per-prompt budget, `evaluation.tasks.new_tokens`). Every press here prunes the cache (the DynamicCache
 holds fewer keys and values: memory is freed), except AdaKV, which keeps the cache at full size and masks
 the evicted entries per head (kvpress's AdaKV stores masked indices), so it only saves attention work.
 
