@@ -44,7 +44,7 @@ from subtoken_jax.layers import rope_inverse_frequencies
 from subtoken_jax.model import DecoderLM, default_positions
 from subtoken_jax.packed_cache import (PackedCache, PackedLayer, _power_of_two, cache_nbytes, entries_to_slots,
                                        pack_head_major)
-from subtoken_jax.selectors import KVzip, PrefillState
+from subtoken_jax.selectors import KVzip, PrefillState, needs_context_queries
 from subtoken_jax.selectors.base import _draft_queries, _prefill
 from subtoken_jax.shape_buckets import bucket_length, left_pad
 
@@ -80,7 +80,7 @@ def check_chunked_recipe(compression) -> None:
         name = "kvzip" if isinstance(name, KVzip) else name
         if isinstance(name, str) and name in _NOT_PER_HEAD:
             raise InputError(f"prefill_chunk cannot use {part} {name!r}: it {_NOT_PER_HEAD[name]}")
-    if getattr(getattr(compression, "selector", None), "needs_context_queries", False):
+    if needs_context_queries(compression):
         raise InputError("prefill_chunk cannot use a selector that reads every context query (e.g. "
                          "ExpectedAttention(observe='prefill')): a chunked prefill never holds them")
 

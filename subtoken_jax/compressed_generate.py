@@ -36,7 +36,7 @@ from subtoken_jax.input_checks import check_ids, check_max_new_tokens
 from subtoken_jax.model import DecoderLM, default_positions
 from subtoken_jax.packed_cache import IMPLS, LAYOUTS, PackedCache, bucketed_sizes, pack_cache, shard_cache
 from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
-from subtoken_jax.selectors import PrefillState, capture_prefill_state, reconstruction_prompt
+from subtoken_jax.selectors import PrefillState, capture_prefill_state, needs_context_queries, reconstruction_prompt
 from subtoken_jax.shape_buckets import bucket_length, capacity_bucket, left_pad
 
 
@@ -138,8 +138,7 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
     state, logits = capture(model, params, prompt_ids, question_ids, context_mask=attention_mask,
                             question_mask=question_mask, window=min(window, prompt_ids.shape[1]), return_logits=True,
                             lookahead=lookahead, reconstruct=reconstruction_prompt(compression),
-                            keep_context_queries=getattr(getattr(compression, "selector", None),
-                                                         "needs_context_queries", False))
+                            keep_context_queries=needs_context_queries(compression))
     masks = _compiled_compression(compression, state) if bucket else compression(state)
     kwargs.setdefault("value_fill", getattr(compression, "value_fill", "zero"))
     tokens, packed = generate_from_state(model, params, state, masks, max_new_tokens=max_new_tokens,

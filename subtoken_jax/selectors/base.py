@@ -351,3 +351,8 @@ class TokenSelector:
         first, last = self.protected(state)
         return tuple(select_tokens(self.scores(state, layer), budget, state.positions, protect_first=first,
                                    protect_last=last) for layer in range(state.num_layers))
+
+
+def needs_context_queries(compression) -> bool:
+    """Whether a compression recipe's token selector reads every context query (so the prefill must keep them)."""
+    return getattr(getattr(compression, "selector", None), "needs_context_queries", False)
