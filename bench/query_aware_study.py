@@ -123,7 +123,6 @@ VARIANTS.update({"tokens+kvpress_settings": {"methods": ("expected_attention",),
 KVPRESS = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "adakv_snapkv", "kvzip",
            "expected_attention_our_settings")
 SEED = 2026
-EXTRA_NEW_TOKENS = 4  # configs/eval.py's extra_new_tokens: answer tokens per item beyond the reference (tasks.new_tokens)
 NEEDLE_DEPTHS = tuple(float(d) for d in np.linspace(0, 1, 10))
 # --dev: the development set every step-2 choice is made on before it runs on the study's prompts
 DEV_HAYSTACK, DEV_SEED = CALIBRATION, 1234
@@ -188,18 +187,30 @@ def atomic_json(path: str, payload) -> None:
 
 
 def ensure_prompts(args):
-    """Writes OUT/prompts/<task>_<length>.jsonl (token ids) for every cell that lacks it; tokenizer only."""
+    """Writes OUT/prompts/<task>_<length>.jsonl (token ids, answer budgets) for kvpress's side, growing a file with
+    fewer prompts than asked; refuses a file whose prompts differ from what this commit builds (an older prompt
+    or budget rule), since its kvpress rows would then not be comparable with our cells. Tokenizer only."""
     from subtoken_jax.pretrained import load_tokenizer
 
-    tokenizer = None
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
     for length in args.lengths:
         for task in args.tasks:
             path = os.path.join(args.out, "prompts", f"{task}_{length}.jsonl")
-            if os.path.exists(path) and sum(1 for _ in open(path)) >= args.prompts:
-                continue
-            tokenizer = tokenizer or load_tokenizer("smollm2-135m-instruct")
-            prompts = study_prompts(task, study_config(args, task, length), tokenizer, False, True, args.prompts)
-            write_prompts(args, task, length, prompts, tokenizer)
+            config = study_config(args, task, length)
+            prompts = study_prompts(task, config, tokenizer, False, True, args.prompts)
+            wanted = prompt_records(task, length, prompts, tokenizer, config.extra_new_tokens)
+            stored = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+            for old, new in zip(stored, wanted):
+                changed = [k for k in new if old.get(k) != new[k]]
+                if changed:
+                    raise SystemExit(f"{path}: prompt {old.get('id')} differs from what this commit builds "
+                                     f"({', '.join(changed)}); it was written under an older rule: move the file "
+                                     f"and its rows in kvpress.jsonl aside, then rerun")
+            if len(stored) < len(wanted):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path + ".tmp", "w") as fh:
+                    fh.writelines(json.dumps(r) + "\n" for r in wanted)
+                os.replace(path + ".tmp", path)
 
 
 def run_ours(args):
@@ -280,18 +291,14 @@ def write_diagnostic(args, task: str, length: int):
     print(f"wrote {stem}.png / .json")
 
 
-def write_prompts(args, task, length, prompts, tokenizer):
-    """The prompts as token ids for kvpress's side (same ids, same answer budget as ours)."""
+def prompt_records(task, length, prompts, tokenizer, extra_new_tokens: int):
+    """The prompts as kvpress's side reads them: same token ids, same answer budget as ours (tasks.new_tokens)."""
     from subtoken_jax.evaluation import tasks as tasks_lib
 
-    path = os.path.join(args.out, "prompts", f"{task}_{length}.jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        for i, p in enumerate(prompts):
-            fh.write(json.dumps({"id": f"{task}_{length}_{i:04d}", "task": task, "length": length,
-                                 "context": p.context, "question": p.question, "answer": p.answer,
-                                 "max_new_tokens": tasks_lib.new_tokens(p, EXTRA_NEW_TOKENS),
-                                 "eos_id": tokenizer.eos_id}) + "\n")
+    return [{"id": f"{task}_{length}_{i:04d}", "task": task, "length": length, "context": p.context,
+             "question": p.question, "answer": p.answer,
+             "max_new_tokens": tasks_lib.new_tokens(p, extra_new_tokens), "eos_id": tokenizer.eos_id}
+            for i, p in enumerate(prompts)]
 
 
 def run_kvpress(args):

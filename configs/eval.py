@@ -76,7 +76,7 @@ def get_config() -> ConfigDict:
     c.token_budgets = ()
     c.batch_size = 4  # prompts per batch
     c.pad_multiple = 32  # contexts are left-padded to a multiple of this (fewer shapes to compile)
-    c.extra_new_tokens = 4  # tokens generated beyond the reference answer's length
+    c.extra_new_tokens = 4  # answer tokens per item beyond the reference answer (tasks.new_tokens)
     c.allocation_scope = "global"  # value-group budget shared over: head | layer | global
     # needle / variable tracking answers: "packed" = generated from the packed cache (only kept keys and value
     # groups stored; subtoken_jax.generate_from_state); "masked" = a dense cache under the masks (reference)

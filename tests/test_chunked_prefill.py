@@ -9,7 +9,6 @@ import pytest
 from subtoken_jax import Compression, InputError, JointCompression, KVCache, generate
 from subtoken_jax.chunked_prefill import chunked_compressed_generate, join, chunk_slots, prefix_slots
 from subtoken_jax.packed_cache import pack_head_major
-from subtoken_jax.selectors import ExpectedAttention
 from generation_fixtures import CONTEXT, NEW, QUESTION, tiny_config, tiny_setup
 
 CONFIG = tiny_config(max_position_embeddings=96)
@@ -143,9 +142,6 @@ def test_bad_chunked_inputs(setup):
         run(JointCompression(kv_budget=0.5, value_fill="mean"), prefill_chunk=4)
     with pytest.raises(InputError, match=">= 1 token"):
         run(JointCompression(kv_budget=0.5), prefill_chunk=0)
-    with pytest.raises(InputError, match="reads every context query"):
-        run(Compression(token_fraction=0.5, selector=ExpectedAttention(observe="prefill"), scope="head"),
-            prefill_chunk=4)
     with pytest.raises(InputError, match="give them with compression"):
         generate(model, params, context, max_new_tokens=2, prefill_chunk=4)
 

@@ -111,7 +111,8 @@ def rope_matrix(p, inv_freq):
 
 def ref_expected(state, layer, n_future, use_cov, use_vnorm, observe="window", n_sink=0):
     """observe="prefill": statistics over the context's queries from position n_sink on, then the question's (as
-    kvpress's ExpectedAttentionPress takes them from one prefill of context + question)."""
+    kvpress's ExpectedAttentionPress takes them from one prefill of context + question). The first n_sink keys are
+    left out of the softmax, as kvpress's press cuts them before it (score 0 here; they are kept regardless)."""
     q, k, v, pos, qpos = np_state(state, layer)
     batch, window, heads, dim = q.shape
     kv_heads, length = k.shape[2], k.shape[1]
@@ -126,7 +127,7 @@ def ref_expected(state, layer, n_future, use_cov, use_vnorm, observe="window", n
                 ([] if state.window_in_context else observed)
         start = max(qpos[b].max(), pos[b].max()) + 1
         r_bar = np.mean([rope_matrix(start + i, inv) for i in range(n_future)], axis=0)
-        real = [s for s in range(length) if pos[b, s] >= 0]
+        real = [s for s in range(length) if pos[b, s] >= n_sink]  # sinks (kept anyway) left out of the softmax
         for h in range(heads):
             raw = np.stack([rope_matrix(p, inv).T @ query[h] for p, query in observed])
             mu = r_bar @ raw.mean(0)
@@ -232,6 +233,14 @@ def test_expected_attention_over_the_prefill_needs_the_context_queries():
     with pytest.raises(InputError, match="observe must be one of window, prefill"):
         ExpectedAttention(observe="context")
     assert ExpectedAttention(observe="prefill").needs_context_queries and not SnapKV().needs_context_queries
+    # a wrapper passes its base's need on, and the helper reads it from a recipe, a selector or neither
+    from subtoken_jax import Compression
+    from subtoken_jax.selectors import needs_context_queries
+
+    wrapped = AdaKV(base=ExpectedAttention(observe="prefill"))
+    assert wrapped.needs_context_queries and needs_context_queries(Compression(0.5, selector=wrapped))
+    assert not any(needs_context_queries(x) for x in (None, Compression(0.5, selector="expected_attention"),
+                                                      AdaKV(), ExpectedAttention()))
 
 
 def test_tova_keeps_the_same_tokens_in_every_kv_head_and_the_current_query():

@@ -103,3 +103,27 @@ def test_ratio_interval_covers_the_true_share_about_95_percent_of_the_time():
         ratio, low, high = study_report.ratio_interval(list(kept / 2), list(items / 2))
         covered += low <= 0.9 <= high
     assert 0.92 <= covered / 2000 <= 0.98
+
+
+def test_ratio_interval_refuses_what_it_cannot_measure():
+    assert study_report.ratio_interval([0.5, 1.0], [0.0, 0.0]) is None  # no share of nothing
+    with pytest.raises(ValueError, match="equal-length"):
+        study_report.ratio_interval([1.0, 0.5, 0.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match=">= 2 prompts"):
+        study_report.ratio_interval([1.0], [1.0])
+
+
+def test_items_recalled_is_rulers_string_match_all():
+    # RULER: sum(r.lower() in pred.lower() for r in refs) / len(refs), substrings, case ignored
+    assert study_report.items_recalled("1234567 7654321", "are 12345678 and 7654321.") == 1.0
+    assert study_report.items_recalled("Alpha 7654321", "ALPHA: none") == 0.5
+    assert study_report.items_recalled("1234567 7654321", "nothing here") == 0.0
+
+
+def test_claim_a_on_items_picks_among_rows_sharing_the_most_prompts():
+    full = {i: 1.0 for i in range(4)}
+    recall = {("multi_value", 1024, "full", 1.0): full,
+              ("multi_value", 1024, "joint(snapkv)+look24", 0.375): {0: 1.0, 1: 1.0, 2: 0.5, 3: 0.5},
+              ("multi_value", 1024, "joint(kvzip)@global", 0.375): {0: 1.0}}  # 1 prompt in: not eligible
+    [line] = study_report.claim_a_on_items(recall, ["multi_value"], [1024])
+    assert "joint(snapkv)+look24" in line and "75.0%" in line and "4 prompts" in line

@@ -39,6 +39,7 @@ from subtoken_jax.evaluation import report as report_lib
 from subtoken_jax.evaluation import tasks as tasks_lib
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import ModelConfig, check_budget
+from subtoken_jax.selectors import needs_context_queries
 from subtoken_jax.selectors import predictor as predictor_lib
 from subtoken_jax.workdir import WorkdirLock
 
@@ -245,8 +246,7 @@ class Evaluator:
         self.reconstruct = (tasks_lib.repeat_prompt(self.source.tokenizer, self.source.chat)
                             if methods_lib.uses_kvzip(self.config, names) else None)
         selector_names = names | ({self.config.combined.selector} if "combined" in names else set())
-        self.keep_context_queries = any(getattr(self.selectors.get(n), "needs_context_queries", False)
-                                        for n in selector_names)
+        self.keep_context_queries = any(needs_context_queries(self.selectors.get(n)) for n in selector_names)
         self.pad_id = self.source.tokenizer.pad_id if getattr(self.source.tokenizer, "pad_id", None) is not None else 0
 
     # ----------------------------------------------------------- per plan: masks and the cache they apply to

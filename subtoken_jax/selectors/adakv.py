@@ -54,6 +54,10 @@ class AdaKV(TokenSelector):
         if not 0.0 <= self.alpha <= 1.0:
             raise InputError(f"AdaKV alpha (safeguard) must be in [0, 1], got {self.alpha}")
 
+    @property
+    def needs_context_queries(self) -> bool:
+        return self.base.needs_context_queries
+
     def scores(self, state: PrefillState, layer: int) -> jax.Array:
         return self.base.scores(state, layer)
 

@@ -353,6 +353,8 @@ class TokenSelector:
                                    protect_last=last) for layer in range(state.num_layers))
 
 
-def needs_context_queries(compression) -> bool:
-    """Whether a compression recipe's token selector reads every context query (so the prefill must keep them)."""
-    return getattr(getattr(compression, "selector", None), "needs_context_queries", False)
+def needs_context_queries(recipe_or_selector) -> bool:
+    """Whether a token selector, or a compression recipe's, reads every context query (so the prefill must keep
+    them); False for None, a selector named by a string (their defaults never do) and a recipe without one."""
+    selector = getattr(recipe_or_selector, "selector", recipe_or_selector)
+    return bool(getattr(selector, "needs_context_queries", False))

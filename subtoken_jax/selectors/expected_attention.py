@@ -85,15 +85,17 @@ def expected_attention_weights(state: PrefillState, layer: int, n_future: int = 
                                use_covariance: bool = True, observe: str = "window", n_sink: int = 0) -> jax.Array:
     """Expected attention of the next n_future queries on the context keys, [B, Hkv, S].
 
-    Per query head normalised over the real context keys, then averaged over the heads of each KV group.
+    Per query head normalised over the real context keys from position n_sink on (the sinks, always kept, would
+    otherwise take most of some heads' mass and so reweigh the heads of a group; kvpress's press cuts them before its
+    softmax too), then averaged over the heads of each KV group. Sinks get weight 0.
     """
     queries, query_positions = observed_queries(state, layer, observe, n_sink)
     return _expected_weights(queries, query_positions, state.keys[layer], state.positions, state.inv_freq, n_future,
-                             use_covariance)
+                             use_covariance, n_sink)
 
 
-@functools.partial(jax.jit, static_argnames=("n_future", "use_covariance"))
-def _expected_weights(queries, query_positions, keys, positions, inv_freq, n_future, use_covariance):
+@functools.partial(jax.jit, static_argnames=("n_future", "use_covariance", "n_sink"))
+def _expected_weights(queries, query_positions, keys, positions, inv_freq, n_future, use_covariance, n_sink=0):
     mean, cov = query_statistics(queries, query_positions, inv_freq)
     start = jnp.maximum(jnp.max(query_positions, axis=1), jnp.max(positions, axis=1)) + 1
     mean, cov = future_statistics(mean, cov, start, n_future, inv_freq)
@@ -104,7 +106,7 @@ def _expected_weights(queries, query_positions, keys, positions, inv_freq, n_fut
     if use_covariance:
         cov = cov.reshape(batch, kv_heads, -1, dim, dim)
         logits = logits + jnp.einsum("bkrde,bskd,bske->bkrs", cov, keys, keys) / (2 * dim)
-    real = (positions >= 0)[:, None, None, :]
+    real = (positions >= n_sink)[:, None, None, :]
     logits = jnp.where(real, logits, -jnp.inf)
     weights = jnp.where(real, jax.nn.softmax(logits, axis=-1), 0.0)
     return jnp.mean(weights, axis=2)
