@@ -298,6 +298,29 @@ def claim_a_on_items(recall, tasks, lengths, budget=0.375):
     return lines
 
 
+def claim_c_pooled(ours, tasks, lengths, budgets):
+    """Claim (c) over every (task, length) at once, per combination row in two or more of them: a sign test over
+    (task, length, prompt) units of the row's minus its selector's correct answers summed over budgets (each
+    prompt counted once, as pooled_test does within one task)."""
+    lines = []
+    cells = [(t, n) for t in tasks for n in lengths]
+    for combo in sorted({k[2] for k in ours if selector_of(k[2])}):
+        rival = selector_of(combo)
+        pairs, used = [], []
+        for task, length in cells:
+            here = [(ours.get((task, length, combo, b)), ours.get((task, length, rival, b))) for b in budgets]
+            here = [(x, y) for x, y in here if x and y]
+            if here:
+                used.append(f"{task} {length}")
+                tag = lambda c: {"items": {(task, length, i): v for i, v in c["items"].items()}}  # noqa: E731
+                pairs += [(tag(x), tag(y)) for x, y in here]
+        if len(used) >= 2:
+            gains, losses, p = pooled_test(pairs)
+            lines.append(f"- {combo} against {rival} over {len(used)} task-lengths ({', '.join(used)}): prompts "
+                         f"gained-lost {gains}-{losses}, sign test p={p:.2g}")
+    return lines
+
+
 def claims(ours, theirs, tasks, lengths, budgets):
     """The paper's claims (a), (b), (c) per (task, length): held / not held with the numbers."""
     lines = []
@@ -497,6 +520,8 @@ def write(out_dir, tasks, lengths, budgets):
                 lines.append(f"| {m} | " + " | ".join("" if c is None else f"{c[0]:.2f} ({c[1]})" for c in row) + " |")
             lines.append("")
     lines += ["## The paper's claims", ""] + claims(ours, theirs, tasks, lengths, budgets)
+    lines += ["", "## Claim (c) pooled over every task and length (each prompt once, budgets summed)", ""]
+    lines += claim_c_pooled(ours, tasks, lengths, budgets)
     lines += ["", "## Claim (a) on items recalled (multi-item tasks: RULER's own metric for them)", ""]
     lines += claim_a_on_items(our_recall, tasks, lengths)
     lines += ["", "## Our token selectors against kvpress's (same prompts)", ""] + agreement(ours, theirs, tasks,

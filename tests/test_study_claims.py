@@ -127,3 +127,14 @@ def test_claim_a_on_items_picks_among_rows_sharing_the_most_prompts():
               ("multi_value", 1024, "joint(kvzip)@global", 0.375): {0: 1.0}}  # 1 prompt in: not eligible
     [line] = study_report.claim_a_on_items(recall, ["multi_value"], [1024])
     assert "joint(snapkv)+look24" in line and "75.0%" in line and "4 prompts" in line
+
+
+def test_claim_c_pooled_counts_each_task_prompt_once():
+    cell = lambda *correct: {"items": {i: (c,) for i, c in enumerate(correct)}}  # noqa: E731
+    ours = {("needle", 1024, "joint(snapkv)", 0.5): cell(1, 1, 0), ("needle", 1024, "snapkv", 0.5): cell(1, 0, 0),
+            ("needle", 1024, "joint(snapkv)", 0.25): cell(1, 1, 0), ("needle", 1024, "snapkv", 0.25): cell(0, 0, 1),
+            # prompt 0 of multi_key is a different prompt from needle's prompt 0
+            ("multi_key", 1024, "joint(snapkv)", 0.5): cell(0, 1), ("multi_key", 1024, "snapkv", 0.5): cell(1, 1)}
+    [line] = study_report.claim_c_pooled(ours, ["needle", "multi_key"], [1024], [0.5, 0.25])
+    # needle: prompt 0 +1, prompt 1 +2, prompt 2 -1; multi_key: prompt 0 -1 -> 2 gained, 2 lost
+    assert "over 2 task-lengths" in line and "gained-lost 2-2" in line and "p=1" in line
