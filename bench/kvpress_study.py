@@ -19,10 +19,11 @@ the evicted entries per head (kvpress's AdaKV stores masked indices), so it only
     .venv-bench/bin/python bench/kvpress_study.py PROMPTS.jsonl RESULTS.jsonl --budgets 0.75,0.5 --presses snapkv,...
 
 Resumable: a (prompt, press, budget) already in RESULTS.jsonl is not run again. The presses of SHARED_PREFILL
-score each layer from its prefill alone, so one prefill serves all of a prompt's budgets (`generate_budgets`), and
+score each layer from its prefill alone, so one prefill serves all of a prompt's budgets of all of them
+(`generate_budgets`), and
 KVzip's one reconstruction pass scores the pairs for every budget (`generate_kvzip_budgets`);
-`--check-shared N` runs the first N prompts both ways and checks the answers and kept counts of both against the
-stored rows (made with one prefill per budget), with the time of each way.
+`--check-shared N` runs the first N prompts three ways (one prefill per press and budget, one per press, one for
+every press) and checks the answers and kept counts of each against the stored rows, with the time of each way.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def _prefill_every_budget(model, presses: dict, ids, keep):
 
 
 def generate_budgets(model, presses: dict, context, question, max_new: int, eos: int):
-    """{budget: (answer ids, kept tokens)} of presses {budget: press} of one SHARED_PREFILL kind from ONE prefill.
+    """{key: (answer ids, kept tokens)} of presses {key: press} of SHARED_PREFILL kinds from ONE prefill (key: a
+    budget, or (press name, budget) for several kinds at once).
 
     kvpress compresses a layer's cache in a hook after that layer's attention has run, so the prefill's hidden
     states, and every layer's scores, are the same whatever the ratio: each budget's press compresses its own
@@ -265,6 +267,14 @@ def generate_every_budget(model, name: str, prompt, budgets) -> dict:
     return run(model, presses, context, question, prompt["max_new_tokens"], prompt["eos_id"])
 
 
+def generate_every_press(model, prompt, wanted) -> dict:
+    """{(name, budget): (answer ids, kept tokens)} for wanted [(name, budget)] of SHARED_PREFILL presses, all from
+    one prefill of the prompt: every press's `compress` sees the same layer inputs whatever the others keep."""
+    context, question = prompt["context"], prompt["question"]
+    presses = {(n, b): make_press(n, _ratio(n, b, prompt), len(question)) for n, b in wanted}
+    return generate_budgets(model, presses, context, question, prompt["max_new_tokens"], prompt["eos_id"])
+
+
 def attention_of(name: str) -> str:
     """The attention implementation a press runs under: AdaKV's and KVzip's masking asserts eager is not supported."""
     return "sdpa" if name in SHARED_MASKS else "eager"
@@ -295,6 +305,20 @@ def generate(model, press, context, question, max_new: int, eos: int, context_on
     return out, int(kept)
 
 
+def plan_jobs(prompts, presses, budgets, done) -> list:
+    """[(prompt, [(press, budget), ...])]: what each prefill answers, the (prompt id, press, budget) in `done` left
+    out. The full cache first; then one prefill per prompt for every SHARED_PREFILL press and budget; KVzip and
+    AdaKV one per prompt for their budgets; any other press one per (prompt, budget)."""
+    shared = [n for n in presses if n in SHARED_PREFILL]
+    jobs = [(p, [("full", 1.0)]) for p in prompts]
+    jobs += [(p, [(n, b) for n in shared for b in budgets]) for p in prompts] if shared else []
+    for name in (n for n in presses if n not in SHARED_PREFILL):
+        jobs += [(p, [(name, b) for b in budgets]) for p in prompts] if name in SHARED_MASKS else \
+            [(p, [(name, b)]) for b in budgets for p in prompts]
+    jobs = [(p, [(n, b) for n, b in pairs if (p["id"], n, b) not in done]) for p, pairs in jobs]
+    return [j for j in jobs if j[1]]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts")
@@ -321,32 +345,31 @@ def main():
         prompts = [json.loads(line) for line in fh]
     if args.check_shared:
         return check_shared(args, prompts, presses, budgets)
-    jobs = [(p, "full", (1.0,)) for p in prompts]
-    for name in presses:  # a SHARED_PREFILL press (and KVzip, AdaKV) runs a prompt's missing budgets from one prefill
-        jobs += [(p, name, tuple(budgets)) for p in prompts] if name in SHARED_PREFILL + SHARED_MASKS else \
-            [(p, name, (b,)) for b in budgets for p in prompts]
-    jobs = [(p, name, tuple(b for b in bs if (p["id"], name, b) not in done)) for p, name, bs in jobs]
-    jobs = [j for j in jobs if j[2]]
+    jobs = plan_jobs(prompts, presses, budgets, done)
     if not jobs:
         return
     models = {}
     with open(args.results, "a") as out:
-        for prompt, name, job_budgets in tqdm(jobs, desc="kvpress", dynamic_ncols=True):
+        for prompt, pairs in tqdm(jobs, desc="kvpress", dynamic_ncols=True):
+            name = pairs[0][0]
             attn = attention_of(name)
             if attn not in models:
                 models[attn] = load(attn)
             model = models[attn]
             context, question = prompt["context"], prompt["question"]
             start = time.perf_counter()
-            if name in SHARED_PREFILL + SHARED_MASKS:
-                answers = generate_every_budget(model, name, prompt, job_budgets)
+            if name in SHARED_PREFILL:
+                answers = generate_every_press(model, prompt, pairs)
+            elif name in SHARED_MASKS:
+                answers = {(name, b): a for b, a in generate_every_budget(model, name, prompt,
+                                                                          tuple(b for _, b in pairs)).items()}
             else:
-                budget, = job_budgets
+                (_, budget), = pairs
                 press = None if name == "full" else make_press(name, _ratio(name, budget, prompt), len(question))
-                answers = {budget: generate(model, press, context, question, prompt["max_new_tokens"],
-                                            prompt["eos_id"], name in CONTEXT_ONLY)}
-            seconds = (time.perf_counter() - start) / len(answers)  # a shared prefill's time split over its budgets
-            for budget, (ids, kept) in answers.items():
+                answers = {(name, budget): generate(model, press, context, question, prompt["max_new_tokens"],
+                                                    prompt["eos_id"], name in CONTEXT_ONLY)}
+            seconds = (time.perf_counter() - start) / len(answers)  # a shared prefill's time split over its answers
+            for (name, budget), (ids, kept) in answers.items():
                 out.write(json.dumps({"id": prompt["id"], "press": name, "budget": budget, "generated_ids": ids,
                                       "kept_tokens": kept, "context_tokens": len(context),
                                       "question_tokens": len(question), "seconds": seconds,
@@ -367,7 +390,21 @@ def check_shared(args, prompts, presses, budgets):
     with open(args.results) as fh:
         rows = {(r["id"], r["press"], r["budget"]): r for r in map(json.loads, fh)}
     models, same, differ, seconds = {}, 0, [], {"shared": 0.0, "per budget": 0.0}
+    every_same, every_differ, every_seconds = 0, [], 0.0
     for prompt in prompts[:args.check_shared]:
+        wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in budgets if (prompt["id"], n, b) in rows]
+        if wanted:  # every SHARED_PREFILL press from one prefill
+            if "eager" not in models:
+                models["eager"] = load("eager")
+            start = time.perf_counter()
+            every = generate_every_press(models["eager"], prompt, wanted)
+            every_seconds += time.perf_counter() - start
+            for key in wanted:
+                row = rows[(prompt["id"], *key)]
+                if tuple(every[key]) == (row["generated_ids"], row["kept_tokens"]):
+                    every_same += 1
+                else:
+                    every_differ.append((prompt["id"], *key))
         context, question = prompt["context"], prompt["question"]
         new, eos = prompt["max_new_tokens"], prompt["eos_id"]
         for name in (n for n in presses if n in SHARED_PREFILL + SHARED_MASKS):
@@ -395,7 +432,10 @@ def check_shared(args, prompts, presses, budgets):
     print(f"shared prefill: {same} answers identical to one prefill per budget (run now and stored), "
           f"{len(differ)} differ: {differ}; time {seconds['shared']:.0f} s against {seconds['per budget']:.0f} s "
           f"({seconds['per budget'] / max(seconds['shared'], 1e-9):.2f}x faster)")
-    if differ:
+    print(f"one prefill for every press: {every_same} answers identical to the stored rows, {len(every_differ)} "
+          f"differ: {every_differ}; time {every_seconds:.0f} s against the per-press shared prefills' "
+          f"{seconds['shared']:.0f} s")
+    if differ or every_differ:
         sys.exit(1)
 
 if __name__ == "__main__":
