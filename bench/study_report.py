@@ -292,9 +292,11 @@ def claim_a_on_items(recall, tasks, lengths, budget=0.375):
                 lines.append(f"{head} (a) n/a: the full cache recalls no items there")
                 continue
             ratio, low, high = found
+            spread = (f"95% interval {100 * low:.0f}-{100 * high:.0f}%, conditional on the pick" if high > low else
+                      "no interval: the row recalls exactly what the full cache does on every prompt, which n "
+                      "prompts cannot tell from a small loss")
             lines.append(f"{head} (a) {'held' if ratio >= 0.99 else 'not held'}: {name} at {budget} recalls "
-                         f"{100 * ratio:.1f}% of the full cache's items (95% interval {100 * low:.0f}-"
-                         f"{100 * high:.0f}%, conditional on the pick)")
+                         f"{100 * ratio:.1f}% of the full cache's items ({spread})")
     return lines
 
 

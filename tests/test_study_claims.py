@@ -138,3 +138,10 @@ def test_claim_c_pooled_counts_each_task_prompt_once():
     [line] = study_report.claim_c_pooled(ours, ["needle", "multi_key"], [1024], [0.5, 0.25])
     # needle: prompt 0 +1, prompt 1 +2, prompt 2 -1; multi_key: prompt 0 -1 -> 2 gained, 2 lost
     assert "over 2 task-lengths" in line and "gained-lost 2-2" in line and "p=1" in line
+
+
+def test_claim_a_on_items_gives_no_interval_when_nothing_differs():
+    same = {0: 1.0, 1: 0.5, 2: 0.0}
+    recall = {("two_needles", 1024, "full", 1.0): same, ("two_needles", 1024, "joint(snapkv)+look24", 0.375): same}
+    [line] = study_report.claim_a_on_items(recall, ["two_needles"], [1024])
+    assert "100.0%" in line and "no interval" in line and "95% interval" not in line
