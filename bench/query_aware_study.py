@@ -112,6 +112,13 @@ VARIANTS.update({"kvzip": {"methods": ("kvzip",)},
 # at once, as KVzip itself does (the scope is chosen on --dev before the study's prompts run)
 VARIANTS.update({"joint(kvzip)": {"methods": ("joint",), "joint.scorer": "kvzip"},
                  "joint(kvzip)@global": {"methods": ("joint",), "joint.scorer": "kvzip", "allocation_scope": "global"}})
+# the answer-fidelity comparison (--answer-nll): the combination and its selector over one prefill (and one lookahead
+# draft) per batch; "labels" names each method's row as the variants that run it alone do
+for observed in ("", "+look24"):
+    VARIANTS[f"pair(snapkv){observed}"] = {"methods": ("full", "joint", "snapkv"), "joint.scorer": "snapkv",
+                                           "lookahead": 24 if observed else 0,
+                                           "labels": {"full": "full", "joint": f"joint(snapkv){observed}",
+                                                      "snapkv": f"snapkv{observed}"}}
 # the agreement check: our ExpectedAttention at kvpress's settings (statistics over the whole prefill of context +
 # question from the 4th position on, 512 future positions, 4 sinks), so a gap to kvpress's press is the settings'
 # and not the implementation's
@@ -139,6 +146,7 @@ def study_config(args, task: str, length: int):
     c.haystack = DEV_HAYSTACK if args.dev else HAYSTACK
     c.allocation_scope = "head"
     c.lookahead = 0  # the main job drafts 24 answer tokens; here only the +lookN variants do (kvpress cannot)
+    c.answer_nll = args.answer_nll
     c.batch_size = args.batch_size
     c.predictor.workdir = "smollm2-135m-instruct"
     c.needle.lengths = (length,)
@@ -167,23 +175,33 @@ def study_prompts(task: str, config, tokenizer, bos: bool, chat: bool, count: in
 def with_overrides(config, overrides):
     c = config.copy_and_resolve_references()
     for key, value in overrides.items():
+        if key == "labels":  # row names, not config
+            continue
         section, _, field = key.rpartition(".")
         (c[section] if section else c)[field] = value
     return c
 
 
 def label(variant: str, method: str) -> str:
-    """The row name of a record: token methods by name (+ a tokens variant's suffix), the others by their variant."""
+    """The row name of a record: token methods by name (+ a tokens variant's suffix), a variant's own "labels", the
+    others by their variant."""
+    if method in VARIANTS.get(variant, {}).get("labels", {}):
+        return VARIANTS[variant]["labels"][method]
     if not variant.startswith("tokens"):
         return variant
     return method + variant[variant.index("+"):] if "+" in variant else method
 
 
-def atomic_json(path: str, payload) -> None:
+def atomic_write(path: str, text: str) -> None:
+    """Writes PATH whole or not at all: a run killed mid-write leaves the old file (or none)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
-        json.dump(payload, fh)
+        fh.write(text)
     os.replace(tmp, path)
+
+
+def atomic_json(path: str, payload) -> None:
+    atomic_write(path, json.dumps(payload))
 
 
 def ensure_prompts(args):
@@ -208,9 +226,7 @@ def ensure_prompts(args):
                                      f"and its rows in kvpress.jsonl aside, then rerun")
             if len(stored) < len(wanted):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path + ".tmp", "w") as fh:
-                    fh.writelines(json.dumps(r) + "\n" for r in wanted)
-                os.replace(path + ".tmp", path)
+                atomic_write(path, "".join(json.dumps(r) + "\n" for r in wanted))
 
 
 def run_ours(args):
@@ -324,7 +340,8 @@ def main():
     parser.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
     parser.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
     # "full" is left out by default: "tokens" runs the full cache too
-    parser.add_argument("--variants", type=lambda s: s.split(","), default=[v for v in VARIANTS if v != "full"])
+    parser.add_argument("--variants", type=lambda s: s.split(","),
+                        default=[v for v in VARIANTS if v != "full" and not v.startswith("pair(")])
     parser.add_argument("--kvpress", type=lambda s: s.split(","), default=list(KVPRESS))
     # one thread by default: when anything else shares the CPU, torch's spinning worker threads stall each other (on
     # this 2-core VM, beside a niced JAX job: 2.4 s per decode step with 2 threads, 0.06 s with 1; alone, 2 threads
@@ -335,13 +352,17 @@ def main():
     parser.add_argument("--out", default=None, help="default bench/results/study (--dev: bench/results/study_dev)")
     parser.add_argument("--dev", action="store_true",
                         help="the development set: haystacks from WikiText-2 valid, prompt seed 1234")
+    parser.add_argument("--answer-nll", action="store_true",
+                        help="also score each plan's NLL of the full cache's answer (config answer_nll); cells go to "
+                             "their own --out (default bench/results/answer_fidelity), apart from the study's")
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-kvpress", action="store_true")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--diagnostic", action="store_true", help="only the paper's diagnostic figure (where kept "
                         "value groups fall) for the first prompt of each task and length")
     args = parser.parse_args()
-    args.out = args.out or os.path.join(ROOT, "bench", "results", "study_dev" if args.dev else "study")
+    args.out = args.out or os.path.join(ROOT, "bench", "results", "study_dev" if args.dev else
+                                        "answer_fidelity" if args.answer_nll else "study")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -353,7 +374,8 @@ def main():
                 write_diagnostic(args, task, length)
         return
     if not args.report_only:
-        ensure_prompts(args)
+        if not args.skip_kvpress:  # kvpress's side reads the prompts as token ids
+            ensure_prompts(args)
         if not args.skip_ours:
             run_ours(args)
         if not args.skip_kvpress:
@@ -361,6 +383,10 @@ def main():
     from bench import study_report
 
     study_report.write(args.out, args.tasks, args.lengths, args.budgets)
+    if args.answer_nll:
+        from bench import answer_fidelity
+
+        answer_fidelity.write(args.out, args.tasks, args.lengths, args.budgets)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,11 @@ def get_config() -> ConfigDict:
     # greedily over the full cache (then discarded; the answer is generated from the compressed cache). Tasks with
     # a question only; costs L full-cache decode steps per prompt
     c.lookahead = 0
+    # generation tasks: also score, per prompt and plan, the NLL of the full cache's own greedy answer
+    # teacher-forced over the plan's masked cache (dropped groups read as zero): a paired, continuous measure of
+    # what a compression changes (examples' answer_nll). Costs one full-cache answer per batch and one forward
+    # of question + answer per plan
+    c.answer_nll = False
     # value groups in a better basis: the base model's values rotated (exactly, folded into v_proj / o_proj) to
     # their principal axes fitted on a calibration text file (keep it disjoint from the evaluation texts)
     c.value_basis = ConfigDict()

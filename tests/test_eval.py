@@ -546,3 +546,43 @@ def test_checkpoint_flag_resolves_workdir_or_hf_folder(workdir, hf_folder, tmp_p
     assert eval_cli.resolve_checkpoint(config, hf_folder) is None and config.model.checkpoint == hf_folder
     with pytest.raises(InputError, match="no config.json there"):
         eval_cli.resolve_checkpoint(config, str(tmp_path))
+
+
+def test_answer_nll_is_the_full_forward_nll_of_the_full_cache_answer(workdir, tmp_path):
+    """answer_nll (config): the full cache's greedy answer, found and scored again here by plain forwards over
+    context + question + answer (no cache, no masks, no padding); every method scores it alike at b = 1, and a
+    compressed cache scores it differently."""
+    from subtoken_jax.evaluation import runner
+    from subtoken_jax.evaluation import tasks as tasks_lib
+    from subtoken_jax.workdir import load_workdir_base
+
+    config = _config(**SMALL, tasks=("needle",), budgets=(1.0, 0.5), methods=("full", "snapkv", "joint"),
+                     answer_nll=True)
+    config.diagnostic.enabled = False
+    runner.run(config, str(tmp_path), str(workdir))
+    examples = [json.loads(line) for line in open(tmp_path / "eval" / "examples.jsonl")]
+    nll = {(e["method"], e["budget"], e["depth"]): (e["answer_nll"], e["answer_nll_tokens"]) for e in examples}
+
+    model, params, *_ = load_workdir_base(str(workdir))
+    tokenizer, bos, chat = _byte_source(config, workdir)
+    prompts = tasks_lib.build_prompts("needle", config, tokenizer, bos, chat)
+    width = max(len(p.context) + len(p.question) for p in prompts) + 32
+    forward = jax.jit(lambda ids: jax.nn.log_softmax(model.apply({"params": params}, ids).astype(jnp.float32)))
+    for prompt in prompts:
+        ids = list(prompt.context) + list(prompt.question)
+        budget = tasks_lib.new_tokens(prompt, config.extra_new_tokens)
+        total, count = 0.0, 0
+        for _ in range(budget):  # causal: right padding changes no logit before it
+            log_probs = np.asarray(forward(jnp.asarray([ids + [0] * (width - len(ids))])))[0, len(ids) - 1]
+            token = int(np.argmax(log_probs))
+            total, count = total - float(log_probs[token]), count + 1
+            ids.append(token)
+            if token == tokenizer.eos_id:
+                break
+        depth = prompt.info["depth"]
+        assert nll["full", 1.0, depth] == pytest.approx((total, count), rel=1e-4), depth
+        for method in ("snapkv", "joint"):
+            assert nll[method, 1.0, depth] == pytest.approx(nll["full", 1.0, depth], rel=1e-5), (method, depth)
+    changed = [abs(nll[m, 0.5, d][0] - nll["full", 1.0, d][0]) for m in ("snapkv", "joint") for (_, b, d) in nll
+               if b == 0.5]
+    assert max(changed) > 1e-3

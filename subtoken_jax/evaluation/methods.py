@@ -333,6 +333,22 @@ def continuation_nll(model: DecoderLM, params, cache, inputs, positions, targets
     return jnp.sum(nll, axis=1), jnp.full((inputs.shape[0],), inputs.shape[1], jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def answer_nll(model: DecoderLM, params, cache, question, q_positions, answer, answer_lengths, token_masks,
+               group_masks):
+    """Summed NLL [B] of each row's first answer_lengths[b] tokens of `answer` [B, N], teacher-forced after the
+    (left-padded) question over the (masked) cache: how likely the compressed cache keeps a given answer."""
+    n = answer.shape[1]
+    start = jnp.max(q_positions, axis=1, keepdims=True) + 1
+    inputs = jnp.concatenate([question, answer[:, :-1]], axis=1)
+    positions = jnp.concatenate([q_positions, start + jnp.arange(n - 1, dtype=jnp.int32)], axis=1)
+    logits, _ = _apply(model, params, inputs, positions, cache, token_masks, group_masks)
+    # the question's last position predicts the answer's first token (left padding: it is the last column)
+    log_probs = jax.nn.log_softmax(logits[:, -n:].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, answer[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(jnp.arange(n)[None] < answer_lengths[:, None], nll, 0.0), axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "lengths", "shared_prefix"))
 def choice_loglik(model: DecoderLM, params, cache, question, q_positions, token_masks, group_masks, options,
                   lengths: Tuple[int, ...], shared_prefix: bool = False):
