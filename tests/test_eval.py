@@ -180,13 +180,14 @@ def test_eval_end_to_end(workdir, mmlu_csv):
 
 
 def test_packed_generation_equals_masked_dense(workdir, tmp_path):
-    """Answers generated from the packed cache (default) are those of the dense cache under the same masks."""
+    """Answers generated from the packed cache (default) are those of the dense cache under the same masks; with a
+    lookahead window, whose query positions are longer than the question's."""
     from subtoken_jax.evaluation import runner
 
     answers = {}
     for generation in ("packed", "masked"):
         config = _config(**SMALL, tasks=("variable_tracking",), budgets=(0.625,),
-                         methods=("snapkv", "subtoken", "combined", "joint"), generation=generation)
+                         methods=("snapkv", "subtoken", "combined", "joint"), generation=generation, lookahead=3)
         config.diagnostic.enabled = False
         out = tmp_path / generation
         records = runner.run(config, str(out), str(workdir))["records"]

@@ -50,7 +50,7 @@ class Generation:
                                                  value_fill=config.get("value_fill", "zero"))
                 else:
                     t_masks, g_masks = methods_lib.widen_masks(tokens, groups, batch.capacity)
-                    out = methods_lib.greedy_answer(model, params, cache, batch.question, batch.state.query_positions,
+                    out = methods_lib.greedy_answer(model, params, cache, batch.question, question_positions(batch),
                                                     t_masks, g_masks, new_tokens)
                 nll = answer_likelihood(model, params, cache, tokens, groups, batch, reference) if fidelity else None
                 for i, (prompt, row) in enumerate(zip(batch.prompts, sharding.to_host(out))):
@@ -65,12 +65,18 @@ class Generation:
         return scores.records(task, len(prompts)), scores.examples
 
 
+def question_positions(batch):
+    """The question's positions [B, Q] after the context (left padding: -1), as the prefill gave them. Not
+    state.query_positions: with a lookahead that window also holds the drafted tokens' positions."""
+    return default_positions(batch.question, batch.question_mask,
+                             jnp.max(batch.state.positions, axis=1, keepdims=True) + 1)
+
+
 def full_cache_answers(evaluator, batch, new_tokens: int):
     """The full cache's greedy answers of a batch, the reference of `answer_likelihood`: (ids [B, new_tokens],
     question positions [B, Q], lengths [B]: each row's own budget, cut after its first end-of-sequence token)."""
     model, params, state = evaluator.base_model, evaluator.base_params, batch.state
-    q_positions = default_positions(batch.question, batch.question_mask, jnp.max(state.positions, axis=1,
-                                                                                   keepdims=True) + 1)
+    q_positions = question_positions(batch)
     cache = methods_lib.cache_from_state(state, model.config, batch.capacity)
     t_masks, g_masks = methods_lib.widen_masks(*methods_lib.real_masks(state), batch.capacity)
     ids = methods_lib.greedy_answer(model, params, cache, batch.question, q_positions, t_masks, g_masks, new_tokens)
