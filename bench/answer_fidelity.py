@@ -75,9 +75,11 @@ def verdict(means, pooled_p):
 
 
 def pairs_of(methods):
-    """(combination, its selector) for every combination row whose selector row is there too."""
-    return [(m, study_report.selector_of(m)) for m in sorted(methods)
-            if study_report.selector_of(m) in methods]
+    """(combination, its selector) for every combination row whose selector row is there too, and (a variant of
+    the joint allocation, the joint allocation as built) for the "@centred" rows."""
+    pairs = [(m, study_report.selector_of(m)) for m in sorted(methods) if study_report.selector_of(m) in methods]
+    return pairs + [(m, m.replace("@centred", "")) for m in sorted(methods)
+                    if "@centred" in m and m.replace("@centred", "") in methods]
 
 
 def write(out_dir, tasks, lengths, budgets):

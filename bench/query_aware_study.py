@@ -119,6 +119,11 @@ for observed in ("", "+look24"):
                                            "lookahead": 24 if observed else 0,
                                            "labels": {"full": "full", "joint": f"joint(snapkv){observed}",
                                                       "snapkv": f"snapkv{observed}"}}
+    # the joint allocation pricing an eviction as its attention moving to the tokens left (JointCompression's
+    # eviction="centred"), beside the pair's cells (its full cache and SnapKV rows are theirs)
+    VARIANTS[f"pairc(snapkv){observed}"] = {"methods": ("joint",), "joint.scorer": "snapkv",
+                                            "joint.eviction": "centred", "lookahead": 24 if observed else 0,
+                                            "labels": {"joint": f"joint(snapkv)@centred{observed}"}}
 # the agreement check: our ExpectedAttention at kvpress's settings (statistics over the whole prefill of context +
 # question from the 4th position on, 512 future positions, 4 sinks), so a gap to kvpress's press is the settings'
 # and not the implementation's
@@ -341,7 +346,7 @@ def main():
     parser.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
     # "full" is left out by default: "tokens" runs the full cache too
     parser.add_argument("--variants", type=lambda s: s.split(","),
-                        default=[v for v in VARIANTS if v != "full" and not v.startswith("pair(")])
+                        default=[v for v in VARIANTS if v != "full" and not v.startswith(("pair(", "pairc("))])
     parser.add_argument("--kvpress", type=lambda s: s.split(","), default=list(KVPRESS))
     # one thread by default: when anything else shares the CPU, torch's spinning worker threads stall each other (on
     # this 2-core VM, beside a niced JAX job: 2.4 s per decode step with 2 threads, 0.06 s with 1; alone, 2 threads

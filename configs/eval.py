@@ -120,6 +120,8 @@ def get_config() -> ConfigDict:
 
     c.joint = ConfigDict()
     c.joint.scorer = "snapkv"  # group scores (as subtoken.scorer) from which both tokens and groups are chosen
+    # an evicted token priced as every group lost ("whole") or as its attention moving to the rest ("centred")
+    c.joint.eviction = "whole"
 
     c.routed = ConfigDict()  # the adapted model of WORKDIR/adapt (method routed)
     # adaptive routers: keep exactly rho of each compressed context's (token, group) pairs per sequence and KV head

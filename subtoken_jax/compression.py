@@ -71,6 +71,9 @@ def share_of_slots(fraction, state: PrefillState):
     return jnp.minimum(1.0, fraction * state.context_tokens.astype(jnp.float32) / jnp.maximum(real, 1.0))
 
 
+EVICTIONS = ("whole", "centred")
+
+
 def _check_common(scorer, scope: str, window: int, value_fill: str, lookahead: int = 0) -> None:
     if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 0:
         raise InputError(f"lookahead must be a whole number of draft tokens >= 0, got {lookahead!r}")
@@ -191,20 +194,31 @@ class JointCompression:
     value_fill: str = "zero"
     lookahead: int = 0
     kv_tokens: Optional[int] = None  # the budget as the bytes of this many whole tokens per row
+    # what evicting a token is priced at: "whole" (every group lost, the sum of its squared scores) or "centred"
+    # (its attention moves to the tokens left: the read-out moves by a (o - v) / (1 - a), `centred_eviction_error`)
+    eviction: str = "whole"
 
     def __post_init__(self):
         check_budget(self.kv_budget, "kv_budget")
         check_token_count(self.kv_tokens, "kv_tokens")
         _check_common(self.scorer, self.scope, self.window, self.value_fill, self.lookahead)
+        if self.eviction not in EVICTIONS:
+            raise InputError(f"unknown eviction pricing {self.eviction!r}; choose from {', '.join(EVICTIONS)}")
+        if self.eviction == "centred" and not hasattr(_scorer(self.scorer), "eviction_error"):
+            raise InputError("eviction='centred' needs a scorer with an attention estimate (a name, or a "
+                             "ValueGroupScorer): it prices an eviction from the attention and the values")
 
     def __call__(self, state: PrefillState):
         scorer = _scorer(self.scorer)
         scores = [scorer(state, layer) for layer in range(state.num_layers)]
+        eviction = None if self.eviction == "whole" else \
+            [scorer.eviction_error(state, layer) for layer in range(state.num_layers)]
         budget = share_of_slots(self.kv_budget, state) if self.kv_tokens is None else \
             fraction_of_tokens(self.kv_tokens, state.positions)
         # an in-context window (chunked prefill, decoding-time compression) is kept whole, as SnapKV keeps it
         protect = state.window if state.window_in_context else 0
-        return allocate_joint(scores, budget, scope=self.scope, positions=state.positions, protect_last=protect)
+        return allocate_joint(scores, budget, scope=self.scope, positions=state.positions, protect_last=protect,
+                              eviction=eviction)
 
 
 def realised_kv_bytes(token_masks, group_masks, positions, model_cfg: ModelConfig,

@@ -451,10 +451,15 @@ def test_allocator_keeps_exactly_the_top_budget(data, layers, batch, length, hea
         np.testing.assert_array_equal(ours, ref)
 
 
-def _best_utility(energy, limit):
-    """Brute force over every (evict, keep 1..G best groups) choice per token: the most utility within limit."""
+def _best_utility(energy, limit, eviction=None):
+    """Brute force over every (evict, keep 1..G best groups) choice per token: the most utility within limit.
+    Keeping k groups is worth the eviction error less the energy of the groups still dropped (eviction None: the
+    token's whole energy, so the k best groups' energy)."""
     length, groups = energy.shape
     cumulative = np.concatenate([np.zeros((length, 1)), np.cumsum(-np.sort(-energy, axis=1), axis=1)], axis=1)
+    if eviction is not None:
+        cumulative = eviction[:, None] - (cumulative[:, -1:] - cumulative)
+        cumulative[:, 0] = 0.0
     best = 0.0
     for ks in itertools.product(range(groups + 1), repeat=length):
         if sum(groups + k for k in ks if k) <= limit:
@@ -479,6 +484,58 @@ def test_joint_allocation_is_optimal_for_the_bytes_it_spends():
             lowest_kept = np.where(g == 1, energy, np.inf).min(1)
             highest_dropped = np.where(g == 0, energy, -np.inf).max(1)
             assert np.all(lowest_kept >= highest_dropped)  # a token keeps its best groups
+
+
+def test_joint_allocation_with_eviction_errors_is_optimal():
+    """With its own eviction errors (a token's loss when evicted, below its whole energy when its value is close to
+    the read-out), the allocation still saves the most error for its bytes (brute force, 5 tokens x 2 groups); the
+    errors equal to the whole energy give the default's masks."""
+    rng = np.random.default_rng(5)
+    for budget in (0.25, 0.375, 0.5, 0.75):
+        for _ in range(4):
+            scores = (rng.random((1, 5, 1, 2)) ** 3).astype(np.float32)
+            energy = np.square(scores[0, :, 0])
+            eviction = (energy.sum(1) * rng.random(5) * 1.2).astype(np.float32)
+            tokens, groups = allocate_joint([jnp.asarray(scores)], budget,
+                                            eviction=[jnp.asarray(eviction)[None, :, None]])
+            t, g = np.asarray(tokens[0])[0, :, 0], np.asarray(groups[0])[0, :, 0]
+            cost = 2 * t.sum() + g.sum()
+            assert cost <= budget * 2 * 2 * 5 + 1e-6
+            saved = np.where(t == 1, eviction - (energy * (1 - g)).sum(1), 0.0).sum()
+            assert saved >= _best_utility(energy, cost, eviction) - 1e-6
+            whole = allocate_joint([jnp.asarray(scores)], budget,
+                                   eviction=[jnp.asarray(energy.sum(1))[None, :, None]])
+            default = allocate_joint([jnp.asarray(scores)], budget)
+            for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(default)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_centred_eviction_error_is_the_read_out_shift_of_an_eviction():
+    """Brute force: the read-out sum_i a_i v_i moves by exactly sqrt(centred_eviction_error) when token j leaves
+    and its attention is renormalised over the rest (padding excluded)."""
+    from subtoken_jax.selectors.scorers.base import centred_eviction_error
+
+    rng = np.random.default_rng(6)
+    batch, length, heads, dim = 2, 7, 2, 4
+    positions = np.tile(np.arange(length), (batch, 1)).astype(np.int32)
+    positions[1, :2] = -1
+    logits = rng.normal(size=(batch, heads, length))
+    logits[:, :, :][np.broadcast_to((positions < 0)[:, None, :], logits.shape)] = -np.inf
+    attention = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    values = rng.normal(size=(batch, length, heads, dim)) + 2.0  # a common direction, as real values have
+    error = np.asarray(centred_eviction_error(jnp.asarray(attention, jnp.float32), jnp.asarray(values, jnp.float32),
+                                              jnp.asarray(positions)))
+    for b in range(batch):
+        for h in range(heads):
+            a, v = attention[b, h], values[b, :, h]
+            out = a @ v
+            for j in range(length):
+                if positions[b, j] < 0:
+                    assert error[b, j, h] == 0.0
+                    continue
+                rest = np.delete(np.arange(length), j)
+                moved = a[rest] @ v[rest] / a[rest].sum()
+                assert error[b, j, h] == pytest.approx(np.square(moved - out).sum(), rel=1e-4, abs=1e-7)
 
 
 @pytest.mark.parametrize("scope", SCOPES)

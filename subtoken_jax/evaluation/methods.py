@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from subtoken_jax import sharding
-from subtoken_jax.compression import Compression, JointCompression, keep_everything
+from subtoken_jax.compression import EVICTIONS, Compression, JointCompression, keep_everything
 from subtoken_jax.errors import ConfigError
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM
@@ -211,7 +211,8 @@ def recipe(plan: Plan, config, selectors: Dict[str, object], scorers: Optional[D
     counted = plan.kept_tokens is not None
     if plan.method == "joint":
         return JointCompression(1.0 if counted else plan.budget, kv_tokens=plan.kept_tokens,
-                                scorer=_group_scorer(config.joint.scorer, config, scorers), scope=scope)
+                                scorer=_group_scorer(config.joint.scorer, config, scorers), scope=scope,
+                                eviction=config.joint.get("eviction", "whole"))
     tau = 1.0 if counted else plan.token_fraction
     if plan.method in TOKEN_METHODS:
         return Compression(plan.budget if not counted else 1.0, 1.0, selector=selectors[plan.method], scope=scope,
@@ -407,6 +408,8 @@ def check_method_config(config) -> None:
     if "routed_tokens" in config.methods and routed.get("token_selector") not in QUERY_FREE_SELECTORS:
         raise ConfigError(f"routed.token_selector={routed.get('token_selector')!r} must be a selector that needs no "
                           f"question: one of {QUERY_FREE_SELECTORS}")
+    if "joint" in config and config.joint.get("eviction", "whole") not in EVICTIONS:
+        raise ConfigError(f"joint.eviction={config.joint.eviction!r} is unknown; choose one of {EVICTIONS}")
     if "joint" in config.methods and config.joint.scorer == "predictor":
         raise ConfigError("joint.scorer='predictor': the predictor's scores are log-relevance, and the joint "
                           "allocation prices contributions (>= 0); use attention, snapkv or expected")

@@ -119,21 +119,24 @@ def _joint_choice(utility: jax.Array, valid: jax.Array, lam: jax.Array):
 
 
 @jax.jit
-def _joint_keep(scores: jax.Array, valid: jax.Array, budget: jax.Array, forced: jax.Array) -> jax.Array:
+def _joint_keep(scores: jax.Array, valid: jax.Array, budget: jax.Array, forced: jax.Array,
+                eviction: Optional[jax.Array] = None) -> jax.Array:
     """Groups kept per item [U, M] (0 = evicted), each unit's cost within budget [U] * 2G * its valid items.
 
     forced [U, M]: valid items that keep their key and all G groups whatever they score; their bytes come out of
     the unit's budget first (all of it, if they need more) and the rest is allocated over the other items.
 
-    U(k), an item's utility with k groups, is the sum of its k largest squared scores: the squared
-    read-out error those groups avoid. Every item takes the k maximising U(k) - lam * cost(k) (the
+    U(k), an item's utility with k groups, is the squared read-out error keeping them avoids: its eviction error
+    [U, M] less the squared scores of the G - k groups it still drops (None: the sum of all its squared scores,
+    so U(k) is the sum of its k largest). Every item takes the k maximising U(k) - lam * cost(k) (the
     Lagrangian of "most utility for the bytes"); lam, found by bisection over its float32 bits (cost falls
     as lam grows), is the smallest whose total cost fits. An item whose best groups hold most of its
     energy keeps just those; one whose energy is spread keeps all or nothing, as its key costs a value.
     """
     groups = scores.shape[-1]
     energy = jnp.sort(_energy(scores), axis=-1)[..., ::-1]
-    utility = jnp.cumsum(energy, axis=-1)
+    kept_energy = jnp.cumsum(energy, axis=-1)
+    utility = kept_energy if eviction is None else eviction[..., None] - (kept_energy[..., -1:] - kept_energy)
     limit = budget.reshape(-1, 1) * 2 * groups * jnp.sum(valid, axis=-1, keepdims=True)
     forced = forced & valid
     limit = jnp.maximum(limit - 2 * groups * jnp.sum(forced, axis=-1, keepdims=True), 0.0)
@@ -153,7 +156,8 @@ def _joint_keep(scores: jax.Array, valid: jax.Array, budget: jax.Array, forced: 
 
 
 def allocate_joint(scores: Sequence[jax.Array], budget, *, scope: str = "head", positions=None,
-                   protect_last: int = 0) -> Tuple[Tuple[jax.Array, ...], Tuple[jax.Array, ...]]:
+                   protect_last: int = 0, eviction: Optional[Sequence[jax.Array]] = None
+                   ) -> Tuple[Tuple[jax.Array, ...], Tuple[jax.Array, ...]]:
     """Tokens and value groups from one KV-bytes budget: per-layer (token masks [B, S, Hkv], group masks [B, S, Hkv, G]).
 
     scores: per layer [B, S, Hkv, G], a group's expected contribution to the read-out (e.g. the question's
@@ -164,6 +168,10 @@ def allocate_joint(scores: Sequence[jax.Array], budget, *, scope: str = "head", 
     scope as in allocate_value_groups. protect_last: the last that many real tokens of each row (by position) keep
     their keys and every group, paid from the same budget (an in-context observation window, as SnapKV keeps
     its own; in decoding-time compression, the tokens just written).
+    eviction: per layer [B, S, Hkv], the squared read-out error of evicting each (token, KV head) (e.g.
+    `centred_eviction_error`); None prices an eviction as losing every group (the sum of squared scores). An
+    evicted token's attention moves to the others, so its loss is its value's distance from the read-out, not
+    its whole value, while a dropped group (read as zero) loses all of it.
     """
     if scope not in SCOPES:
         raise InputError(f"unknown allocation scope {scope!r}; choose one of {SCOPES}")
@@ -185,12 +193,14 @@ def allocate_joint(scores: Sequence[jax.Array], budget, *, scope: str = "head", 
     order = {"head": (0, 1, 3, 2, 4), "layer": (0, 1, 2, 3, 4), "global": (1, 0, 2, 3, 4)}[scope]
     moved_s, moved_v = jnp.transpose(stacked, order), jnp.transpose(valid, order[:4])
     moved_f = jnp.transpose(forced, order[:4])
+    moved_e = None if eviction is None else \
+        jnp.transpose(jnp.nan_to_num(jnp.stack([jnp.asarray(e, jnp.float32) for e in eviction])), order[:4])
     row_budget = jnp.broadcast_to(jnp.asarray(budget, jnp.float32).reshape(-1), (b,))
     unit_budget = {"head": jnp.broadcast_to(row_budget[None, :, None], (layers, b, h)),
                    "layer": jnp.broadcast_to(row_budget[None, :], (layers, b)), "global": row_budget}[scope]
     units = unit_budget.size
     kept = _joint_keep(moved_s.reshape(units, -1, g), moved_v.reshape(units, -1), unit_budget.reshape(units),
-                       moved_f.reshape(units, -1))
+                       moved_f.reshape(units, -1), None if moved_e is None else moved_e.reshape(units, -1))
     inverse = tuple(int(i) for i in np.argsort(order[:4]))
     kept = jnp.transpose(kept.reshape(moved_v.shape), inverse)  # [L, B, S, Hkv]
     # the k groups kept are the k of most energy, those the utility counted (0 = best group)

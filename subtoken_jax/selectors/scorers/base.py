@@ -39,3 +39,27 @@ class ValueGroupScorer:
         """[B, S, Hkv, G] = attention on token j x ||v_{j,h,g}||."""
         norms = value_group_norms(state.values[layer], state.value_groups)
         return jnp.transpose(self.attention(state, layer), (0, 2, 1))[..., None] * norms
+
+    def eviction_error(self, state: PrefillState, layer: int) -> jax.Array:
+        """[B, S, Hkv]: the squared read-out error of evicting each token under the same attention estimate
+        (`centred_eviction_error`), the price `JointCompression(eviction="centred")` weighs groups against."""
+        return centred_eviction_error(self.attention(state, layer), state.values[layer], state.positions)
+
+
+@jax.jit
+def centred_eviction_error(attention: jax.Array, values: jax.Array, positions: jax.Array) -> jax.Array:
+    """[B, S, Hkv] = (a_j / (1 - a_j))^2 ||v_j - o||^2 per KV head: attention [B, Hkv, S], values [B, S, Hkv, D].
+
+    Evicting token j moves its attention a_j to the tokens left, so the read-out o (here the attention-weighted
+    mean of the context's values) becomes (o - a_j v_j) / (1 - a_j): it moves by a_j (o - v_j) / (1 - a_j), not by
+    a_j v_j. A dropped value group, read as zero, loses all of a_j v_{j,g}. Values that share a common direction
+    (most heads' do) therefore cost less to evict than their norm says.
+    """
+    real = (positions >= 0)[:, None, :]
+    a = jnp.where(real, attention.astype(jnp.float32), 0.0)  # [B, Hkv, S]
+    weights = a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), 1e-30)
+    v = values.astype(jnp.float32)
+    centre = jnp.einsum("bhs,bshd->bhd", weights, v)
+    distance = jnp.sum(jnp.square(v - centre[:, None]), axis=-1)  # [B, S, Hkv]
+    share = jnp.transpose(a, (0, 2, 1))
+    return jnp.square(share / (1.0 - jnp.minimum(share, 0.99))) * distance
