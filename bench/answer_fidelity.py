@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections import defaultdict
 
@@ -75,11 +76,19 @@ def verdict(means, pooled_p):
 
 
 def pairs_of(methods):
-    """(combination, its selector) for every combination row whose selector row is there too, and (a variant of
-    the joint allocation, the joint allocation as built) for the "@centred" rows."""
+    """(combination, its selector) for every combination row whose selector row is there too; a variant of the
+    joint allocation ("joint(snapkv)@rms_centred+look24") against the allocation as built ("joint(snapkv)+look24")
+    and against its last change alone ("joint(snapkv)@centred+look24")."""
     pairs = [(m, study_report.selector_of(m)) for m in sorted(methods) if study_report.selector_of(m) in methods]
-    return pairs + [(m, m.replace("@centred", "")) for m in sorted(methods)
-                    if "@centred" in m and m.replace("@centred", "") in methods]
+    for m in sorted(methods):
+        found = re.search(r"@(\w+)", m)
+        if not found:
+            continue
+        tag = found.group(1)
+        rivals = [m.replace(found.group(), "")] + (
+            [m.replace(found.group(), "@" + tag.split("_", 1)[1])] if "_" in tag else [])
+        pairs += [(m, rival) for rival in rivals if rival in methods]
+    return pairs
 
 
 def write(out_dir, tasks, lengths, budgets):

@@ -124,6 +124,11 @@ for observed in ("", "+look24"):
     VARIANTS[f"pairc(snapkv){observed}"] = {"methods": ("joint",), "joint.scorer": "snapkv",
                                             "joint.eviction": "centred", "lookahead": 24 if observed else 0,
                                             "labels": {"joint": f"joint(snapkv)@centred{observed}"}}
+    # and scored by the root mean square of the window's attention (scorer "snapkv_rms"), which squared is the
+    # read-out error summed over the window's queries
+    VARIANTS[f"pairr(snapkv){observed}"] = {"methods": ("joint",), "joint.scorer": "snapkv_rms",
+                                            "joint.eviction": "centred", "lookahead": 24 if observed else 0,
+                                            "labels": {"joint": f"joint(snapkv)@rms_centred{observed}"}}
 # the agreement check: our ExpectedAttention at kvpress's settings (statistics over the whole prefill of context +
 # question from the 4th position on, 512 future positions, 4 sinks), so a gap to kvpress's press is the settings'
 # and not the implementation's
@@ -346,7 +351,7 @@ def main():
     parser.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
     # "full" is left out by default: "tokens" runs the full cache too
     parser.add_argument("--variants", type=lambda s: s.split(","),
-                        default=[v for v in VARIANTS if v != "full" and not v.startswith(("pair(", "pairc("))])
+                        default=[v for v in VARIANTS if v != "full" and not v.startswith(("pair(", "pairc(", "pairr("))])
     parser.add_argument("--kvpress", type=lambda s: s.split(","), default=list(KVPRESS))
     # one thread by default: when anything else shares the CPU, torch's spinning worker threads stall each other (on
     # this 2-core VM, beside a niced JAX job: 2.4 s per decode step with 2 threads, 0.06 s with 1; alone, 2 threads

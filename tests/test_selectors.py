@@ -55,7 +55,7 @@ def np_state(state, layer):
             np.asarray(state.query_positions))
 
 
-def ref_window_attention(state, layer):
+def ref_window_attention(state, layer, moment=1):
     q, k, _, pos, qpos = np_state(state, layer)
     batch, window, heads, dim = q.shape
     kv_heads, length = k.shape[2], k.shape[1]
@@ -69,7 +69,7 @@ def ref_window_attention(state, layer):
                 logits = np.array([q[b, t, h] @ k[b, s, h // rep] / np.sqrt(dim) for s in seen])
                 w = np.exp(logits - logits.max())
                 for s, ws in zip(seen, w / w.sum()):
-                    out[b, h // rep, s] += ws / (len(valid_t) * rep)
+                    out[b, h // rep, s] += ws ** moment / (len(valid_t) * rep)
     return out
 
 
@@ -330,13 +330,15 @@ def test_adakv_matches_brute_force_and_keeps_the_layer_budget(alpha, in_context)
         AdaKV(alpha=1.5)
 
 
-@pytest.mark.parametrize("method", ["attention", "snapkv"])
+@pytest.mark.parametrize("method", ["attention", "snapkv", "snapkv_rms"])
 def test_value_group_scores_match_brute_force(method):
-    """attention x group norm, and SnapKV's pooled attention (avg, kernel 5) x group norm, against numpy loops."""
+    """attention x group norm, SnapKV's pooled attention (avg, kernel 5) x group norm, and the root of the pooled
+    mean squared attention x group norm, against numpy loops."""
     state = random_state(seed=11)
-    kernel = 5 if method == "snapkv" else 1
+    kernel = 1 if method == "attention" else 5
+    moment = 2 if method == "snapkv_rms" else 1
     for layer in range(state.num_layers):
-        attention = ref_pool(ref_window_attention(state, layer), kernel, "avg")  # [B, Hkv, S]
+        attention = ref_pool(ref_window_attention(state, layer, moment), kernel, "avg") ** (1 / moment)
         values = np.asarray(state.values[layer], np.float64)
         batch, length, heads, dim = values.shape
         groups = state.value_groups

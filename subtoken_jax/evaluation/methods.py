@@ -61,7 +61,7 @@ QUERY_FREE_SELECTORS = ("key_norm", "streaming", "random")
 METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "joint") + ROUTER_METHODS
 # attention: the question's attention x group norm; snapkv: that attention pooled like SnapKV's (kernel 5);
 # expected: closed-form expected attention; predictor: a trained ValueGroupPredictor (predictor.workdir)
-SCORERS = ("attention", "snapkv", "expected", "kvzip", "predictor")
+SCORERS = ("attention", "snapkv", "snapkv_rms", "expected", "kvzip", "predictor")
 
 
 @dataclasses.dataclass(frozen=True)

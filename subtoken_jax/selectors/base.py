@@ -74,22 +74,26 @@ class PrefillState:
 # ----------------------------------------------------------------------------- attention helpers
 
 
-def window_attention(state: PrefillState, layer: int) -> jax.Array:
+def window_attention(state: PrefillState, layer: int, moment: int = 1) -> jax.Array:
     """Attention of the window queries on the context keys, [B, Hkv, S].
 
     Softmax over the context keys each query may see (all real ones for a question window, causal for
     an in-context window), averaged over the valid window positions and the query heads of each KV group.
+    moment 2: the mean of the squared weights instead (not its root), the expected squared attention a token
+    gets from one of those queries: a squared read-out error summed over queries weighs a token that one query
+    reads hard more than the squared mean says.
     """
-    return _window_attention(state.queries[layer], state.keys[layer], state.query_positions, state.positions)
+    return _window_attention(state.queries[layer], state.keys[layer], state.query_positions, state.positions,
+                             moment)
 
 
-@jax.jit
-def _window_attention(queries, keys, q_positions, kv_positions):
+@functools.partial(jax.jit, static_argnames=("moment",))
+def _window_attention(queries, keys, q_positions, kv_positions, moment: int = 1):
     allowed = attention_allowed(q_positions, kv_positions)
     key = keys.astype(jnp.float32)
     _, weights = attend(queries.astype(jnp.float32), key, key, allowed, return_weights=True)  # [B, Hkv, R, W, S]
     n_valid = jnp.maximum(jnp.sum(q_positions >= 0, axis=1), 1).astype(jnp.float32)
-    return jnp.mean(jnp.sum(weights, axis=3), axis=2) / n_valid[:, None, None]
+    return jnp.mean(jnp.sum(weights ** moment, axis=3), axis=2) / n_valid[:, None, None]
 
 
 def accumulated_attention(queries, keys, q_positions, kv_positions, *, sliding_window: Optional[int] = None,

@@ -5,10 +5,12 @@ from subtoken_jax.selectors.scorers.attention import QuestionAttention
 from subtoken_jax.selectors.scorers.base import ValueGroupScorer, value_group_norms
 from subtoken_jax.selectors.scorers.expected import ExpectedAttentionScores
 from subtoken_jax.selectors.scorers.reconstruction import ReconstructionAttention
-from subtoken_jax.selectors.scorers.snapkv import PooledQuestionAttention
+from subtoken_jax.selectors.scorers.snapkv import PooledQuestionAttention, PooledQuestionAttentionRMS
 
 VALUE_GROUP_SCORERS = {"attention": QuestionAttention, "snapkv": PooledQuestionAttention,
-                       "expected": ExpectedAttentionScores, "kvzip": ReconstructionAttention}
+                       "snapkv_rms": PooledQuestionAttentionRMS, "expected": ExpectedAttentionScores,
+                       "kvzip": ReconstructionAttention}
 
-__all__ = ["VALUE_GROUP_SCORERS", "ExpectedAttentionScores", "PooledQuestionAttention", "QuestionAttention",
+__all__ = ["VALUE_GROUP_SCORERS", "ExpectedAttentionScores", "PooledQuestionAttention", "PooledQuestionAttentionRMS",
+           "QuestionAttention",
            "ReconstructionAttention", "ValueGroupScorer", "value_group_norms"]
