@@ -3,6 +3,7 @@ pairs that keep their key, how many value groups a kept one keeps, and how that 
 
     python bench/joint_allocation_profile.py                  # the development prompts of the study (--dev)
     python bench/joint_allocation_profile.py --prompts bench/results/study/prompts/needle_1024.jsonl
+    python bench/joint_allocation_profile.py --eviction centred   # evictions priced as the read-out's shift
 
 Reads the token ids the study wrote (bench/query_aware_study.py writes OUT/prompts/<task>_<length>.jsonl),
 prefills each context + question with SmolLM2-135M-Instruct and runs JointCompression(kv_budget=b) at each
@@ -32,8 +33,14 @@ def main():
                                                           "needle_1024.jsonl"))
     parser.add_argument("--limit", type=int, default=10)
     parser.add_argument("--value-groups", type=int, default=8, help="G, as configs/smollm2.py (head_dim 64)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "joint_allocation_profile.json"))
+    parser.add_argument("--eviction", default="whole", choices=("whole", "centred"),
+                        help="JointCompression's pricing of an evicted token (compression.EVICTIONS)")
+    parser.add_argument("--out", default=None,
+                        help="default bench/results/joint_allocation_profile[_centred].json")
     args = parser.parse_args()
+    if args.out is None:
+        suffix = "" if args.eviction == "whole" else f"_{args.eviction}"
+        args.out = os.path.join(ROOT, "bench", "results", f"joint_allocation_profile{suffix}.json")
     if not os.path.isfile(args.prompts):
         parser.error(f"{args.prompts} is missing: run bench/query_aware_study.py (--dev) first, it writes the prompts")
 
@@ -58,7 +65,7 @@ def main():
         answer_ids = set(tokenizer.encode(str(row["answer"])))
         needle = np.asarray([i in answer_ids for i in row["context"]])  # the digits' tokens (and their repeats)
         for b in BUDGETS:
-            tokens, masks = JointCompression(kv_budget=b)(state)
+            tokens, masks = JointCompression(kv_budget=b, eviction=args.eviction)(state)
             for layer, g in enumerate(masks):
                 k = np.asarray(g)[0].sum(-1).astype(int)  # [S, Hkv]
                 counts = np.bincount(k.ravel(), minlength=groups + 1)
@@ -66,7 +73,8 @@ def main():
                 per_layer[b][layer] += counts
                 if needle.any():
                     needle_keys[b].append(float((k[needle] > 0).mean()))
-    report = {"prompts": args.prompts, "n": len(rows), "value_groups": groups, "budgets": {}}
+    report = {"prompts": args.prompts, "n": len(rows), "value_groups": groups, "eviction": args.eviction,
+              "budgets": {}}
     for b in BUDGETS:
         h = hist[b] / hist[b].sum()
         kept = h[1:].sum()
