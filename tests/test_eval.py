@@ -471,6 +471,7 @@ def test_hugging_face_folder(hf_folder, mmlu_csv, tmp_path):
     ({"lookahead": -2}, "lookahead=-2: must be an integer >= 0"),
     ({"tasks": ("perplexity", "needle"), "value_fill": "mean"}, "perplexity score through the masked dense cache"),
     ({"tasks": ("needle",), "value_fill": "mean", "generation": "masked"}, "generation=masked score through"),
+    ({"tasks": ("needle",), "value_fill": "mean", "answer_nll": True}, "answer_nll score through the masked dense"),
     ({"tasks": ("needle",), "value_basis.calibration": "/nonexistent.txt"}, "is not a file"),
     ({"combined.selector": "predictor"}, "the predictor (scorer or selector) needs predictor.workdir"),
 ])

@@ -69,7 +69,8 @@ def validate(config: ConfigDict) -> None:
     fill = config.get("value_fill", "zero")
     if fill not in packed_cache.FILLS:
         raise ConfigError(f"value_fill={fill!r}: choose one of {', '.join(packed_cache.FILLS)}")
-    scored_dense = sorted(set(config.tasks) & {"perplexity", "mmlu"})
+    # the answer NLL is teacher-forced over the masked dense cache, where dropped groups read as zero
+    scored_dense = sorted(set(config.tasks) & {"perplexity", "mmlu"}) + ["answer_nll"] * bool(config.get("answer_nll"))
     if fill != "zero" and (config.generation != "packed" or scored_dense):
         raise ConfigError(f"value_fill={fill!r} applies to answers generated from the packed cache "
                           f"(generation='packed'); {', '.join(scored_dense) or 'generation=masked'} score through "
