@@ -1,4 +1,4 @@
-"""The answer-fidelity report's paired statistics (bench/answer_fidelity.py), against sums and binomial tails by hand."""
+"""The answer-fidelity report's paired statistics (bench/answer_fidelity.py), against sums and sign tests by hand."""
 
 import importlib.util
 import math
