@@ -29,17 +29,18 @@ SIGNIFICANCE = 0.05
 
 
 def load(out_dir):
-    """{(task, length, method, budget): {prompt index: (answer NLL, answer tokens)}} of OUT's cells."""
+    """{(task, length, method, budget): {prompt index: (answer NLL, answer tokens, exact match)}} of OUT's cells."""
     rows = defaultdict(dict)
     for key, index, example, _ in study_report._our_examples(out_dir):
         if "answer_nll" in example:
-            rows[key][index] = (float(example["answer_nll"]), int(example["answer_nll_tokens"]))
+            rows[key][index] = (float(example["answer_nll"]), int(example["answer_nll_tokens"]),
+                                bool(example["correct"]))
     return rows
 
 
 def per_token(cell):
     """Mean over prompts of each answer's NLL per token (nats): comparable across tasks with longer answers."""
-    return sum(nll / max(tokens, 1) for nll, tokens in cell.values()) / len(cell)
+    return sum(nll / max(tokens, 1) for nll, tokens, *_ in cell.values()) / len(cell)
 
 
 def paired(a, b):
@@ -65,6 +66,22 @@ def pooled(cells_a, cells_b):
     lower, higher = sum(d < 0 for d in total.values()), sum(d > 0 for d in total.values())
     p = binomtest(lower, lower + higher).pvalue if lower + higher else 1.0
     return lower, higher, p, (sum(total.values()) / len(total) if total else float("nan"))
+
+
+def agreement(cells_a, cells_b, full):
+    """Where exact match tells two rows apart (one answers a prompt right at a budget, the other wrong) on a prompt
+    the full cache answers right (so its answer, the one scored, is a right one), does the answer NLL point the
+    same way, lower for the right row? (agree, disagree) over every such (prompt, budget)."""
+    agree = disagree = 0
+    for a, b in zip(cells_a, cells_b):
+        for i in set(a) & set(b) & {i for i, row in full.items() if row[2]}:
+            (nll_a, _, right_a), (nll_b, _, right_b) = a[i], b[i]
+            if right_a != right_b and nll_a != nll_b:
+                if (nll_a < nll_b) == right_a:
+                    agree += 1
+                else:
+                    disagree += 1
+    return agree, disagree
 
 
 def verdict(means, pooled_p):
@@ -124,13 +141,17 @@ def write(out_dir, tasks, lengths, budgets):
                 stats = [paired(x, y) for x, y in zip(a, b_)]
                 lower, higher, p, mean = pooled(a, b_)
                 decided = verdict([s[0] for s in stats], p)
+                agree, disagree = agreement(a, b_, full or {})
                 lines.append(f"- **{combo} vs {selector}**: " + "; ".join(
                     f"b={b:g} {s[0]:+.3f} ({s[1]:.3f}) [{s[2]}-{s[3]}]" for b, s in zip(budgets, stats)) +
-                    f"; pooled over budgets {lower}-{higher} prompts, sign test p = {p:.2g}: **{decided}**")
+                    f"; pooled over budgets {lower}-{higher} prompts, sign test p = {p:.2g}: **{decided}**; where "
+                    f"exact match differs on a prompt the full cache gets right, the NLL is lower for the right "
+                    f"row in {agree} of {agree + disagree}")
                 summary["pairs"].append({"task": task, "length": length, "combination": combo, "selector": selector,
                                          "per_budget": [dict(zip(("mean", "se", "lower", "higher", "n"), s))
                                                         for s in stats],
                                          "pooled": {"lower": lower, "higher": higher, "p": p, "mean": mean},
+                                         "exact_match_agreement": {"agree": agree, "disagree": disagree},
                                          "verdict": decided})
                 for k, (x, y) in enumerate(zip(a, b_)):
                     for i in set(x) & set(y):

@@ -45,6 +45,16 @@ def test_pooled_sign_test_counts_each_prompt_once_over_budgets():
     assert mean == pytest.approx((-2.0 + 0.3 - 1.0 * 4) / 6)
 
 
+def test_agreement_counts_exact_match_flips_on_prompts_the_full_cache_gets_right():
+    full = {0: (1.0, 4, True), 1: (1.0, 4, True), 2: (1.0, 4, False), 3: (1.0, 4, True)}
+    a = [{0: (1.0, 4, True), 1: (3.0, 4, True), 2: (1.0, 4, True), 3: (1.0, 4, True)}]
+    b = [{0: (2.0, 4, False), 1: (2.0, 4, False), 2: (2.0, 4, False), 3: (2.0, 4, True)}]
+    # prompt 0: a right and lower (agree); 1: a right but higher (disagree); 2: the full cache is wrong (not
+    # counted); 3: both right (no flip)
+    assert answer_fidelity.agreement(a, b, full) == (1, 1)
+    assert answer_fidelity.agreement(b, a, full) == (1, 1)
+
+
 def test_verdict_needs_every_budget_lower_and_significance():
     assert answer_fidelity.verdict([-0.1, -0.2], 0.01) == "held"
     assert answer_fidelity.verdict([-0.1, -0.2], 0.2) == "leans its way, not significant"
