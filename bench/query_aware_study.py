@@ -133,6 +133,10 @@ for observed in ("", "+look24"):
 # KVzip's own scores over every layer and KV head at once, beside KVzip alone (rows named as their own variants')
 VARIANTS["pairz(kvzip)"] = {"methods": ("joint", "kvzip"), "joint.scorer": "kvzip", "allocation_scope": "global",
                             "labels": {"joint": "joint(kvzip)@global", "kvzip": "kvzip"}}
+# the same allocation with G = 1 (no sub-token choice: whole tokens ranked by KVzip's score x value norm), to tell
+# the cost of the value-aware ranking from that of trimming groups; its row is compared with both above
+VARIANTS["pairz1(kvzip)"] = {"methods": ("joint",), "joint.scorer": "kvzip", "allocation_scope": "global",
+                             "model.value_groups": 1, "labels": {"joint": "joint(kvzip)@G1_global"}}
 # the agreement check: our ExpectedAttention at kvpress's settings (statistics over the whole prefill of context +
 # question from the 4th position on, 512 future positions, 4 sinks), so a gap to kvpress's press is the settings'
 # and not the implementation's
@@ -355,7 +359,7 @@ def main():
     parser.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
     # "full" is left out by default: "tokens" runs the full cache too
     parser.add_argument("--variants", type=lambda s: s.split(","),
-                        default=[v for v in VARIANTS if v != "full" and not v.startswith(("pair(", "pairc(", "pairr(", "pairz("))])
+                        default=[v for v in VARIANTS if v != "full" and not v.startswith(("pair(", "pairc(", "pairr(", "pairz"))])
     parser.add_argument("--kvpress", type=lambda s: s.split(","), default=list(KVPRESS))
     # one thread by default: when anything else shares the CPU, torch's spinning worker threads stall each other (on
     # this 2-core VM, beside a niced JAX job: 2.4 s per decode step with 2 threads, 0.06 s with 1; alone, 2 threads
