@@ -837,6 +837,29 @@ def test_kvzip_value_group_scorer(tiny):
     np.testing.assert_array_equal(np.asarray(by_name), np.asarray(by_instance))
 
 
+def test_kvzip_shares_scorer_keeps_kvzip_scores_per_token(tiny):
+    """"kvzip_shares": KVzip's score x each group's share of its value's norm (numpy), so a token's squared scores
+    sum to its squared KVzip score; generate gives a recipe naming it the repetition pass, as it does "kvzip"."""
+    from subtoken_jax import JointCompression, generate
+    from subtoken_jax.selectors import value_group_scorer
+
+    model, params, context, context_mask, question, _, _ = tiny
+    state = capture_prefill_state(model, params, context, question, context_mask=context_mask, reconstruct=(3, 9))
+    groups = state.value_groups
+    for layer in range(2):
+        values = np.asarray(state.values[layer], np.float64)
+        b, s, h, d = values.shape
+        norms = np.sqrt((values.reshape(b, s, h, groups, d // groups) ** 2).sum(-1))
+        score = np.transpose(np.asarray(state.reconstruction[layer], np.float64), (0, 2, 1))  # [B, S, Hkv]
+        want = score[..., None] * norms / np.linalg.norm(values, axis=-1)[..., None]
+        got = np.asarray(value_group_scorer("kvzip_shares")(state, layer))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose((got.astype(np.float64) ** 2).sum(-1), score ** 2, rtol=1e-4, atol=1e-9)
+    out = generate(model, params, context, attention_mask=context_mask, question_ids=question, max_new_tokens=3,
+                   compression=JointCompression(0.5, scorer="kvzip_shares"))
+    assert np.asarray(out).shape == (context.shape[0], 3)
+
+
 def test_joint_allocation_keeps_the_protected_recent_tokens_whole():
     """protect_last: the last real tokens of a row keep their key and every group even when they score nothing,
     paid from the same budget; the other tokens get exactly what an allocation over them alone with the rest of

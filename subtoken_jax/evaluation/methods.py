@@ -61,7 +61,8 @@ QUERY_FREE_SELECTORS = ("key_norm", "streaming", "random")
 METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "joint") + ROUTER_METHODS
 # attention: the question's attention x group norm; snapkv: that attention pooled like SnapKV's (kernel 5);
 # expected: closed-form expected attention; predictor: a trained ValueGroupPredictor (predictor.workdir)
-SCORERS = ("attention", "snapkv", "snapkv_rms", "expected", "kvzip", "predictor")
+SCORERS = ("attention", "snapkv", "snapkv_rms", "expected", "kvzip", "kvzip_shares", "predictor")
+RECONSTRUCTION_SCORERS = ("kvzip", "kvzip_shares")  # scorers that need KVzip's repetition pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,9 +189,10 @@ def uses_kvzip(config, methods=None) -> bool:
     selector, or its reconstruction attention as a value-group scorer."""
     methods = config.methods if methods is None else methods
     return ("kvzip" in methods
-            or ("combined" in methods and "kvzip" in (config.combined.selector, config.combined.scorer))
-            or ("joint" in methods and config.joint.scorer == "kvzip")
-            or ("subtoken" in methods and config.subtoken.scorer == "kvzip"))
+            or ("combined" in methods and (config.combined.selector == "kvzip"
+                                           or config.combined.scorer in RECONSTRUCTION_SCORERS))
+            or ("joint" in methods and config.joint.scorer in RECONSTRUCTION_SCORERS)
+            or ("subtoken" in methods and config.subtoken.scorer in RECONSTRUCTION_SCORERS))
 
 
 def _group_scorer(name: str, config, scorers: Optional[Dict[str, Callable]]) -> Callable:

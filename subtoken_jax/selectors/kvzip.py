@@ -85,6 +85,6 @@ def reconstruction_prompt(compression) -> Tuple[int, ...] | None:
     from subtoken_jax.selectors.scorers.reconstruction import ReconstructionAttention  # scorers import selectors
 
     scorer = getattr(compression, "scorer", None)
-    if selector == "kvzip" or scorer == "kvzip" or isinstance(scorer, ReconstructionAttention):
+    if selector == "kvzip" or scorer in ("kvzip", "kvzip_shares") or isinstance(scorer, ReconstructionAttention):
         return KVzip().prompt_ids
     return None

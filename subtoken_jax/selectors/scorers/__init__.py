@@ -4,13 +4,13 @@ in `Compression(scorer=...)`, `JointCompression` and eval's `*.scorer` settings)
 from subtoken_jax.selectors.scorers.attention import QuestionAttention
 from subtoken_jax.selectors.scorers.base import ValueGroupScorer, value_group_norms
 from subtoken_jax.selectors.scorers.expected import ExpectedAttentionScores
-from subtoken_jax.selectors.scorers.reconstruction import ReconstructionAttention
+from subtoken_jax.selectors.scorers.reconstruction import ReconstructionAttention, ReconstructionShares
 from subtoken_jax.selectors.scorers.snapkv import PooledQuestionAttention, PooledQuestionAttentionRMS
 
 VALUE_GROUP_SCORERS = {"attention": QuestionAttention, "snapkv": PooledQuestionAttention,
                        "snapkv_rms": PooledQuestionAttentionRMS, "expected": ExpectedAttentionScores,
-                       "kvzip": ReconstructionAttention}
+                       "kvzip": ReconstructionAttention, "kvzip_shares": ReconstructionShares}
 
 __all__ = ["VALUE_GROUP_SCORERS", "ExpectedAttentionScores", "PooledQuestionAttention", "PooledQuestionAttentionRMS",
            "QuestionAttention",
-           "ReconstructionAttention", "ValueGroupScorer", "value_group_norms"]
+           "ReconstructionAttention", "ReconstructionShares", "ValueGroupScorer", "value_group_norms"]

@@ -27,6 +27,12 @@ def value_group_norms(values: jax.Array, groups: int) -> jax.Array:
     return jnp.linalg.norm(grouped, axis=-1)
 
 
+def value_group_shares(values: jax.Array, groups: int) -> jax.Array:
+    """Each value group's norm over its token's value norm, [B, S, Hkv, G]: squared, they sum to 1 per token."""
+    norms = value_group_norms(values, groups)
+    return norms / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(norms), axis=-1, keepdims=True)), 1e-30)
+
+
 @dataclasses.dataclass(frozen=True)
 class ValueGroupScorer:
     """Subclasses implement `attention`; calling the scorer gives attention x group norm."""
