@@ -110,7 +110,7 @@ def get_config() -> ConfigDict:
     c.selectors.expected_attention_observe = "window"
 
     c.subtoken = ConfigDict()
-    c.subtoken.scorer = "expected"  # expected | attention (question) | snapkv (pooled) | kvzip | predictor
+    c.subtoken.scorer = "expected"  # expected | attention (question) | snapkv (pooled) | kvzip | kvzip_shares | predictor
 
     c.combined = ConfigDict()
     c.combined.selector = "snapkv"  # token selector keeping tau of the tokens
