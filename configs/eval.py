@@ -110,7 +110,8 @@ def get_config() -> ConfigDict:
     c.selectors.expected_attention_observe = "window"
 
     c.subtoken = ConfigDict()
-    c.subtoken.scorer = "expected"  # expected | attention (question) | snapkv (pooled) | kvzip | kvzip_shares | predictor
+    # expected | attention (question) | snapkv (pooled) | kvzip | kvzip_shares | predictor
+    c.subtoken.scorer = "expected"
 
     c.combined = ConfigDict()
     c.combined.selector = "snapkv"  # token selector keeping tau of the tokens
