@@ -141,6 +141,8 @@ VARIANTS["pairz1(kvzip)"] = {"methods": ("joint",), "joint.scorer": "kvzip", "al
 # the groups only splitting each kept value by energy
 VARIANTS["pairzs(kvzip)"] = {"methods": ("joint",), "joint.scorer": "kvzip_shares", "allocation_scope": "global",
                              "labels": {"joint": "joint(kvzip)@shares_global"}}
+VARIANTS["joint(kvzip)@shares_global"] = {"methods": ("joint",), "joint.scorer": "kvzip_shares",
+                                          "allocation_scope": "global"}
 # the agreement check: our ExpectedAttention at kvpress's settings (statistics over the whole prefill of context +
 # question from the 4th position on, 512 future positions, 4 sinks), so a gap to kvpress's press is the settings'
 # and not the implementation's
