@@ -811,6 +811,15 @@ def test_expected_attention_over_the_prefill_through_generate(tiny):
                  compression=dataclasses.replace(recipe, scope="head"), prefill_chunk=16)
 
 
+def _kvzip_terms(state, layer):
+    """numpy: values [B, S, Hkv, D], each group's norm [B, S, Hkv, G], KVzip's score [B, S, Hkv]."""
+    values = np.asarray(state.values[layer], np.float64)
+    b, s, h, d = values.shape
+    groups = state.value_groups
+    norms = np.sqrt((values.reshape(b, s, h, groups, d // groups) ** 2).sum(-1))
+    return values, norms, np.transpose(np.asarray(state.reconstruction[layer], np.float64), (0, 2, 1))
+
+
 def test_kvzip_value_group_scorer(tiny):
     """The "kvzip" group scorer is the reconstruction attention x each group's norm (numpy norms); a recipe
     that scores groups with it gets the repetition pass from generate, by name or instance alike."""
@@ -820,12 +829,9 @@ def test_kvzip_value_group_scorer(tiny):
 
     model, params, context, context_mask, question, _, _ = tiny
     state = capture_prefill_state(model, params, context, question, context_mask=context_mask, reconstruct=(3, 9))
-    groups = state.value_groups
     for layer in range(2):
-        values = np.asarray(state.values[layer], np.float64)
-        b, s, h, d = values.shape
-        norms = np.sqrt((values.reshape(b, s, h, groups, d // groups) ** 2).sum(-1))
-        want = np.transpose(np.asarray(state.reconstruction[layer]), (0, 2, 1))[..., None] * norms
+        _, norms, score = _kvzip_terms(state, layer)
+        want = score[..., None] * norms
         np.testing.assert_allclose(np.asarray(value_group_scorer("kvzip")(state, layer)), want, rtol=1e-5, atol=1e-7)
     with pytest.raises(InputError, match="kvzip scorer needs the reconstruction pass"):
         value_group_scorer("kvzip")(capture_prefill_state(model, params, context, question,
@@ -845,12 +851,8 @@ def test_kvzip_shares_scorer_keeps_kvzip_scores_per_token(tiny):
 
     model, params, context, context_mask, question, _, _ = tiny
     state = capture_prefill_state(model, params, context, question, context_mask=context_mask, reconstruct=(3, 9))
-    groups = state.value_groups
     for layer in range(2):
-        values = np.asarray(state.values[layer], np.float64)
-        b, s, h, d = values.shape
-        norms = np.sqrt((values.reshape(b, s, h, groups, d // groups) ** 2).sum(-1))
-        score = np.transpose(np.asarray(state.reconstruction[layer], np.float64), (0, 2, 1))  # [B, S, Hkv]
+        values, norms, score = _kvzip_terms(state, layer)
         want = score[..., None] * norms / np.linalg.norm(values, axis=-1)[..., None]
         got = np.asarray(value_group_scorer("kvzip_shares")(state, layer))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
