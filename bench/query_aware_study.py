@@ -139,10 +139,10 @@ VARIANTS["pairz1(kvzip)"] = {"methods": ("joint",), "joint.scorer": "kvzip", "al
                              "model.value_groups": 1, "labels": {"joint": "joint(kvzip)@G1_global"}}
 # and priced by KVzip's score x each group's share of its value (scorer "kvzip_shares"): KVzip's own token ranking,
 # the groups only splitting each kept value by energy
-VARIANTS["pairzs(kvzip)"] = {"methods": ("joint",), "joint.scorer": "kvzip_shares", "allocation_scope": "global",
-                             "labels": {"joint": "joint(kvzip)@shares_global"}}
 VARIANTS["joint(kvzip)@shares_global"] = {"methods": ("joint",), "joint.scorer": "kvzip_shares",
                                           "allocation_scope": "global"}
+VARIANTS["pairzs(kvzip)"] = {**VARIANTS["joint(kvzip)@shares_global"],
+                             "labels": {"joint": "joint(kvzip)@shares_global"}}
 # the agreement check: our ExpectedAttention at kvpress's settings (statistics over the whole prefill of context +
 # question from the 4th position on, 512 future positions, 4 sinks), so a gap to kvpress's press is the settings'
 # and not the implementation's

@@ -15,7 +15,8 @@ _spec.loader.exec_module(answer_fidelity)
 
 
 def cell(nlls):
-    """{prompt: (answer NLL, answer tokens)} as `load` builds it; None leaves a prompt out."""
+    """{prompt: (answer NLL, answer tokens)}, the fields of `load`'s rows these statistics read; None leaves a
+    prompt out."""
     return {i: (x, 4) for i, x in enumerate(nlls) if x is not None}
 
 

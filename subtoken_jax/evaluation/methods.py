@@ -43,6 +43,7 @@ from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import EXACT_RULES, ModelConfig, RoutingConfig
 from subtoken_jax.selectors import SCOPES, TOKEN_SELECTORS, PrefillState, pad_to_capacity, value_group_scorer
 from subtoken_jax.selectors.expected_attention import OBSERVED
+from subtoken_jax.selectors.scorers import RECONSTRUCTION_SCORERS
 
 TOKEN_METHODS = tuple(TOKEN_SELECTORS)
 # query-independent baselines: the base model under a parameter-free router (RoutingConfig fields). norm_span
@@ -62,7 +63,6 @@ METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "joint") + ROUTER
 # attention: the question's attention x group norm; snapkv: that attention pooled like SnapKV's (kernel 5);
 # expected: closed-form expected attention; predictor: a trained ValueGroupPredictor (predictor.workdir)
 SCORERS = ("attention", "snapkv", "snapkv_rms", "expected", "kvzip", "kvzip_shares", "predictor")
-RECONSTRUCTION_SCORERS = ("kvzip", "kvzip_shares")  # scorers that need KVzip's repetition pass
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,9 +82,10 @@ def reconstruction_prompt(compression) -> Tuple[int, ...] | None:
     selector = getattr(compression, "selector", None)
     if isinstance(selector, KVzip):
         return selector.prompt_ids
-    from subtoken_jax.selectors.scorers.reconstruction import ReconstructionAttention  # scorers import selectors
+    # scorers import selectors
+    from subtoken_jax.selectors.scorers import RECONSTRUCTION_SCORERS, ReconstructionAttention
 
     scorer = getattr(compression, "scorer", None)
-    if selector == "kvzip" or scorer in ("kvzip", "kvzip_shares") or isinstance(scorer, ReconstructionAttention):
+    if selector == "kvzip" or scorer in RECONSTRUCTION_SCORERS or isinstance(scorer, ReconstructionAttention):
         return KVzip().prompt_ids
     return None

@@ -10,7 +10,10 @@ from subtoken_jax.selectors.scorers.snapkv import PooledQuestionAttention, Poole
 VALUE_GROUP_SCORERS = {"attention": QuestionAttention, "snapkv": PooledQuestionAttention,
                        "snapkv_rms": PooledQuestionAttentionRMS, "expected": ExpectedAttentionScores,
                        "kvzip": ReconstructionAttention, "kvzip_shares": ReconstructionShares}
+# the scorers that read KVzip's repetition pass (generate and eval run it for them)
+RECONSTRUCTION_SCORERS = tuple(name for name, cls in VALUE_GROUP_SCORERS.items()
+                               if issubclass(cls, ReconstructionAttention))
 
-__all__ = ["VALUE_GROUP_SCORERS", "ExpectedAttentionScores", "PooledQuestionAttention", "PooledQuestionAttentionRMS",
-           "QuestionAttention",
-           "ReconstructionAttention", "ReconstructionShares", "ValueGroupScorer", "value_group_norms"]
+__all__ = ["RECONSTRUCTION_SCORERS", "VALUE_GROUP_SCORERS", "ExpectedAttentionScores", "PooledQuestionAttention",
+           "PooledQuestionAttentionRMS", "QuestionAttention", "ReconstructionAttention", "ReconstructionShares",
+           "ValueGroupScorer", "value_group_norms"]

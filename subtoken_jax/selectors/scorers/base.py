@@ -41,10 +41,13 @@ class ValueGroupScorer:
         """[B, Hkv, S]: the estimated attention the answer pays to each context token (per KV head)."""
         raise NotImplementedError
 
+    def group_weights(self, state: PrefillState, layer: int) -> jax.Array:
+        """[B, S, Hkv, G]: what each group's attention is multiplied by, by default its norm ||v_{j,h,g}||."""
+        return value_group_norms(state.values[layer], state.value_groups)
+
     def __call__(self, state: PrefillState, layer: int) -> jax.Array:
-        """[B, S, Hkv, G] = attention on token j x ||v_{j,h,g}||."""
-        norms = value_group_norms(state.values[layer], state.value_groups)
-        return jnp.transpose(self.attention(state, layer), (0, 2, 1))[..., None] * norms
+        """[B, S, Hkv, G] = attention on token j x its group weights (||v_{j,h,g}|| by default)."""
+        return jnp.transpose(self.attention(state, layer), (0, 2, 1))[..., None] * self.group_weights(state, layer)
 
     def eviction_error(self, state: PrefillState, layer: int) -> jax.Array:
         """[B, S, Hkv]: the squared read-out error of evicting each token under the same attention estimate

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-
 from subtoken_jax.errors import InputError
 from subtoken_jax.selectors.base import PrefillState
 from subtoken_jax.selectors.scorers.base import ValueGroupScorer, value_group_shares
@@ -31,6 +29,5 @@ class ReconstructionShares(ReconstructionAttention):
     and only splits each kept token's value by energy. ("kvzip" re-ranks tokens by score x value norm, which on
     SmolLM2 loses to KVzip with or without groups: the study's answer fidelity.)"""
 
-    def __call__(self, state: PrefillState, layer: int):
-        shares = value_group_shares(state.values[layer], state.value_groups)
-        return jnp.transpose(self.attention(state, layer), (0, 2, 1))[..., None] * shares
+    def group_weights(self, state: PrefillState, layer: int):
+        return value_group_shares(state.values[layer], state.value_groups)
