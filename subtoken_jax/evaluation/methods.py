@@ -43,7 +43,7 @@ from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import EXACT_RULES, ModelConfig, RoutingConfig
 from subtoken_jax.selectors import SCOPES, TOKEN_SELECTORS, PrefillState, pad_to_capacity, value_group_scorer
 from subtoken_jax.selectors.expected_attention import OBSERVED
-from subtoken_jax.selectors.scorers import RECONSTRUCTION_SCORERS
+from subtoken_jax.selectors.scorers import RECONSTRUCTION_SCORERS, VALUE_GROUP_SCORERS
 
 TOKEN_METHODS = tuple(TOKEN_SELECTORS)
 # query-independent baselines: the base model under a parameter-free router (RoutingConfig fields). norm_span
@@ -60,9 +60,9 @@ ROUTER_METHODS = ROUTED_METHODS + tuple(GROUP_BASELINES)
 # token selectors that need no question (they run on the routed cache, which has no observation window)
 QUERY_FREE_SELECTORS = ("key_norm", "streaming", "random")
 METHODS = ("full",) + TOKEN_METHODS + ("subtoken", "combined", "joint") + ROUTER_METHODS
-# attention: the question's attention x group norm; snapkv: that attention pooled like SnapKV's (kernel 5);
-# expected: closed-form expected attention; predictor: a trained ValueGroupPredictor (predictor.workdir)
-SCORERS = ("attention", "snapkv", "snapkv_rms", "expected", "kvzip", "kvzip_shares", "predictor")
+# every registered closed-form scorer (selectors/scorers), plus predictor: a trained ValueGroupPredictor
+# (predictor.workdir)
+SCORERS = tuple(VALUE_GROUP_SCORERS) + ("predictor",)
 
 
 @dataclasses.dataclass(frozen=True)
