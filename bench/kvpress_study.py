@@ -22,7 +22,8 @@ Resumable: a (prompt, press, budget) already in RESULTS.jsonl is not run again. 
 score each layer from its prefill alone, so one prefill serves all of a prompt's budgets of all of them
 (`generate_budgets`), and
 KVzip's one reconstruction pass scores the pairs for every budget (`generate_kvzip_budgets`);
-`--check-shared N` runs the first N prompts three ways (one prefill per press and budget, one per press, one for
+A shared prefill's caches are decoded as one batch (`_decode_together`; `--check-batched N` checks it against the
+stored rows). `--check-shared N` runs the first N prompts three ways (one prefill per press and budget, one per press, one for
 every press) and checks the answers and kept counts of each against the stored rows, with the time of each way.
 """
 
@@ -101,6 +102,8 @@ def make_press(name: str, ratio: float, question_tokens: int):
 SHARED_PREFILL = ("snapkv", "expected_attention", "streaming", "tova", "key_norm", "pyramidkv",
                   "expected_attention_our_settings")
 SHARED_MASKS = ("adakv_snapkv", "kvzip")
+# decode a shared prefill's caches as one batch (`_decode_together`); --decode-one-at-a-time turns it off
+BATCHED_DECODE = True
 
 
 def load(attn: str):
@@ -129,6 +132,44 @@ def _decode(model, cache, token: int, position: int, max_new: int, eos: int):
             position += 1
             token = int(step.logits[0, -1].argmax())
     return out
+
+
+def _decode_together(model, caches: list, token: int, position: int, max_new: int, eos: int) -> list:
+    """[greedy ids] of `_decode` for several caches of one prompt at once (the same first token and position),
+    each step one batched forward: the caches are padded to the longest with masked zeros. Decoding one cache at
+    a time reads the model's weights once per token per cache; on a CPU that is most of a prompt's time. Needs
+    every layer of a cache to hold the same number of tokens (one padding mask serves all layers)."""
+    import torch
+    from transformers import DynamicCache
+
+    lengths = [cache.get_seq_length() for cache in caches]
+    longest, batch = max(lengths), len(caches)
+    together = DynamicCache(config=model.config)
+    for layer in range(len(model.model.layers)):
+        def padded(tensor):  # [1, heads, length, dim] -> [1, heads, longest, dim]
+            return torch.nn.functional.pad(tensor, (0, 0, 0, longest - tensor.shape[-2]))
+        together.update(torch.cat([padded(c.layers[layer].keys) for c in caches]),
+                        torch.cat([padded(c.layers[layer].values) for c in caches]), layer)
+    mask = (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).long()
+    tokens, out, done = [token] * batch, [[] for _ in caches], [False] * batch
+    with torch.inference_mode():
+        for _ in range(max_new):
+            for i, t in enumerate(tokens):
+                done[i] = done[i] or t == eos
+                if not done[i]:
+                    out[i].append(t)
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+            step = model(input_ids=torch.tensor(tokens)[:, None], past_key_values=together, attention_mask=mask,
+                         use_cache=True, cache_position=torch.tensor([position]))
+            position += 1
+            tokens = step.logits[:, -1].argmax(-1).tolist()
+    return out
+
+
+def _same_length_per_layer(cache) -> bool:
+    return len({layer.keys.shape[-2] for layer in cache.layers}) == 1
 
 
 def _prefill_every_budget(model, presses: dict, ids, keep):
@@ -180,8 +221,11 @@ def generate_budgets(model, presses: dict, context, question, max_new: int, eos:
     logits, _ = _prefill_every_budget(model, presses, torch.tensor([context + question], dtype=torch.long),
                                       lambda b, module, k, v: caches[b].update(k, v, module.layer_idx))
     first, kept = int(logits[0, -1].argmax()), {b: int(cache.get_seq_length()) for b, cache in caches.items()}
-    return {b: (_decode(model, cache, first, len(context) + len(question), max_new, eos), kept[b])
-            for b, cache in caches.items()}
+    position = len(context) + len(question)
+    if BATCHED_DECODE and all(map(_same_length_per_layer, caches.values())):  # PyramidKV's layers differ
+        answers = _decode_together(model, list(caches.values()), first, position, max_new, eos)
+        return {b: (ids, kept[b]) for b, ids in zip(caches, answers)}
+    return {b: (_decode(model, cache, first, position, max_new, eos), kept[b]) for b, cache in caches.items()}
 
 
 def generate_adakv_budgets(model, presses: dict, context, question, max_new: int, eos: int):
@@ -329,7 +373,13 @@ def main():
                         "when another process shares the CPU)")
     parser.add_argument("--check-shared", type=int, default=0, metavar="N",
                         help="check the shared prefill against RESULTS' rows on the first N prompts; write nothing")
+    parser.add_argument("--check-batched", type=int, default=0, metavar="N",
+                        help="check the batched decode against RESULTS' rows on the first N prompts; write nothing")
+    parser.add_argument("--decode-one-at-a-time", action="store_true",
+                        help="decode a shared prefill's caches one after another, not as one batch")
     args = parser.parse_args()
+    global BATCHED_DECODE
+    BATCHED_DECODE = not args.decode_one_at_a_time
     import torch
     from tqdm.auto import tqdm
 
@@ -345,6 +395,8 @@ def main():
         prompts = [json.loads(line) for line in fh]
     if args.check_shared:
         return check_shared(args, prompts, presses, budgets)
+    if args.check_batched:
+        return check_batched(args, prompts, presses, budgets)
     jobs = plan_jobs(prompts, presses, budgets, done)
     if not jobs:
         return
@@ -437,6 +489,36 @@ def check_shared(args, prompts, presses, budgets):
           f"{seconds['shared']:.0f} s")
     if differ or every_differ:
         sys.exit(1)
+
+def check_batched(args, prompts, presses, budgets):
+    """Runs the first --check-batched prompts' SHARED_PREFILL presses from one prefill, decoding the caches as one
+    batch and one at a time (alternating which goes first), checks both against the rows RESULTS holds and prints
+    the time ratio; writes nothing."""
+    global BATCHED_DECODE
+    with open(args.results) as fh:
+        rows = {(r["id"], r["press"], r["budget"]): r for r in map(json.loads, fh)}
+    model, seconds = load("eager"), {True: 0.0, False: 0.0}
+    same, differ = {True: 0, False: 0}, {True: [], False: []}
+    for i, prompt in enumerate(prompts[:args.check_batched]):
+        wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in budgets if (prompt["id"], n, b) in rows]
+        for batched in ((True, False) if i % 2 == 0 else (False, True)):
+            BATCHED_DECODE = batched
+            start = time.perf_counter()
+            answers = generate_every_press(model, prompt, wanted)
+            seconds[batched] += time.perf_counter() - start
+            for key in wanted:
+                row = rows[(prompt["id"], *key)]
+                if tuple(answers[key]) == (row["generated_ids"], row["kept_tokens"]):
+                    same[batched] += 1
+                else:
+                    differ[batched].append((prompt["id"], *key))
+    for batched, label in ((True, "batched decode"), (False, "one cache at a time")):
+        print(f"{label}: {same[batched]} answers identical to the stored rows, {len(differ[batched])} differ: "
+              f"{differ[batched]}; time {seconds[batched]:.0f} s")
+    print(f"batched decode {seconds[False] / max(seconds[True], 1e-9):.2f}x faster (prefill included)")
+    if differ[True] or differ[False]:
+        sys.exit(1)
+
 
 if __name__ == "__main__":
     main()
