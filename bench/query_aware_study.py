@@ -382,6 +382,8 @@ def main():
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-kvpress", action="store_true")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--prompts-only", action="store_true", help="write (or check) the prompt files kvpress's side "
+                        "reads and stop (tokenizer only)")
     parser.add_argument("--diagnostic", action="store_true", help="only the paper's diagnostic figure (where kept "
                         "value groups fall) for the first prompt of each task and length")
     args = parser.parse_args()
@@ -397,6 +399,8 @@ def main():
             for length in args.lengths:
                 write_diagnostic(args, task, length)
         return
+    if args.prompts_only:
+        return ensure_prompts(args)
     if not args.report_only:
         if not args.skip_kvpress:  # kvpress's side reads the prompts as token ids
             ensure_prompts(args)
