@@ -145,3 +145,11 @@ def test_claim_a_on_items_gives_no_interval_when_nothing_differs():
     recall = {("two_needles", 1024, "full", 1.0): same, ("two_needles", 1024, "joint(snapkv)+look24", 0.375): same}
     [line] = study_report.claim_a_on_items(recall, ["two_needles"], [1024])
     assert "100.0%" in line and "no interval" in line and "95% interval" not in line
+
+
+def test_best_combination_picks_among_rows_with_the_most_prompts():
+    few = cell([1] * 20)  # perfect on 20 prompts
+    many, weaker = cell([1] * 60 + [0] * 40), cell([1] * 50 + [0] * 50)
+    rows = [("few", few), ("many", many), ("weaker", weaker)]
+    assert study_report.best_combination(rows)[0] == "many"
+    assert study_report.best_combination([]) == (None, None)
