@@ -134,24 +134,32 @@ def _decode(model, cache, token: int, position: int, max_new: int, eos: int):
     return out
 
 
-def _decode_together(model, caches: list, token: int, position: int, max_new: int, eos: int) -> list:
-    """[greedy ids] of `_decode` for several caches of one prompt at once (the same first token and position),
-    each step one batched forward: the caches are padded to the longest with masked zeros. Decoding one cache at
-    a time reads the model's weights once per token per cache; on a CPU that is most of a prompt's time. Needs
-    every layer of a cache to hold the same number of tokens (one padding mask serves all layers)."""
+def _stack(caches: list, config):
+    """One DynamicCache holding `caches` (each of batch 1) as its batch rows, the shorter padded at the end with
+    zeros, and the [rows, longest] mask of their real slots. Needs every layer of a cache to hold the same number
+    of tokens (one padding mask serves all layers)."""
     import torch
     from transformers import DynamicCache
 
     lengths = [cache.get_seq_length() for cache in caches]
-    longest, batch = max(lengths), len(caches)
-    together = DynamicCache(config=model.config)
-    for layer in range(len(model.model.layers)):
+    longest = max(lengths)
+    together = DynamicCache(config=config)
+    for layer in range(len(caches[0].layers)):
         def padded(tensor):  # [1, heads, length, dim] -> [1, heads, longest, dim]
             return torch.nn.functional.pad(tensor, (0, 0, 0, longest - tensor.shape[-2]))
         together.update(torch.cat([padded(c.layers[layer].keys) for c in caches]),
                         torch.cat([padded(c.layers[layer].values) for c in caches]), layer)
-    mask = (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).long()
-    tokens, out, done = [token] * batch, [[] for _ in caches], [False] * batch
+    return together, (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).long()
+
+
+def _decode_rows(model, together, mask, tokens: list, position: int, max_new: int, eos: int) -> list:
+    """[greedy ids] of `_decode` for every batch row of `together` at once (row i from tokens[i], all at `position`),
+    one batched forward per step. Decoding one cache at a time reads the model's weights once per token per cache;
+    on a CPU that is most of a prompt's time."""
+    import torch
+
+    batch = len(tokens)
+    out, done = [[] for _ in tokens], [False] * batch
     with torch.inference_mode():
         for _ in range(max_new):
             for i, t in enumerate(tokens):
@@ -166,6 +174,19 @@ def _decode_together(model, caches: list, token: int, position: int, max_new: in
             position += 1
             tokens = step.logits[:, -1].argmax(-1).tolist()
     return out
+
+
+def _decode_together(model, caches: list, token: int, position: int, max_new: int, eos: int) -> list:
+    """[greedy ids] of `_decode` for several caches of one prompt (the same first token and position) as one batch."""
+    together, mask = _stack(caches, model.config)
+    return _decode_rows(model, together, mask, [token] * len(caches), position, max_new, eos)
+
+
+def _masks_as_rows(masks: list):
+    """kvpress's masked-key indices (batch, head, slot) of one batch-1 cache per row -> those of the stacked rows."""
+    import torch
+
+    return tuple(torch.cat(parts) for parts in zip(*[(b + row, h, s) for row, (b, h, s) in enumerate(masks)]))
 
 
 def _same_length_per_layer(cache) -> bool:
@@ -246,6 +267,16 @@ def generate_adakv_budgets(model, presses: dict, context, question, max_new: int
 
     logits, cache = _prefill_every_budget(model, presses, torch.tensor([context + question], dtype=torch.long),
                                           keep_masks)
+    first, position, kept = int(logits[0, -1].argmax()), len(context) + len(question), int(cache.get_seq_length())
+    if BATCHED_DECODE:  # one full-size copy of the cache per budget, as batch rows, each masked as its budget's
+        together, mask = _stack([cache] * len(presses), model.config)
+        for layer in model.model.layers:
+            layer.self_attn.masked_key_indices = _masks_as_rows([masks[b][layer.self_attn.layer_idx]
+                                                                 for b in presses])
+        rows = _decode_rows(model, together, mask, [first] * len(presses), position, max_new, eos)
+        for layer in model.model.layers:
+            layer.self_attn.masked_key_indices = None
+        return {b: (ids, kept) for b, ids in zip(presses, rows)}
     answers = {}
     for budget in presses:
         for layer in model.model.layers:
@@ -284,6 +315,8 @@ def generate_kvzip_budgets(model, prompt, budgets):
     with torch.inference_mode(), scorer(model):
         model(input_ids=torch.tensor([context], dtype=torch.long), past_key_values=cache, use_cache=True,
               logits_to_keep=1)
+    if BATCHED_DECODE:
+        return _kvzip_answers_together(model, presses, scores["value"], cache, prompt)
     answers = {}
     for budget, press in presses.items():
         press.score_val = scores["value"]
@@ -299,6 +332,34 @@ def generate_kvzip_budgets(model, prompt, budgets):
     for layer in model.model.layers:
         layer.self_attn.masked_key_indices = None
     return answers
+
+
+def _kvzip_answers_together(model, presses: dict, scores, cache, prompt) -> dict:
+    """`generate_kvzip_budgets`'s answers with every budget as one batch row: each budget's press masks its pairs
+    (`compress_post`), the masks are stacked over rows of full-size copies of the context's cache, and the
+    question and the answers run over all rows at once."""
+    import torch
+
+    context, question = prompt["context"], prompt["question"]
+    masks = []
+    for press in presses.values():
+        press.score_val = scores
+        with torch.inference_mode():
+            press.compress_post(model)
+        masks.append({layer.self_attn.layer_idx: layer.self_attn.masked_key_indices for layer in model.model.layers})
+    together, mask = _stack([cache] * len(presses), model.config)
+    for layer in model.model.layers:
+        layer.self_attn.masked_key_indices = _masks_as_rows([m[layer.self_attn.layer_idx] for m in masks])
+    mask = torch.cat([mask, torch.ones(len(presses), len(question), dtype=mask.dtype)], dim=1)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([question] * len(presses)), past_key_values=together,
+                       attention_mask=mask, use_cache=True, logits_to_keep=1,
+                       cache_position=torch.arange(len(context), len(context) + len(question))).logits
+    rows = _decode_rows(model, together, mask, logits[:, -1].argmax(-1).tolist(), len(context) + len(question),
+                        prompt["max_new_tokens"], prompt["eos_id"])
+    for layer in model.model.layers:
+        layer.self_attn.masked_key_indices = None
+    return {b: (ids, len(context) + len(question)) for b, ids in zip(presses, rows)}
 
 
 def generate_every_budget(model, name: str, prompt, budgets) -> dict:
@@ -491,27 +552,35 @@ def check_shared(args, prompts, presses, budgets):
         sys.exit(1)
 
 def check_batched(args, prompts, presses, budgets):
-    """Runs the first --check-batched prompts' SHARED_PREFILL presses from one prefill, decoding the caches as one
-    batch and one at a time (alternating which goes first), checks both against the rows RESULTS holds and prints
-    the time ratio; writes nothing."""
+    """Runs the first --check-batched prompts' shared-prefill presses (SHARED_PREFILL from one prefill, each of
+    SHARED_MASKS from its own), decoding the caches as one batch and one at a time (alternating which goes first),
+    checks both against the rows RESULTS holds and prints the time ratio; writes nothing."""
     global BATCHED_DECODE
     with open(args.results) as fh:
         rows = {(r["id"], r["press"], r["budget"]): r for r in map(json.loads, fh)}
-    model, seconds = load("eager"), {True: 0.0, False: 0.0}
+    models, seconds = {}, {True: 0.0, False: 0.0}
     same, differ = {True: 0, False: 0}, {True: [], False: []}
     for i, prompt in enumerate(prompts[:args.check_batched]):
-        wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in budgets if (prompt["id"], n, b) in rows]
-        for batched in ((True, False) if i % 2 == 0 else (False, True)):
-            BATCHED_DECODE = batched
-            start = time.perf_counter()
-            answers = generate_every_press(model, prompt, wanted)
-            seconds[batched] += time.perf_counter() - start
-            for key in wanted:
-                row = rows[(prompt["id"], *key)]
-                if tuple(answers[key]) == (row["generated_ids"], row["kept_tokens"]):
-                    same[batched] += 1
-                else:
-                    differ[batched].append((prompt["id"], *key))
+        stored = lambda n: [b for b in budgets if (prompt["id"], n, b) in rows]  # noqa: E731
+        wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in stored(n)]
+        runs = [("eager", lambda m: generate_every_press(m, prompt, wanted))] if wanted else []
+        runs += [(attention_of(n), lambda m, n=n: {(n, b): a for b, a in generate_every_budget(m, n, prompt,
+                                                                                            stored(n)).items()})
+                 for n in presses if n in SHARED_MASKS and stored(n)]
+        for attn, run in runs:
+            if attn not in models:
+                models[attn] = load(attn)
+            for batched in ((True, False) if i % 2 == 0 else (False, True)):
+                BATCHED_DECODE = batched
+                start = time.perf_counter()
+                answers = run(models[attn])
+                seconds[batched] += time.perf_counter() - start
+                for key, answer in answers.items():
+                    row = rows[(prompt["id"], *key)]
+                    if tuple(answer) == (row["generated_ids"], row["kept_tokens"]):
+                        same[batched] += 1
+                    else:
+                        differ[batched].append((prompt["id"], *key))
     for batched, label in ((True, "batched decode"), (False, "one cache at a time")):
         print(f"{label}: {same[batched]} answers identical to the stored rows, {len(differ[batched])} differ: "
               f"{differ[batched]}; time {seconds[batched]:.0f} s")
