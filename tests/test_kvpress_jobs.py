@@ -31,3 +31,66 @@ def test_a_press_outside_the_shared_kinds_runs_one_budget_per_prefill(monkeypatc
     monkeypatch.setattr(kvpress_study, "SHARED_PREFILL", ())
     jobs = kvpress_study.plan_jobs([{"id": "a"}], ["snapkv"], [0.5, 0.25], set())
     assert [pairs for _, pairs in jobs] == [[("full", 1.0)], [("snapkv", 0.5)], [("snapkv", 0.25)]]
+
+
+def _tiny_llama():
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      attn_implementation="eager")
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _compressed_caches(model, ids, keeps):
+    """One cache per kept-slot list: the prompt's prefill with only those slots kept in every layer (what a press
+    leaves), and the greedy first token after the prompt."""
+    import torch
+    from transformers import DynamicCache
+
+    full = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        first = int(model(input_ids=torch.tensor([ids]), past_key_values=full, use_cache=True).logits[0, -1].argmax())
+    caches = []
+    for keep in keeps:
+        cache = DynamicCache(config=model.config)
+        for i, layer in enumerate(full.layers):
+            cache.update(layer.keys[:, :, keep].clone(), layer.values[:, :, keep].clone(), i)
+        caches.append(cache)
+    return caches, first
+
+
+def test_batched_decode_gives_each_cache_its_own_greedy_answer():
+    """Caches of different lengths decoded as one padded batch give the ids each gives decoded alone."""
+    model = _tiny_llama()
+    ids = list(range(3, 23))
+    keeps = [list(range(20)), list(range(0, 20, 2)), [0, 1, 2, 17, 18, 19]]
+    caches, first = _compressed_caches(model, ids, keeps)
+    alone = [kvpress_study._decode(model, c, first, len(ids), 8, eos=-1) for c in caches]
+    caches, _ = _compressed_caches(model, ids, keeps)
+    together = kvpress_study._decode_together(model, caches, first, len(ids), 8, eos=-1)
+    assert together == alone
+    assert len({tuple(a) for a in alone}) > 1  # the caches really answer differently: a mixed-up row would show
+
+
+def test_batched_decode_stops_each_row_at_its_own_end_of_sequence():
+    model = _tiny_llama()
+    ids = list(range(3, 23))
+    caches, first = _compressed_caches(model, ids, [list(range(20)), list(range(0, 20, 2))])
+    alone = [kvpress_study._decode(model, c, first, len(ids), 8, eos=-1) for c in caches]
+    eos = alone[1][3]  # the second row's fourth token ends it there
+    caches, _ = _compressed_caches(model, ids, [list(range(20)), list(range(0, 20, 2))])
+    together = kvpress_study._decode_together(model, caches, first, len(ids), 8, eos=eos)
+    assert together[1] == alone[1][:alone[1].index(eos)]
+    assert together[0] == (alone[0][:alone[0].index(eos)] if eos in alone[0] else alone[0])
+
+
+def test_masked_key_indices_of_stacked_rows_point_at_each_rows_own_copy():
+    import torch
+
+    row0 = (torch.tensor([0, 0]), torch.tensor([1, 0]), torch.tensor([5, 7]))
+    row1 = (torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
+    batch, heads, slots = kvpress_study._masks_as_rows([row0, row1])
+    assert batch.tolist() == [0, 0, 1] and heads.tolist() == [1, 0, 1] and slots.tolist() == [5, 7, 2]
