@@ -4,6 +4,7 @@ pairs that keep their key, how many value groups a kept one keeps, and how that 
     python bench/joint_allocation_profile.py                  # the development prompts of the study (--dev)
     python bench/joint_allocation_profile.py --prompts bench/results/study/prompts/needle_1024.jsonl
     python bench/joint_allocation_profile.py --eviction centred   # evictions priced as the read-out's shift
+    python bench/joint_allocation_profile.py --scorer kvzip_shares --scope global   # the study's joint(kvzip)@shares_global
 
 Reads the token ids the study wrote (bench/query_aware_study.py writes OUT/prompts/<task>_<length>.jsonl),
 prefills each context + question with SmolLM2-135M-Instruct and runs JointCompression(kv_budget=b) at each
@@ -35,11 +36,15 @@ def main():
     parser.add_argument("--value-groups", type=int, default=8, help="G, as configs/smollm2.py (head_dim 64)")
     parser.add_argument("--eviction", default="whole", choices=("whole", "centred"),
                         help="JointCompression's pricing of an evicted token (compression.EVICTIONS)")
+    parser.add_argument("--scorer", default="snapkv", help="JointCompression's value-group scorer (a name of "
+                        "selectors.scorers.VALUE_GROUP_SCORERS; KVzip's run its repetition pass)")
+    parser.add_argument("--scope", default="head", help="JointCompression's budget scope (head, layer, global)")
     parser.add_argument("--out", default=None,
-                        help="default bench/results/joint_allocation_profile[_centred].json")
+                        help="default bench/results/joint_allocation_profile[_centred][_SCORER_SCOPE].json")
     args = parser.parse_args()
     if args.out is None:
         suffix = "" if args.eviction == "whole" else f"_{args.eviction}"
+        suffix += "" if (args.scorer, args.scope) == ("snapkv", "head") else f"_{args.scorer}_{args.scope}"
         args.out = os.path.join(ROOT, "bench", "results", f"joint_allocation_profile{suffix}.json")
     if not os.path.isfile(args.prompts):
         parser.error(f"{args.prompts} is missing: run bench/query_aware_study.py (--dev) first, it writes the prompts")
@@ -49,6 +54,10 @@ def main():
 
     from subtoken_jax import JointCompression, load_pretrained
     from subtoken_jax.selectors import capture_prefill_state
+    from subtoken_jax.selectors.kvzip import reconstruction_prompt
+
+    recipe = lambda b: JointCompression(kv_budget=b, eviction=args.eviction, scorer=args.scorer,  # noqa: E731
+                                        scope=args.scope)
 
     model, params, tokenizer = load_pretrained("smollm2-135m-instruct", value_groups=args.value_groups)
     rows = [json.loads(line) for line in open(args.prompts)][:args.limit]
@@ -61,11 +70,11 @@ def main():
     for row in tqdm(rows, desc="prompts"):
         context = jnp.asarray([row["context"]], jnp.int32)
         question = jnp.asarray([row["question"]], jnp.int32)
-        state = capture_prefill_state(model, params, context, question)
+        state = capture_prefill_state(model, params, context, question, reconstruct=reconstruction_prompt(recipe(1.0)))
         answer_ids = set(tokenizer.encode(str(row["answer"])))
         needle = np.asarray([i in answer_ids for i in row["context"]])  # the digits' tokens (and their repeats)
         for b in BUDGETS:
-            tokens, masks = JointCompression(kv_budget=b, eviction=args.eviction)(state)
+            tokens, masks = recipe(b)(state)
             for layer, g in enumerate(masks):
                 k = np.asarray(g)[0].sum(-1).astype(int)  # [S, Hkv]
                 counts = np.bincount(k.ravel(), minlength=groups + 1)
@@ -74,7 +83,7 @@ def main():
                 if needle.any():
                     needle_keys[b].append(float((k[needle] > 0).mean()))
     report = {"prompts": args.prompts, "n": len(rows), "value_groups": groups, "eviction": args.eviction,
-              "budgets": {}}
+              "scorer": args.scorer, "scope": args.scope, "budgets": {}}
     for b in BUDGETS:
         h = hist[b] / hist[b].sum()
         kept = h[1:].sum()
