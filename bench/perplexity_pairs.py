@@ -7,6 +7,12 @@
         --config.lookahead=0 --config.diagnostic.enabled=False
     python bench/perplexity_pairs.py runs/smollm2_ppl64/eval --method joint --against snapkv,key_norm
 
+Another run on the same sequences joins with --also DIR:LABEL, its methods named METHOD@LABEL; e.g. the G = 1
+ablation (the same eval with --config.model.value_groups=1 --config.methods='("joint",)' in runs/smollm2_ppl64_g1):
+
+    python bench/perplexity_pairs.py runs/smollm2_ppl64/eval --also runs/smollm2_ppl64_g1/eval:G1 \
+        --method joint --against snapkv,joint@G1
+
 The continuation after a compressed prefix is scored by every method on the same sequences and tokens, so
 the per-sequence difference in mean NLL per token is paired: its mean, standard error and the number of
 sequences where `--method` is better say whether a gap in perplexity is more than noise.
@@ -48,13 +54,18 @@ def main():
     parser.add_argument("eval_dir", help="an eval.py output folder (WORKDIR/eval)")
     parser.add_argument("--method", default="joint")
     parser.add_argument("--against", default="snapkv,key_norm", type=lambda s: s.split(","))
+    parser.add_argument("--also", action="append", default=[], metavar="DIR:LABEL",
+                        help="another eval folder on the same sequences; its methods are named METHOD@LABEL")
     args = parser.parse_args()
-    path = os.path.join(args.eval_dir, "examples.jsonl")
-    if not os.path.isfile(path):
-        parser.error(f"{path} is missing: run eval.py with the perplexity task first")
-    rows = per_sequence(map(json.loads, open(path)))
-    if not rows:
-        parser.error(f"{path} has no per-sequence perplexity examples (an eval.py older than this script?)")
+    rows = {}
+    for folder, label in [(args.eval_dir, None)] + [tuple(a.rsplit(":", 1)) for a in args.also]:
+        path = os.path.join(folder, "examples.jsonl")
+        if not os.path.isfile(path):
+            parser.error(f"{path} is missing: run eval.py with the perplexity task first")
+        found = per_sequence(map(json.loads, open(path)))
+        if not found:
+            parser.error(f"{path} has no per-sequence perplexity examples (an eval.py older than this script?)")
+        rows.update({(m if label is None else f"{m}@{label}", b): v for (m, b), v in found.items()})
     budgets = sorted({b for m, b in rows if m != "full"}, reverse=True)
     full = rows.get(("full", 1.0))
     lines = [f"Perplexity per budget ({len(next(iter(rows.values())))} sequences)"
