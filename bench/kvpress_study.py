@@ -551,6 +551,7 @@ def check_shared(args, prompts, presses, budgets):
     if differ or every_differ:
         sys.exit(1)
 
+
 def check_batched(args, prompts, presses, budgets):
     """Runs the first --check-batched prompts' shared-prefill presses (SHARED_PREFILL from one prefill, each of
     SHARED_MASKS from its own), decoding the caches as one batch and one at a time (alternating which goes first),
