@@ -30,6 +30,7 @@ every press) and checks the answers and kept counts of each against the stored r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -189,6 +190,21 @@ def _masks_as_rows(masks: list):
     return tuple(torch.cat(parts) for parts in zip(*[(b + row, h, s) for row, (b, h, s) in enumerate(masks)]))
 
 
+@contextlib.contextmanager
+def _masked_keys(model, masks_of_layer=None):
+    """kvpress's masking while decoding (each attention module's `masked_key_indices`) set from masks_of_layer(layer
+    index) for the block (None: left as set, e.g. by KVzip's `compress_post`), and cleared after it, also when it
+    raises: a mask left behind would mask the next prompt's cache."""
+    try:
+        if masks_of_layer is not None:
+            for layer in model.model.layers:
+                layer.self_attn.masked_key_indices = masks_of_layer(layer.self_attn.layer_idx)
+        yield
+    finally:
+        for layer in model.model.layers:
+            layer.self_attn.masked_key_indices = None
+
+
 def _same_length_per_layer(cache) -> bool:
     return len({layer.keys.shape[-2] for layer in cache.layers}) == 1
 
@@ -270,21 +286,13 @@ def generate_adakv_budgets(model, presses: dict, context, question, max_new: int
     first, position, kept = int(logits[0, -1].argmax()), len(context) + len(question), int(cache.get_seq_length())
     if BATCHED_DECODE:  # one full-size copy of the cache per budget, as batch rows, each masked as its budget's
         together, mask = _stack([cache] * len(presses), model.config)
-        for layer in model.model.layers:
-            layer.self_attn.masked_key_indices = _masks_as_rows([masks[b][layer.self_attn.layer_idx]
-                                                                 for b in presses])
-        rows = _decode_rows(model, together, mask, [first] * len(presses), position, max_new, eos)
-        for layer in model.model.layers:
-            layer.self_attn.masked_key_indices = None
+        with _masked_keys(model, lambda i: _masks_as_rows([masks[b][i] for b in presses])):
+            rows = _decode_rows(model, together, mask, [first] * len(presses), position, max_new, eos)
         return {b: (ids, kept) for b, ids in zip(presses, rows)}
     answers = {}
     for budget in presses:
-        for layer in model.model.layers:
-            layer.self_attn.masked_key_indices = masks[budget][layer.self_attn.layer_idx]
-        answers[budget] = (_decode(model, copy.deepcopy(cache), int(logits[0, -1].argmax()),
-                                   len(context) + len(question), max_new, eos), int(cache.get_seq_length()))
-    for layer in model.model.layers:
-        layer.self_attn.masked_key_indices = None
+        with _masked_keys(model, masks[budget].__getitem__):
+            answers[budget] = (_decode(model, copy.deepcopy(cache), first, position, max_new, eos), kept)
     return answers
 
 
@@ -320,17 +328,15 @@ def generate_kvzip_budgets(model, prompt, budgets):
     answers = {}
     for budget, press in presses.items():
         press.score_val = scores["value"]
-        with torch.inference_mode():
+        with torch.inference_mode(), _masked_keys(model):
             press.compress_post(model)  # each attention module's masked pairs at this ratio
             copied = copy.deepcopy(cache)
             logits = model(input_ids=torch.tensor([question]), past_key_values=copied, use_cache=True,
                            cache_position=torch.arange(len(context), len(context) + len(question)),
                            logits_to_keep=1).logits
-        ids = _decode(model, copied, int(logits[0, -1].argmax()), len(context) + len(question),
-                      prompt["max_new_tokens"], prompt["eos_id"])
+            ids = _decode(model, copied, int(logits[0, -1].argmax()), len(context) + len(question),
+                          prompt["max_new_tokens"], prompt["eos_id"])
         answers[budget] = (ids, len(context) + len(question))
-    for layer in model.model.layers:
-        layer.self_attn.masked_key_indices = None
     return answers
 
 
@@ -348,17 +354,14 @@ def _kvzip_answers_together(model, presses: dict, scores, cache, prompt) -> dict
             press.compress_post(model)
         masks.append({layer.self_attn.layer_idx: layer.self_attn.masked_key_indices for layer in model.model.layers})
     together, mask = _stack([cache] * len(presses), model.config)
-    for layer in model.model.layers:
-        layer.self_attn.masked_key_indices = _masks_as_rows([m[layer.self_attn.layer_idx] for m in masks])
     mask = torch.cat([mask, torch.ones(len(presses), len(question), dtype=mask.dtype)], dim=1)
-    with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([question] * len(presses)), past_key_values=together,
-                       attention_mask=mask, use_cache=True, logits_to_keep=1,
-                       cache_position=torch.arange(len(context), len(context) + len(question))).logits
-    rows = _decode_rows(model, together, mask, logits[:, -1].argmax(-1).tolist(), len(context) + len(question),
-                        prompt["max_new_tokens"], prompt["eos_id"])
-    for layer in model.model.layers:
-        layer.self_attn.masked_key_indices = None
+    with _masked_keys(model, lambda i: _masks_as_rows([m[i] for m in masks])):
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([question] * len(presses)), past_key_values=together,
+                           attention_mask=mask, use_cache=True, logits_to_keep=1,
+                           cache_position=torch.arange(len(context), len(context) + len(question))).logits
+        rows = _decode_rows(model, together, mask, logits[:, -1].argmax(-1).tolist(), len(context) + len(question),
+                            prompt["max_new_tokens"], prompt["eos_id"])
     return {b: (ids, len(context) + len(question)) for b, ids in zip(presses, rows)}
 
 

@@ -143,6 +143,18 @@ VARIANTS["joint(kvzip)@shares_global"] = {"methods": ("joint",), "joint.scorer":
                                           "allocation_scope": "global"}
 VARIANTS["pairzs(kvzip)"] = {**VARIANTS["joint(kvzip)@shares_global"],
                              "labels": {"joint": "joint(kvzip)@shares_global"}}
+# the token methods and the joint allocation over one prefill (and one lookahead draft) per batch instead of one per
+# variant: the same rows as "tokens" + "joint(snapkv)" (and their +look24 pair), named as those name them (on the
+# first 10 multi-key prompts at 1k, +look24: 120 of 120 answers agree with the two variants' stored cells)
+VARIANTS["tokens_and_joint"] = {"methods": ("full",) + TOKEN_METHODS + ("joint",), "joint.scorer": "snapkv",
+                                "labels": {**{m: m for m in ("full",) + TOKEN_METHODS}, "joint": "joint(snapkv)"}}
+VARIANTS["tokens_and_joint+look24"] = {"methods": ("snapkv", "expected_attention", "joint"), "joint.scorer": "snapkv",
+                                       "lookahead": 24,
+                                       "labels": {"snapkv": "snapkv+look24",
+                                                  "expected_attention": "expected_attention+look24",
+                                                  "joint": "joint(snapkv)+look24"}}
+# variants whose rows are other variants' rows over one prefill: not in the default list
+ONE_PREFILL = ("pair(", "pairc(", "pairr(", "pairz", "tokens_and_joint")
 # the agreement check: our ExpectedAttention at kvpress's settings (statistics over the whole prefill of context +
 # question from the 4th position on, 512 future positions, 4 sinks), so a gap to kvpress's press is the settings'
 # and not the implementation's
@@ -365,7 +377,7 @@ def main():
     parser.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
     # "full" is left out by default: "tokens" runs the full cache too
     parser.add_argument("--variants", type=lambda s: s.split(","),
-                        default=[v for v in VARIANTS if v != "full" and not v.startswith(("pair(", "pairc(", "pairr(", "pairz"))])
+                        default=[v for v in VARIANTS if v != "full" and not v.startswith(ONE_PREFILL)])
     parser.add_argument("--kvpress", type=lambda s: s.split(","), default=list(KVPRESS))
     # one thread by default: when anything else shares the CPU, torch's spinning worker threads stall each other (on
     # this 2-core VM, beside a niced JAX job: 2.4 s per decode step with 2 threads, 0.06 s with 1; alone, 2 threads

@@ -94,3 +94,19 @@ def test_masked_key_indices_of_stacked_rows_point_at_each_rows_own_copy():
     row1 = (torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
     batch, heads, slots = kvpress_study._masks_as_rows([row0, row1])
     assert batch.tolist() == [0, 0, 1] and heads.tolist() == [1, 0, 1] and slots.tolist() == [5, 7, 2]
+
+
+def test_masked_keys_are_set_per_layer_and_cleared_even_when_decoding_raises():
+    from types import SimpleNamespace
+
+    layers = [SimpleNamespace(self_attn=SimpleNamespace(layer_idx=i, masked_key_indices=None)) for i in range(3)]
+    model = SimpleNamespace(model=SimpleNamespace(layers=layers))
+    with kvpress_study._masked_keys(model, lambda i: ("mask", i)):
+        assert [layer.self_attn.masked_key_indices for layer in layers] == [("mask", 0), ("mask", 1), ("mask", 2)]
+    assert all(layer.self_attn.masked_key_indices is None for layer in layers)
+    try:
+        with kvpress_study._masked_keys(model, lambda i: ("mask", i)):
+            raise RuntimeError("decoding failed")
+    except RuntimeError:
+        pass
+    assert all(layer.self_attn.masked_key_indices is None for layer in layers)  # the next prompt decodes unmasked
