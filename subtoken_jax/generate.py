@@ -24,15 +24,16 @@ from subtoken_jax.shape_buckets import full_prefill_plan, left_pad
 @functools.partial(jax.jit, static_argnames=("model",))
 def _prefill_chunk(model: DecoderLM, params, ids, positions, cache):
     """One chunk of a prompt written into the cache at explicit positions (-1 = padding); last logits [B, V]."""
-    logits, cache = model.apply({"params": params}, ids, positions=positions, cache=cache)
+    logits, cache = model.apply({"params": params}, ids, positions=positions, cache=cache, logits_to_keep=1)
     return logits[:, -1], cache
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _forward_with_cache(model: DecoderLM, params, ids, cache, attention_mask=None, value_group_mask=None,
                         token_keep_mask=None):
+    """(the last position's logits [B, 1, vocab], the cache with ids written)."""
     return model.apply({"params": params}, ids, cache=cache, attention_mask=attention_mask,
-                       value_group_mask=value_group_mask, token_keep_mask=token_keep_mask)
+                       value_group_mask=value_group_mask, token_keep_mask=token_keep_mask, logits_to_keep=1)
 
 
 def decode_full_cache(model: DecoderLM, params, cache: KVCache, token, done, rng, steps: int, temperature: float = 0.0,

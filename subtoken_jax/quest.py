@@ -38,7 +38,7 @@ from subtoken_jax.shape_buckets import bucket_length, left_pad
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _feed(model, params, ids, positions, cache):
-    logits, cache = model.apply({"params": params}, ids, positions=positions, cache=cache)
+    logits, cache = model.apply({"params": params}, ids, positions=positions, cache=cache, logits_to_keep=1)
     return logits[:, -1], cache
 
 

@@ -139,6 +139,21 @@ def test_cache_decoding_with_masks_equals_full_pass():
     assert int(cache.index) == 7
 
 
+def test_logits_to_keep_gives_the_last_positions_of_the_full_logits():
+    """A prefill that keeps only the last positions' logits (the LM head skipped elsewhere) writes the same cache."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      tie_word_embeddings=False)
+    model, params = init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 6), 0, 64)
+    full = model.apply({"params": params}, ids)
+    np.testing.assert_allclose(model.apply({"params": params}, ids, logits_to_keep=2), full[:, -2:], atol=1e-6)
+    last, cache = model.apply({"params": params}, ids, cache=KVCache.create(cfg, 2, 8), logits_to_keep=1)
+    every, full_cache = model.apply({"params": params}, ids, cache=KVCache.create(cfg, 2, 8))
+    assert last.shape == (2, 1, 64)
+    np.testing.assert_allclose(last, every[:, -1:], atol=1e-6)
+    np.testing.assert_array_equal(cache.keys[1], full_cache.keys[1])
+
+
 def test_left_padded_batch_matches_unpadded_rows():
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
     model, params = init_params(cfg, jax.random.key(0))

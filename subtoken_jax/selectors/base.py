@@ -165,7 +165,7 @@ def _reconstruction(model: DecoderLM, params, keys, values, positions, context_i
 @functools.partial(jax.jit, static_argnames=("model",))
 def _prefill(model: DecoderLM, params, ids, positions, cache):
     (logits, cache), variables = model.apply({"params": params}, ids, positions=positions, cache=cache,
-                                             mutable=["prefill"])
+                                             mutable=["prefill"], logits_to_keep=1)
     queries = tuple(variables["prefill"][f"layer_{i}"]["attn"]["queries"][0] for i in range(model.config.num_layers))
     return cache, queries, logits[:, -1]
 
