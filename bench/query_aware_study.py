@@ -145,7 +145,8 @@ VARIANTS["pairzs(kvzip)"] = {**VARIANTS["joint(kvzip)@shares_global"],
                              "labels": {"joint": "joint(kvzip)@shares_global"}}
 # the token methods and the joint allocation over one prefill (and one lookahead draft) per batch instead of one per
 # variant: the same rows as "tokens" + "joint(snapkv)" (and their +look24 pair), named as those name them (on the
-# first 10 multi-key prompts at 1k, +look24: 120 of 120 answers agree with the two variants' stored cells)
+# first 10 multi-key prompts at 1k, +look24: 120 of 120 answers agree with the two variants' stored cells; on the
+# first 50 needle prompts at 2k, the full cache's and the token methods' 850 answers are identical to "tokens"')
 VARIANTS["tokens_and_joint"] = {"methods": ("full",) + TOKEN_METHODS + ("joint",), "joint.scorer": "snapkv",
                                 "labels": {**{m: m for m in ("full",) + TOKEN_METHODS}, "joint": "joint(snapkv)"}}
 VARIANTS["tokens_and_joint+look24"] = {"methods": ("snapkv", "expected_attention", "joint"), "joint.scorer": "snapkv",
