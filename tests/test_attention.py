@@ -58,6 +58,39 @@ def test_masked_attention_equals_brute_force(seed, groups, window, kv_heads, use
                                atol=1e-5)
 
 
+def test_causal_tiers_skip_only_slots_no_row_can_see():
+    # 16 chunks of 128 rows over 2,048 slots: 8 tiers, each seeing up to its last row
+    assert attention_lib.causal_tiers(16, 128, 2048) == [(2 * i, 2 * i + 2, 256 * (i + 1)) for i in range(8)]
+    # tiers that would see every slot run as one
+    assert attention_lib.causal_tiers(16, 128, 600) == [(0, 2, 256), (2, 4, 512), (4, 16, 600)]
+    positions = jnp.arange(8)[None]
+    tiers = attention_lib.causal_tiers(2, 4, 8)
+    assert not attention_lib.sees_past_tiers(attention_allowed(positions, positions), tiers, 4)
+    # a chunk written after 3 earlier slots: its first row sees slots beyond its own index
+    assert attention_lib.sees_past_tiers(attention_allowed(positions + 3, jnp.arange(11)[None])[..., :8], tiers, 4)
+
+
+def test_chunked_attention_after_a_prefix_equals_a_dense_softmax():
+    """Queries written after earlier slots (a chunked prefill's later chunk) see slots past their row index: the
+    chunks must score every slot (the run-time check picks that path), matching a plain numpy softmax."""
+    rng = np.random.default_rng(0)
+    prefix, length, slots, heads, kv_heads, dim = 5, 8, 16, 4, 2, 8
+    q = rng.normal(size=(1, length, heads, dim)).astype(np.float32)
+    k = rng.normal(size=(1, slots, kv_heads, dim)).astype(np.float32)
+    v = rng.normal(size=(1, slots, kv_heads, dim)).astype(np.float32)
+    kv_positions = np.where(np.arange(slots) < prefix + length, np.arange(slots), -1)[None]
+    allowed = attention_allowed(jnp.arange(prefix, prefix + length)[None], jnp.asarray(kv_positions))
+    ours = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), allowed, query_chunk=4)
+    expected = np.zeros_like(q)
+    for t in range(length):
+        for h in range(heads):
+            seen = np.arange(prefix + t + 1)
+            scores = k[0, seen, h // 2] @ q[0, t, h] / np.sqrt(dim)
+            weights = np.exp(scores - scores.max())
+            expected[0, t, h] = (weights / weights.sum()) @ v[0, seen, h // 2]
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("max_rows", [0, 10_000])  # 0: the einsum path; 10_000: block-diagonal (CPU)
 @pytest.mark.parametrize("q_len,kv_heads", [(1, 4), (3, 2), (2, 1)])
 def test_grouped_scores_and_readout_equal_numpy(monkeypatch, max_rows, q_len, kv_heads):
