@@ -6,6 +6,11 @@
 #     nohup bash bench/pending_study.sh > study.log 2>&1 &      # then, any time:
 #     .venv/bin/python bench/query_aware_study.py --report-only
 #
+# To stop it, stop its current step too (killing the script alone leaves that step running on, beside the next start):
+#     pkill -f pending_study.sh; pkill -f query_aware_study.py; pkill -f kvpress_study.py
+# Pause / resume: pkill -STOP (-CONT) -f query_aware_study.py (or kvpress_study.py). Edit this file only by replacing
+# it (write a copy, then mv it over): bash reads a running script as it goes.
+#
 # One at a time, not side by side: on this 2-core machine a cell of 10 needle prompts of ours (joint_G1(snapkv)) took
 # 44-45 s alone and 134 s in an earlier run beside kvpress's (each process's threads stall the other's), so two
 # lanes at once finish later than one after the other.
