@@ -499,32 +499,62 @@ def _ratio(name: str, budget: float, prompt) -> float:
     return 1 - budget if name in CONTEXT_ONLY else (1 - budget) * context / (context + question)
 
 
+class StoredAnswers:
+    """The rows of a RESULTS file keyed by (prompt id, press, budget): what the checks compare new runs with."""
+
+    def __init__(self, path: str):
+        with open(path) as fh:
+            self.rows = {(r["id"], r["press"], r["budget"]): r for r in map(json.loads, fh)}
+
+    def budgets(self, prompt, name: str, budgets) -> list:
+        """The budgets of press `name` stored for this prompt."""
+        return [b for b in budgets if (prompt["id"], name, b) in self.rows]
+
+    def answer(self, prompt, key) -> tuple:
+        row = self.rows[(prompt["id"], *key)]
+        return row["generated_ids"], row["kept_tokens"]
+
+
+class AnswerTally:
+    """Answers (ids, kept tokens) checked against the stored ones: how many agree, which (prompt, press, budget)
+    do not."""
+
+    def __init__(self):
+        self.same, self.differ = 0, []
+
+    def check(self, stored: StoredAnswers, prompt, key, *answers) -> None:
+        """Counts `key`'s answers as the same only if every one of them equals the stored answer."""
+        want = tuple(stored.answer(prompt, key))
+        if all(tuple(a) == want for a in answers):
+            self.same += 1
+        else:
+            self.differ.append((prompt["id"], *key))
+
+    def summary(self, against: str) -> str:
+        return f"{self.same} answers identical to {against}, {len(self.differ)} differ: {self.differ}"
+
+
 def check_shared(args, prompts, presses, budgets):
     """Runs the first --check-shared prompts' SHARED_PREFILL and SHARED_MASKS presses both ways, one prefill for all budgets and one
     prefill per budget (interleaved), checks both against the rows RESULTS holds and prints the time ratio; writes
     nothing."""
-    with open(args.results) as fh:
-        rows = {(r["id"], r["press"], r["budget"]): r for r in map(json.loads, fh)}
-    models, same, differ, seconds = {}, 0, [], {"shared": 0.0, "per budget": 0.0}
-    every_same, every_differ, every_seconds = 0, [], 0.0
+    stored = StoredAnswers(args.results)
+    models, seconds = {}, {"shared": 0.0, "per budget": 0.0, "every press": 0.0}
+    budget_ways, every_press = AnswerTally(), AnswerTally()
     for prompt in prompts[:args.check_shared]:
-        wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in budgets if (prompt["id"], n, b) in rows]
+        wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in stored.budgets(prompt, n, budgets)]
         if wanted:  # every SHARED_PREFILL press from one prefill
             if "eager" not in models:
                 models["eager"] = load("eager")
             start = time.perf_counter()
             every = generate_every_press(models["eager"], prompt, wanted)
-            every_seconds += time.perf_counter() - start
+            seconds["every press"] += time.perf_counter() - start
             for key in wanted:
-                row = rows[(prompt["id"], *key)]
-                if tuple(every[key]) == (row["generated_ids"], row["kept_tokens"]):
-                    every_same += 1
-                else:
-                    every_differ.append((prompt["id"], *key))
+                every_press.check(stored, prompt, key, every[key])
         context, question = prompt["context"], prompt["question"]
         new, eos = prompt["max_new_tokens"], prompt["eos_id"]
         for name in (n for n in presses if n in SHARED_PREFILL + SHARED_MASKS):
-            have = [b for b in budgets if (prompt["id"], name, b) in rows]
+            have = stored.budgets(prompt, name, budgets)
             if not have:
                 continue
             attn = attention_of(name)
@@ -539,19 +569,13 @@ def check_shared(args, prompts, presses, budgets):
             seconds["shared"] += middle - start
             seconds["per budget"] += time.perf_counter() - middle
             for b in have:
-                row = rows[(prompt["id"], name, b)]
-                stored = (row["generated_ids"], row["kept_tokens"])
-                if tuple(shared[b]) == tuple(single[b]) == tuple(stored):
-                    same += 1
-                else:
-                    differ.append((prompt["id"], name, b))
-    print(f"shared prefill: {same} answers identical to one prefill per budget (run now and stored), "
-          f"{len(differ)} differ: {differ}; time {seconds['shared']:.0f} s against {seconds['per budget']:.0f} s "
+                budget_ways.check(stored, prompt, (name, b), shared[b], single[b])
+    print(f"shared prefill: {budget_ways.summary('one prefill per budget (run now) and the stored rows')}; "
+          f"time {seconds['shared']:.0f} s against {seconds['per budget']:.0f} s "
           f"({seconds['per budget'] / max(seconds['shared'], 1e-9):.2f}x faster)")
-    print(f"one prefill for every press: {every_same} answers identical to the stored rows, {len(every_differ)} "
-          f"differ: {every_differ}; time {every_seconds:.0f} s against the per-press shared prefills' "
-          f"{seconds['shared']:.0f} s")
-    if differ or every_differ:
+    print(f"one prefill for every press: {every_press.summary('the stored rows')}; "
+          f"time {seconds['every press']:.0f} s against the per-press shared prefills' {seconds['shared']:.0f} s")
+    if budget_ways.differ or every_press.differ:
         sys.exit(1)
 
 
@@ -560,17 +584,16 @@ def check_batched(args, prompts, presses, budgets):
     SHARED_MASKS from its own), decoding the caches as one batch and one at a time (alternating which goes first),
     checks both against the rows RESULTS holds and prints the time ratio; writes nothing."""
     global BATCHED_DECODE
-    with open(args.results) as fh:
-        rows = {(r["id"], r["press"], r["budget"]): r for r in map(json.loads, fh)}
+    stored = StoredAnswers(args.results)
     models, seconds = {}, {True: 0.0, False: 0.0}
-    same, differ = {True: 0, False: 0}, {True: [], False: []}
+    tallies = {True: AnswerTally(), False: AnswerTally()}
     for i, prompt in enumerate(prompts[:args.check_batched]):
-        stored = lambda n: [b for b in budgets if (prompt["id"], n, b) in rows]  # noqa: E731
-        wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in stored(n)]
+        have = lambda n: stored.budgets(prompt, n, budgets)  # noqa: E731
+        wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in have(n)]
         runs = [("eager", lambda m: generate_every_press(m, prompt, wanted))] if wanted else []
         runs += [(attention_of(n), lambda m, n=n: {(n, b): a for b, a in generate_every_budget(m, n, prompt,
-                                                                                            stored(n)).items()})
-                 for n in presses if n in SHARED_MASKS and stored(n)]
+                                                                                            have(n)).items()})
+                 for n in presses if n in SHARED_MASKS and have(n)]
         for attn, run in runs:
             if attn not in models:
                 models[attn] = load(attn)
@@ -580,16 +603,11 @@ def check_batched(args, prompts, presses, budgets):
                 answers = run(models[attn])
                 seconds[batched] += time.perf_counter() - start
                 for key, answer in answers.items():
-                    row = rows[(prompt["id"], *key)]
-                    if tuple(answer) == (row["generated_ids"], row["kept_tokens"]):
-                        same[batched] += 1
-                    else:
-                        differ[batched].append((prompt["id"], *key))
+                    tallies[batched].check(stored, prompt, key, answer)
     for batched, label in ((True, "batched decode"), (False, "one cache at a time")):
-        print(f"{label}: {same[batched]} answers identical to the stored rows, {len(differ[batched])} differ: "
-              f"{differ[batched]}; time {seconds[batched]:.0f} s")
+        print(f"{label}: {tallies[batched].summary('the stored rows')}; time {seconds[batched]:.0f} s")
     print(f"batched decode {seconds[False] / max(seconds[True], 1e-9):.2f}x faster (prefill included)")
-    if differ[True] or differ[False]:
+    if tallies[True].differ or tallies[False].differ:
         sys.exit(1)
 
 

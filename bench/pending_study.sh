@@ -32,6 +32,9 @@ ours() {  # ours_STEP
         # the two multi-item tasks at 2k, both settings
         3) "${run[@]}" --lengths 2048 --tasks multi_value,two_needles \
                --variants "tokens_and_joint,tokens_and_joint+look24" ;;
+        # is the 2k gain of joint(snapkv) over SnapKV again the value-aware ranking? The same allocation with G = 1
+        # (whole tokens), as checked at 1k
+        4) "${run[@]}" --lengths 2048 --tasks needle,multi_key --variants "joint_G1(snapkv)" ;;
     esac
 }
 
@@ -63,3 +66,4 @@ kvpress needle_2048 multi_key_2048
 ours 3
 kvpress multi_value_2048 two_needles_2048
 checks
+ours 4

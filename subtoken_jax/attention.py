@@ -56,6 +56,8 @@ QUERY_CHUNK_FROM = 512
 # A causal prefill's chunk c can only see the first (c + 1) * QUERY_CHUNK key slots, so the chunks run in up to
 # CAUSAL_TIERS tiers, each scored against only the key slots its last chunk can see (SmolLM2's 2,048-token forward
 # on 2 CPU cores: 0.59x the time of scoring every chunk against every slot; bench/smollm2_vs_transformers.py).
+# CAUSAL_TIERS = 1 turns the tiers off: its one tier sees only the slots its last chunk can see, which may be
+# fewer than the cache holds, and `attend` scores every chunk against every slot whenever there is one tier.
 CAUSAL_TIERS = 8
 
 

@@ -110,3 +110,75 @@ def test_masked_keys_are_set_per_layer_and_cleared_even_when_decoding_raises():
     except RuntimeError:
         pass
     assert all(layer.self_attn.masked_key_indices is None for layer in layers)  # the next prompt decodes unmasked
+
+
+def _fake_presses(monkeypatch, wrong=()):
+    """The checks' generators replaced by a rule: answer ids (budget * 100, len(press name)), kept = 7; keys in
+    `wrong` come out different, as a changed implementation's would."""
+    def answer(name, budget):
+        ids = [int(budget * 100), len(name)]
+        return (ids + [1], 7) if (name, budget) in wrong else (ids, 7)
+
+    budget_of = [None]  # one prefill per budget (`generate`) is not told the budget: the test sets it
+    monkeypatch.setattr(kvpress_study, "load", lambda attn: attn)
+    monkeypatch.setattr(kvpress_study, "make_press", lambda name, ratio, q: name)
+    monkeypatch.setattr(kvpress_study, "generate_every_press",
+                        lambda model, prompt, wanted: {(n, b): answer(n, b) for n, b in wanted})
+    monkeypatch.setattr(kvpress_study, "generate_every_budget",
+                        lambda model, name, prompt, budgets: {b: answer(name, b) for b in budgets})
+    monkeypatch.setattr(kvpress_study, "generate", lambda model, press, *args: answer(press, budget_of[0]))
+    return answer, budget_of
+
+
+def _stored_rows(tmp_path, prompt_ids, keys):
+    import json
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "press": n, "budget": b, "generated_ids": [int(b * 100), len(n)],
+                                        "kept_tokens": 7}) + "\n" for i in prompt_ids for n, b in keys))
+    return str(path)
+
+
+def test_check_batched_counts_answers_equal_to_the_stored_rows_and_fails_on_one_that_differs(monkeypatch, tmp_path,
+                                                                                              capsys):
+    import argparse
+
+    import pytest
+
+    keys = [("snapkv", 0.5), ("snapkv", 0.25), ("kvzip", 0.5)]
+    prompts = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+    args = argparse.Namespace(results=_stored_rows(tmp_path, ["a", "b"], keys), check_batched=3)
+    _fake_presses(monkeypatch)
+    kvpress_study.check_batched(args, prompts, ["snapkv", "kvzip"], [0.5, 0.25])
+    out = capsys.readouterr().out
+    # both ways, 3 stored answers of each of a and b; c has no stored rows and is not run
+    assert "batched decode: 6 answers identical to the stored rows, 0 differ" in out
+    assert "one cache at a time: 6 answers identical to the stored rows, 0 differ" in out
+    _fake_presses(monkeypatch, wrong={("kvzip", 0.5)})
+    with pytest.raises(SystemExit):
+        kvpress_study.check_batched(args, prompts, ["snapkv", "kvzip"], [0.5, 0.25])
+    assert "4 answers identical to the stored rows, 2 differ: [('a', 'kvzip', 0.5), ('b', 'kvzip', 0.5)]" \
+        in capsys.readouterr().out
+
+
+def test_check_shared_needs_every_way_to_give_the_stored_answer(monkeypatch, tmp_path, capsys):
+    import argparse
+
+    import pytest
+
+    keys = [("snapkv", 0.5), ("tova", 0.5)]
+    prompt = {"id": "a", "context": [1, 2, 3], "question": [4], "max_new_tokens": 2, "eos_id": 0}
+    args = argparse.Namespace(results=_stored_rows(tmp_path, ["a"], keys), check_shared=1)
+    _, budget_of = _fake_presses(monkeypatch)
+    budget_of[0] = 0.5
+    kvpress_study.check_shared(args, [prompt], ["snapkv", "tova"], [0.5, 0.25])
+    out = capsys.readouterr().out
+    assert "shared prefill: 2 answers identical to one prefill per budget (run now) and the stored rows, 0 differ" \
+        in out
+    assert "one prefill for every press: 2 answers identical to the stored rows, 0 differ" in out
+    # one prefill per budget disagrees (its answers take another budget's ids): the shared prefill's check fails
+    budget_of[0] = 0.25
+    with pytest.raises(SystemExit):
+        kvpress_study.check_shared(args, [prompt], ["snapkv", "tova"], [0.5, 0.25])
+    assert "0 answers identical to one prefill per budget (run now) and the stored rows, 2 differ" \
+        in capsys.readouterr().out
