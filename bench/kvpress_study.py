@@ -25,6 +25,8 @@ KVzip's one reconstruction pass scores the pairs for every budget (`generate_kvz
 A shared prefill's caches are decoded as one batch (`_decode_together`; `--check-batched N` checks it against the
 stored rows). `--check-shared N` runs the first N prompts three ways (one prefill per press and budget, one per press, one for
 every press) and checks the answers and kept counts of each against the stored rows, with the time of each way.
+`--check-attention N` runs the first N prompts' full cache and scoring presses under sdpa and under eager
+attention (the study's rows before 2026-12-07 ran under eager) against the stored rows, with the time of each.
 """
 
 from __future__ import annotations
@@ -105,6 +107,12 @@ SHARED_PREFILL = ("snapkv", "expected_attention", "streaming", "tova", "key_norm
 SHARED_MASKS = ("adakv_snapkv", "kvzip")
 # decode a shared prefill's caches as one batch (`_decode_together`); --decode-one-at-a-time turns it off
 BATCHED_DECODE = True
+# The full cache and the scoring presses run under sdpa: none of them needs the attention weights (under eager,
+# SnapKV and TOVA read the window's weights from the layer's output; under sdpa they compute the same weights from
+# the window's queries), and a 2,048-token prefill takes a third of eager's time here. The study's rows before
+# 2026-12-07 ran under eager; `--check-attention N` reruns the first N prompts both ways against them (--eager
+# runs everything as they did).
+SCORING_ATTENTION = "sdpa"
 
 
 def load(attn: str):
@@ -384,8 +392,9 @@ def generate_every_press(model, prompt, wanted) -> dict:
 
 
 def attention_of(name: str) -> str:
-    """The attention implementation a press runs under: AdaKV's and KVzip's masking asserts eager is not supported."""
-    return "sdpa" if name in SHARED_MASKS else "eager"
+    """The attention implementation a press (or the full cache) runs under: SCORING_ATTENTION, except AdaKV's and
+    KVzip's masking, which asserts eager is not supported (sdpa)."""
+    return "sdpa" if name in SHARED_MASKS else SCORING_ATTENTION
 
 
 def generate(model, press, context, question, max_new: int, eos: int, context_only: bool = False):
@@ -441,9 +450,15 @@ def main():
                         help="check the batched decode against RESULTS' rows on the first N prompts; write nothing")
     parser.add_argument("--decode-one-at-a-time", action="store_true",
                         help="decode a shared prefill's caches one after another, not as one batch")
+    parser.add_argument("--eager", action="store_true",
+                        help="run the full cache and the scoring presses under eager attention (the rows before "
+                        "2026-12-07), not sdpa")
+    parser.add_argument("--check-attention", type=int, default=0, metavar="N",
+                        help="check sdpa and eager against RESULTS' rows on the first N prompts; write nothing")
     args = parser.parse_args()
-    global BATCHED_DECODE
+    global BATCHED_DECODE, SCORING_ATTENTION
     BATCHED_DECODE = not args.decode_one_at_a_time
+    SCORING_ATTENTION = "eager" if args.eager else "sdpa"
     import torch
     from tqdm.auto import tqdm
 
@@ -461,6 +476,8 @@ def main():
         return check_shared(args, prompts, presses, budgets)
     if args.check_batched:
         return check_batched(args, prompts, presses, budgets)
+    if args.check_attention:
+        return check_attention(args, prompts, presses, budgets)
     jobs = plan_jobs(prompts, presses, budgets, done)
     if not jobs:
         return
@@ -489,7 +506,7 @@ def main():
                 out.write(json.dumps({"id": prompt["id"], "press": name, "budget": budget, "generated_ids": ids,
                                       "kept_tokens": kept, "context_tokens": len(context),
                                       "question_tokens": len(question), "seconds": seconds,
-                                      "shared_prefill": len(answers)}) + "\n")
+                                      "shared_prefill": len(answers), "attention": attn}) + "\n")
             out.flush()
 
 
@@ -544,10 +561,11 @@ def check_shared(args, prompts, presses, budgets):
     for prompt in prompts[:args.check_shared]:
         wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in stored.budgets(prompt, n, budgets)]
         if wanted:  # every SHARED_PREFILL press from one prefill
-            if "eager" not in models:
-                models["eager"] = load("eager")
+            attn = attention_of("snapkv")
+            if attn not in models:
+                models[attn] = load(attn)
             start = time.perf_counter()
-            every = generate_every_press(models["eager"], prompt, wanted)
+            every = generate_every_press(models[attn], prompt, wanted)
             seconds["every press"] += time.perf_counter() - start
             for key in wanted:
                 every_press.check(stored, prompt, key, every[key])
@@ -590,7 +608,7 @@ def check_batched(args, prompts, presses, budgets):
     for i, prompt in enumerate(prompts[:args.check_batched]):
         have = lambda n: stored.budgets(prompt, n, budgets)  # noqa: E731
         wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in have(n)]
-        runs = [("eager", lambda m: generate_every_press(m, prompt, wanted))] if wanted else []
+        runs = [(attention_of("snapkv"), lambda m: generate_every_press(m, prompt, wanted))] if wanted else []
         runs += [(attention_of(n), lambda m, n=n: {(n, b): a for b, a in generate_every_budget(m, n, prompt,
                                                                                             have(n)).items()})
                  for n in presses if n in SHARED_MASKS and have(n)]
@@ -608,6 +626,36 @@ def check_batched(args, prompts, presses, budgets):
         print(f"{label}: {tallies[batched].summary('the stored rows')}; time {seconds[batched]:.0f} s")
     print(f"batched decode {seconds[False] / max(seconds[True], 1e-9):.2f}x faster (prefill included)")
     if tallies[True].differ or tallies[False].differ:
+        sys.exit(1)
+
+
+def check_attention(args, prompts, presses, budgets):
+    """Runs the first --check-attention prompts' full cache and SHARED_PREFILL presses (one prefill for all of them)
+    under sdpa and under eager attention (alternating which goes first), checks both against the rows RESULTS holds
+    and prints the time ratio; writes nothing."""
+    global SCORING_ATTENTION
+    stored = StoredAnswers(args.results)
+    models, seconds = {}, {"sdpa": 0.0, "eager": 0.0}
+    tallies = {"sdpa": AnswerTally(), "eager": AnswerTally()}
+    for i, prompt in enumerate(prompts[:args.check_attention]):
+        wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in stored.budgets(prompt, n, budgets)]
+        full = bool(stored.budgets(prompt, "full", [1.0]))
+        for attn in (("sdpa", "eager") if i % 2 == 0 else ("eager", "sdpa")):
+            SCORING_ATTENTION = attn
+            if attn not in models:
+                models[attn] = load(attn)
+            start = time.perf_counter()
+            answers = generate_every_press(models[attn], prompt, wanted) if wanted else {}
+            if full:
+                answers[("full", 1.0)] = generate(models[attn], None, prompt["context"], prompt["question"],
+                                                  prompt["max_new_tokens"], prompt["eos_id"])
+            seconds[attn] += time.perf_counter() - start
+            for key, answer in answers.items():
+                tallies[attn].check(stored, prompt, key, answer)
+    for attn in ("sdpa", "eager"):
+        print(f"{attn}: {tallies[attn].summary('the stored rows')}; time {seconds[attn]:.0f} s")
+    print(f"sdpa {seconds['eager'] / max(seconds['sdpa'], 1e-9):.2f}x faster than eager (prefill and decoding)")
+    if tallies["sdpa"].differ or tallies["eager"].differ:
         sys.exit(1)
 
 

@@ -126,7 +126,8 @@ def _fake_presses(monkeypatch, wrong=()):
                         lambda model, prompt, wanted: {(n, b): answer(n, b) for n, b in wanted})
     monkeypatch.setattr(kvpress_study, "generate_every_budget",
                         lambda model, name, prompt, budgets: {b: answer(name, b) for b in budgets})
-    monkeypatch.setattr(kvpress_study, "generate", lambda model, press, *args: answer(press, budget_of[0]))
+    monkeypatch.setattr(kvpress_study, "generate", lambda model, press, *args: (
+        answer("full", 1.0) if press is None else answer(press, budget_of[0])))
     return answer, budget_of
 
 
@@ -182,3 +183,26 @@ def test_check_shared_needs_every_way_to_give_the_stored_answer(monkeypatch, tmp
         kvpress_study.check_shared(args, [prompt], ["snapkv", "tova"], [0.5, 0.25])
     assert "0 answers identical to one prefill per budget (run now) and the stored rows, 2 differ" \
         in capsys.readouterr().out
+
+
+def test_check_attention_runs_the_full_cache_and_the_scoring_presses_under_both_attentions(monkeypatch, tmp_path,
+                                                                                           capsys):
+    import argparse
+
+    import pytest
+
+    keys = [("full", 1.0), ("snapkv", 0.5), ("tova", 0.25)]
+    prompt = {"id": "a", "context": [1, 2, 3], "question": [4], "max_new_tokens": 2, "eos_id": 0}
+    args = argparse.Namespace(results=_stored_rows(tmp_path, ["a"], keys), check_attention=1)
+    loaded = []
+    _fake_presses(monkeypatch)
+    monkeypatch.setattr(kvpress_study, "load", lambda attn: loaded.append(attn) or attn)
+    kvpress_study.check_attention(args, [prompt], ["snapkv", "tova"], [0.5, 0.25])
+    out = capsys.readouterr().out
+    assert sorted(loaded) == ["eager", "sdpa"]
+    assert "sdpa: 3 answers identical to the stored rows, 0 differ" in out
+    assert "eager: 3 answers identical to the stored rows, 0 differ" in out
+    _fake_presses(monkeypatch, wrong={("full", 1.0)})
+    with pytest.raises(SystemExit):
+        kvpress_study.check_attention(args, [prompt], ["snapkv", "tova"], [0.5, 0.25])
+    assert "2 answers identical to the stored rows, 1 differ: [('a', 'full', 1.0)]" in capsys.readouterr().out
