@@ -46,11 +46,11 @@ kvpress() {  # kvpress TASK_LENGTH...
     done
 }
 
-checks() {  # the README's shared-prefill checks, their output stored (measured before batched decoding, so
-    # reproduced with --decode-one-at-a-time)
+checks() {  # the README's shared-prefill checks, their output stored (measured before batched decoding and under
+    # eager attention, so reproduced with --decode-one-at-a-time --eager)
     mkdir -p "$STUDY/checks"
     local check=(.venv-bench/bin/python bench/kvpress_study.py "$PROMPTS/needle_1024.jsonl" "$STUDY/kvpress.jsonl"
-                 --threads 2 --decode-one-at-a-time)
+                 --threads 2 --decode-one-at-a-time --eager)
     [ -s "$STUDY/checks/shared_prefill_scoring_presses.txt" ] ||
         "${check[@]}" --presses "$FOUR" --check-shared 2 > "$STUDY/checks/shared_prefill_scoring_presses.txt"
     [ -s "$STUDY/checks/shared_prefill_kvzip.txt" ] ||
