@@ -46,6 +46,7 @@ import numpy as np
 from subtoken_jax import sharding
 from subtoken_jax.attention import attention_allowed, grouped_readout, grouped_scores
 from subtoken_jax.errors import InputError
+from subtoken_jax.permutations import true_first
 from subtoken_jax.value_groups import per_layer
 
 
@@ -260,13 +261,7 @@ def _first_true(flags: jax.Array, n: int) -> Tuple[jax.Array, jax.Array]:
 
     Pads with index 0 / False when n exceeds the axis.
     """
-    size = flags.shape[-1]
-    order = jnp.argsort(jnp.logical_not(flags).astype(jnp.int8), axis=-1, stable=True)[..., :n]
-    ok = jnp.take_along_axis(flags, order, axis=-1)
-    if n > size:
-        pad = [(0, 0)] * (flags.ndim - 1) + [(0, n - size)]
-        order, ok = jnp.pad(order, pad), jnp.pad(ok, pad)
-    return order.astype(jnp.int32), ok
+    return true_first(flags, n)
 
 
 def _check_groups(values, group_mask):

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subtoken_jax.permutations import inverse_permutation
+
 
 def page_bounds(query: jax.Array, keys: jax.Array, positions: jax.Array, page_size: int,
                 context_end: jax.Array) -> jax.Array:
@@ -42,7 +44,7 @@ def quest_keep(query: jax.Array, keys: jax.Array, positions: jax.Array, page_siz
     query [B, Hq, D]; pages an int or [B] (may be traced)."""
     bound = page_bounds(query, keys, positions, page_size, context_end)  # [B, Hkv, P]
     # ranks rather than top_k, so `pages` may be traced (one program for every budget)
-    rank = jnp.argsort(jnp.argsort(-bound, axis=-1, stable=True), axis=-1, stable=True)
+    rank = inverse_permutation(jnp.argsort(-bound, axis=-1, stable=True))
     picked = (rank < jnp.reshape(jnp.asarray(pages), (-1, 1, 1))) & jnp.isfinite(bound)  # [B, Hkv, P]
     page = jnp.clip(positions // page_size, 0, bound.shape[-1] - 1)  # [B, S]
     in_page = jnp.take_along_axis(picked, jnp.broadcast_to(page[:, None], picked.shape[:2] + page.shape[1:]), axis=2)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from subtoken_jax.errors import InputError
+from subtoken_jax.permutations import inverse_permutation
 
 PerLayer = Union[None, jax.Array, Sequence[Optional[jax.Array]]]
 
@@ -99,7 +100,7 @@ def fixed_k_mask(scores: jax.Array, budget, temperature: float = 1.0) -> jax.Arr
         kth, after = score_at(k - 1), score_at(next_index)
     else:
         order = jnp.argsort(-s, axis=-1)
-        ranks = jnp.argsort(order, axis=-1)
+        ranks = inverse_permutation(order)
         ranked = -jnp.sort(-s, axis=-1)
         kth = jnp.take_along_axis(ranked, jnp.broadcast_to(k - 1, scores.shape[:-1])[..., None], axis=-1)
         after = jnp.take_along_axis(ranked, jnp.broadcast_to(next_index, scores.shape[:-1])[..., None], axis=-1)
@@ -179,7 +180,7 @@ def exact_budget_mask(scores: jax.Array, budget, temperature: float = 1.0,
     n = (jnp.sum(weight, axis=1) * groups)[:, None]  # [B, 1] valid pairs per head
     k = jnp.clip(jnp.round(jnp.asarray(budget, jnp.float32) * n.astype(jnp.float32)).astype(jnp.int32), 0, n)
     order = jnp.argsort(-flat, axis=-1, stable=True)
-    ranks = jnp.argsort(order, axis=-1)
+    ranks = inverse_permutation(order)
     ranked = jnp.take_along_axis(flat, order, axis=-1)
     at = lambda i: jnp.take_along_axis(ranked, jnp.clip(i, 0, flat.shape[-1] - 1)[..., None], axis=-1)  # noqa: E731
     kth, after = at(k - 1), at(k)

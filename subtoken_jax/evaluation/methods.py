@@ -41,6 +41,7 @@ from subtoken_jax.errors import ConfigError
 from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.model import DecoderLM
 from subtoken_jax.model_config import EXACT_RULES, ModelConfig, RoutingConfig
+from subtoken_jax.permutations import inverse_permutation
 from subtoken_jax.selectors import SCOPES, TOKEN_SELECTORS, PrefillState, pad_to_capacity, value_group_scorer
 from subtoken_jax.selectors.expected_attention import OBSERVED
 from subtoken_jax.selectors.scorers import RECONSTRUCTION_SCORERS, VALUE_GROUP_SCORERS
@@ -285,7 +286,7 @@ def _keep_largest_norm(kept, tokens, values, fraction):
     norms = jnp.sum(jnp.square(values.astype(jnp.float32).reshape(batch, length, heads, groups, -1)), axis=-1)
     allowed = jnp.floor(fraction * tokens * groups + 1e-6).astype(jnp.int32)
     flat = jnp.where(kept > 0, norms, -1.0).transpose(0, 2, 1, 3).reshape(batch, heads, -1)
-    ranks = jnp.argsort(jnp.argsort(-flat, axis=-1, stable=True), axis=-1)
+    ranks = inverse_permutation(jnp.argsort(-flat, axis=-1, stable=True))
     keep = (ranks < allowed[..., None]).reshape(batch, heads, length, groups).transpose(0, 2, 1, 3)
     return (keep & (kept > 0)).astype(kept.dtype)
 

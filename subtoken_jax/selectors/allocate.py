@@ -17,6 +17,7 @@ import numpy as np
 
 from subtoken_jax.errors import InputError
 from subtoken_jax.model_config import check_budget
+from subtoken_jax.permutations import inverse_permutation
 from subtoken_jax.selectors.base import PrefillState, TokenSelector, budget_count
 
 SCOPES = ("head", "layer", "global")
@@ -204,7 +205,7 @@ def allocate_joint(scores: Sequence[jax.Array], budget, *, scope: str = "head", 
     inverse = tuple(int(i) for i in np.argsort(order[:4]))
     kept = jnp.transpose(kept.reshape(moved_v.shape), inverse)  # [L, B, S, Hkv]
     # the k groups kept are the k of most energy, those the utility counted (0 = best group)
-    rank = jnp.argsort(jnp.argsort(-_energy(stacked), axis=-1, stable=True), axis=-1, stable=True)
+    rank = inverse_permutation(jnp.argsort(-_energy(stacked), axis=-1, stable=True))
     groups = (rank < kept[..., None]).astype(jnp.float32)
     tokens = (kept > 0).astype(jnp.float32)
     return tuple(tokens[i] for i in range(layers)), tuple(groups[i] for i in range(layers))

@@ -22,6 +22,7 @@ from subtoken_jax.kv_cache import KVCache
 from subtoken_jax.layers import rope_inverse_frequencies
 from subtoken_jax.model import DecoderLM, default_positions
 from subtoken_jax.model_config import check_budget
+from subtoken_jax.permutations import inverse_permutation
 
 
 @flax.struct.dataclass
@@ -284,7 +285,7 @@ def ranks_by(*keys) -> jax.Array:
     index = jnp.broadcast_to(jnp.arange(keys[0].shape[-1], dtype=jnp.int32), keys[0].shape)
     # jnp.lexsort: the last key is primary, each sorted ascending
     order = jnp.lexsort((index,) + tuple(descending(k) for k in reversed(keys)), axis=-1)
-    return jnp.argsort(order, axis=-1)
+    return inverse_permutation(order)
 
 
 def select_tokens(scores, budget, positions, *, protect_last: int = 0, protect_first: int = 0) -> jax.Array:
