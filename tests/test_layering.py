@@ -12,7 +12,7 @@ APPLICATION = ("subtoken_jax.trainer", "subtoken_jax.predictor_training", "subto
 LIBRARY = ("selectors", "kernels", "packed_cache", "attention", "model", "layer_caches", "kv_cache", "layers", "lora",
            "value_groups", "value_basis", "compressed_generate", "generate", "sampling", "model_config", "input_checks",
            "hf_import", "hf_export", "gguf_import", "gguf_tokenizer", "pretrained", "tokenization", "json_files",
-           "errors", "sharding", "compression", "shape_buckets", "chunked_prefill", "quest", "quest_pages")
+           "errors", "sharding", "compression", "shape_buckets", "chunked_prefill", "quest", "quest_pages", "permutations")
 
 
 def imported_modules(path: pathlib.Path):
