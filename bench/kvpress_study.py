@@ -633,7 +633,6 @@ def check_attention(args, prompts, presses, budgets):
     """Runs the first --check-attention prompts' full cache and SHARED_PREFILL presses (one prefill for all of them)
     under sdpa and under eager attention (alternating which goes first), checks both against the rows RESULTS holds
     and prints the time ratio; writes nothing."""
-    global SCORING_ATTENTION
     stored = StoredAnswers(args.results)
     models, seconds = {}, {"sdpa": 0.0, "eager": 0.0}
     tallies = {"sdpa": AnswerTally(), "eager": AnswerTally()}
@@ -641,7 +640,6 @@ def check_attention(args, prompts, presses, budgets):
         wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in stored.budgets(prompt, n, budgets)]
         full = bool(stored.budgets(prompt, "full", [1.0]))
         for attn in (("sdpa", "eager") if i % 2 == 0 else ("eager", "sdpa")):
-            SCORING_ATTENTION = attn
             if attn not in models:
                 models[attn] = load(attn)
             start = time.perf_counter()
