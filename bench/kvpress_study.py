@@ -597,14 +597,37 @@ def check_shared(args, prompts, presses, budgets):
         sys.exit(1)
 
 
+class AlternatingWays:
+    """Two ways of answering the same prompts, each timed and tallied against the stored rows. Which way goes first
+    swaps from one prompt to the next, so that neither always runs second (on warm caches)."""
+
+    def __init__(self, stored: StoredAnswers, ways: tuple):
+        self.stored, self.ways = stored, ways
+        self.seconds = {way: 0.0 for way in ways}
+        self.tallies = {way: AnswerTally() for way in ways}
+
+    def run(self, index: int, prompt, answers_of) -> None:
+        """Runs `answers_of(way)` ({key: (ids, kept)}) both ways for the `index`-th prompt and tallies the answers."""
+        for way in (self.ways if index % 2 == 0 else self.ways[::-1]):
+            start = time.perf_counter()
+            answers = answers_of(way)
+            self.seconds[way] += time.perf_counter() - start
+            for key, answer in answers.items():
+                self.tallies[way].check(self.stored, prompt, key, answer)
+
+    def report(self, labels: dict) -> bool:
+        """Prints each way's tally and time under `labels[way]`; True when every answer equals the stored one."""
+        for way in self.ways:
+            print(f"{labels[way]}: {self.tallies[way].summary('the stored rows')}; time {self.seconds[way]:.0f} s")
+        return not any(tally.differ for tally in self.tallies.values())
+
+
 def check_batched(args, prompts, presses, budgets):
     """Runs the first --check-batched prompts' shared-prefill presses (SHARED_PREFILL from one prefill, each of
     SHARED_MASKS from its own), decoding the caches as one batch and one at a time (alternating which goes first),
     checks both against the rows RESULTS holds and prints the time ratio; writes nothing."""
-    global BATCHED_DECODE
     stored = StoredAnswers(args.results)
-    models, seconds = {}, {True: 0.0, False: 0.0}
-    tallies = {True: AnswerTally(), False: AnswerTally()}
+    models, ways = {}, AlternatingWays(stored, (True, False))
     for i, prompt in enumerate(prompts[:args.check_batched]):
         have = lambda n: stored.budgets(prompt, n, budgets)  # noqa: E731
         wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in have(n)]
@@ -615,17 +638,15 @@ def check_batched(args, prompts, presses, budgets):
         for attn, run in runs:
             if attn not in models:
                 models[attn] = load(attn)
-            for batched in ((True, False) if i % 2 == 0 else (False, True)):
+
+            def answers_of(batched, run=run, model=models[attn]):
+                global BATCHED_DECODE
                 BATCHED_DECODE = batched
-                start = time.perf_counter()
-                answers = run(models[attn])
-                seconds[batched] += time.perf_counter() - start
-                for key, answer in answers.items():
-                    tallies[batched].check(stored, prompt, key, answer)
-    for batched, label in ((True, "batched decode"), (False, "one cache at a time")):
-        print(f"{label}: {tallies[batched].summary('the stored rows')}; time {seconds[batched]:.0f} s")
-    print(f"batched decode {seconds[False] / max(seconds[True], 1e-9):.2f}x faster (prefill included)")
-    if tallies[True].differ or tallies[False].differ:
+                return run(model)
+            ways.run(i, prompt, answers_of)
+    agree = ways.report({True: "batched decode", False: "one cache at a time"})
+    print(f"batched decode {ways.seconds[False] / max(ways.seconds[True], 1e-9):.2f}x faster (prefill included)")
+    if not agree:
         sys.exit(1)
 
 
@@ -634,26 +655,23 @@ def check_attention(args, prompts, presses, budgets):
     under sdpa and under eager attention (alternating which goes first), checks both against the rows RESULTS holds
     and prints the time ratio; writes nothing."""
     stored = StoredAnswers(args.results)
-    models, seconds = {}, {"sdpa": 0.0, "eager": 0.0}
-    tallies = {"sdpa": AnswerTally(), "eager": AnswerTally()}
+    ways = AlternatingWays(stored, ("sdpa", "eager"))
+    models = {attn: load(attn) for attn in ways.ways}
     for i, prompt in enumerate(prompts[:args.check_attention]):
         wanted = [(n, b) for n in presses if n in SHARED_PREFILL for b in stored.budgets(prompt, n, budgets)]
         full = bool(stored.budgets(prompt, "full", [1.0]))
-        for attn in (("sdpa", "eager") if i % 2 == 0 else ("eager", "sdpa")):
-            if attn not in models:
-                models[attn] = load(attn)
-            start = time.perf_counter()
+
+        def answers_of(attn):
             answers = generate_every_press(models[attn], prompt, wanted) if wanted else {}
             if full:
                 answers[("full", 1.0)] = generate(models[attn], None, prompt["context"], prompt["question"],
                                                   prompt["max_new_tokens"], prompt["eos_id"])
-            seconds[attn] += time.perf_counter() - start
-            for key, answer in answers.items():
-                tallies[attn].check(stored, prompt, key, answer)
-    for attn in ("sdpa", "eager"):
-        print(f"{attn}: {tallies[attn].summary('the stored rows')}; time {seconds[attn]:.0f} s")
-    print(f"sdpa {seconds['eager'] / max(seconds['sdpa'], 1e-9):.2f}x faster than eager (prefill and decoding)")
-    if tallies["sdpa"].differ or tallies["eager"].differ:
+            return answers
+        ways.run(i, prompt, answers_of)
+    agree = ways.report({"sdpa": "sdpa", "eager": "eager"})
+    print(f"sdpa {ways.seconds['eager'] / max(ways.seconds['sdpa'], 1e-9):.2f}x faster than eager "
+          "(prefill and decoding)")
+    if not agree:
         sys.exit(1)
 
 
