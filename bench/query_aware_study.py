@@ -59,6 +59,7 @@ HAYSTACK = os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "test.txt")
 # measured on it. --tasks variable_tracking still runs it.
 TASKS = ("needle", "multi_key", "multi_value", "two_needles")
 BUDGETS = (0.75, 0.5, 0.375, 0.25)
+LENGTHS = (1024, 2048)
 TOKEN_METHODS = ("snapkv", "expected_attention", "streaming", "key_norm")
 # variant -> eval-config overrides; "methods" is what the variant's Evaluator runs
 VARIANTS = {
@@ -373,7 +374,7 @@ def run_kvpress(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=100, help="prompts per task and length")
-    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048])
+    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=list(LENGTHS))
     parser.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
     parser.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
     # "full" is left out by default: "tokens" runs the full cache too
@@ -423,11 +424,15 @@ def main():
             run_kvpress(args)
     from bench import study_report
 
-    study_report.write(args.out, args.tasks, args.lengths, args.budgets)
+    # a run of some tasks or lengths (a step of bench/pending_study.sh) still writes the whole report from every
+    # cell on disk, so that it never replaces the full tables with its own few; --report-only honours the flags
+    tasks, lengths = ((args.tasks, args.lengths) if args.report_only else
+                      (list(TASKS), sorted(set(LENGTHS) | set(args.lengths))))
+    study_report.write(args.out, tasks, lengths, args.budgets)
     if args.answer_nll:
         from bench import answer_fidelity
 
-        answer_fidelity.write(args.out, args.tasks, args.lengths, args.budgets)
+        answer_fidelity.write(args.out, tasks, lengths, args.budgets)
 
 
 if __name__ == "__main__":
