@@ -31,7 +31,7 @@ def main():
     parser.add_argument("--combination", default=COMBINATION)
     parser.add_argument("--selector", default=SELECTOR)
     args = parser.parse_args()
-    rows = study_report._ours(args.out)
+    rows = study_report.our_rows(args.out)
     pairs = []
     for b in BUDGETS:
         fresh = lambda items: {i: v for i, v in items.items() if i >= args.first_fresh}  # noqa: E731

@@ -59,7 +59,7 @@ def _our_examples(out_dir):
             seen[key] += 1
 
 
-def _ours(out_dir):
+def our_rows(out_dir):
     """{(task, length, method, budget): {prompt index: (correct, realised kv)}} of our cells."""
     rows = defaultdict(dict)
     for key, index, example, kv in _our_examples(out_dir):
@@ -112,7 +112,7 @@ def _mean_n(shares):
     return sum(shares.values()) / len(shares), len(shares)
 
 
-def _kvpress(out_dir, recall=None):
+def kvpress_rows(out_dir, recall=None):
     """{(task, length, method, budget): {prompt: (correct, kv)}} of kvpress's rows; with a dict `recall`, also
     fills it with the items recalled of the multi-item tasks' answers, as item_recall does for ours."""
     path = os.path.join(out_dir, "kvpress.jsonl")
@@ -471,7 +471,7 @@ def plot(path, task, lengths, summary, budgets):
 
 def write(out_dir, tasks, lengths, budgets):
     their_recall = {}
-    ours, theirs = _summary(_ours(out_dir)), _summary(_kvpress(out_dir, their_recall))
+    ours, theirs = _summary(our_rows(out_dir)), _summary(kvpress_rows(out_dir, their_recall))
     both = {**theirs, **_summary(_quest()), **ours}
     lines = ["# Query-aware study: SmolLM2-135M-Instruct, ours and kvpress's on the same weights and token ids", "",
              "Cells: exact match (prompts) [realised fraction of KV bytes]. `kvpress:` rows are kvpress's presses; "
