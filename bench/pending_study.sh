@@ -35,14 +35,17 @@ ours() {  # ours_STEP
         # is the 2k gain of joint(snapkv) over SnapKV again the value-aware ranking? The same allocation with G = 1
         # (whole tokens), as checked at 1k
         4) "${run[@]}" --lengths 2048 --tasks needle,multi_key --variants "joint_G1(snapkv)" ;;
+        # claim (b) at 2k against the press that beat the combination at 1k: KVzip alone and the joint allocation
+        # priced by its scores (joint(kvzip)@global), over one prefill and one repetition pass per batch
+        5) "${run[@]}" --lengths 2048 --tasks needle,multi_key --variants "pairz(kvzip)" ;;
     esac
 }
 
-kvpress() {  # kvpress TASK_LENGTH...
+kvpress() {  # kvpress TASK_LENGTH... (PRESSES, default the four scoring presses)
     local task
     for task in "$@"; do
-        .venv-bench/bin/python bench/kvpress_study.py "$PROMPTS/$task.jsonl" "$STUDY/kvpress.jsonl" --presses "$FOUR" \
-            --threads 2
+        .venv-bench/bin/python bench/kvpress_study.py "$PROMPTS/$task.jsonl" "$STUDY/kvpress.jsonl" \
+            --presses "${PRESSES:-$FOUR}" --threads 2
     done
 }
 
@@ -67,3 +70,5 @@ ours 3
 kvpress multi_value_2048 two_needles_2048
 checks
 ours 4
+ours 5
+PRESSES=kvzip kvpress needle_2048 multi_key_2048
