@@ -10,8 +10,10 @@ compression ratio set so that the kept context tokens are the same share b of th
     kept = b * S + Q  of  S + Q  prefilled tokens  ->  compression_ratio = (1 - b) * S / (S + Q),
 
 SnapKV's window is exactly the question (window_size = Q) so the question itself is never evicted; the
-other presses score the question's tokens with the rest (the note in the study's report says so). Then the
-answer is decoded greedily over the compressed cache, for the prompt file's max_new_tokens (ours: the same
+other presses score the question's tokens with the rest (the note in the study's report says so). The question's
+own keys and values are thus computed over the full context (the press compresses each layer after its attention
+ran); ours reads the question over the compressed context unless run with question_over="full" (the study's
+"+qfull" rows), which is this protocol. Then the answer is decoded greedily over the compressed cache, for the prompt file's max_new_tokens (ours: the same
 per-prompt budget, `evaluation.tasks.new_tokens`). Every press here prunes the cache (the DynamicCache
 holds fewer keys and values: memory is freed), except AdaKV, which keeps the cache at full size and masks
 the evicted entries per head (kvpress's AdaKV stores masked indices), so it only saves attention work.

@@ -29,6 +29,9 @@ ours() {  # ours_STEP
         # the paper's setting (question only) at 2k, beside kvpress's 2k rows: the token methods and joint(snapkv)
         # over one prefill per batch (the rows of "tokens" and "joint(snapkv)")
         2) "${run[@]}" --lengths 2048 --tasks needle,multi_key --variants tokens_and_joint ;;
+        # kvpress's question-aware protocol on our side (the question prefilled over the full context and kept
+        # uncompressed), beside kvpress's 2k rows: is the comparison fair, and do the claims change under it?
+        2q) "${run[@]}" --lengths 2048 --tasks needle,multi_key --variants "tokens_and_joint+qfull" ;;
         # the two multi-item tasks at 2k, both settings
         3) "${run[@]}" --lengths 2048 --tasks multi_value,two_needles \
                --variants "tokens_and_joint,tokens_and_joint+look24" ;;
@@ -66,6 +69,7 @@ ours 1
 kvpress multi_value_1024 two_needles_1024
 ours 2
 kvpress needle_2048 multi_key_2048
+ours 2q
 ours 3
 kvpress multi_value_2048 two_needles_2048
 checks

@@ -155,6 +155,14 @@ VARIANTS["tokens_and_joint+look24"] = {"methods": ("snapkv", "expected_attention
                                        "labels": {"snapkv": "snapkv+look24",
                                                   "expected_attention": "expected_attention+look24",
                                                   "joint": "joint(snapkv)+look24"}}
+# kvpress's question-aware protocol on our side (eval config question_over="full"): the question's keys, values and
+# first answer token from its prefill over the full context, kept uncompressed; only the answer reads the compressed
+# context. Ours reads the question over the compressed context; kvpress prefills context + question under the press
+VARIANTS["tokens_and_joint+qfull"] = {"methods": ("snapkv", "expected_attention", "streaming", "joint"),
+                                      "joint.scorer": "snapkv", "question_over": "full",
+                                      "labels": {**{m: f"{m}+qfull" for m in ("snapkv", "expected_attention",
+                                                                              "streaming")},
+                                                 "joint": "joint(snapkv)+qfull"}}
 # variants whose rows are other variants' rows over one prefill: not in the default list
 ONE_PREFILL = ("pair(", "pairc(", "pairr(", "pairz", "tokens_and_joint")
 # the agreement check: our ExpectedAttention at kvpress's settings (statistics over the whole prefill of context +

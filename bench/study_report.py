@@ -24,7 +24,7 @@ TOKEN_ONLY = ("snapkv", "expected_attention", "streaming", "key_norm")
 
 def _observation(method: str):
     """A row's observation suffix and the rest: "joint(snapkv)+look24" -> ("joint(snapkv)", "+look24")."""
-    found = re.search(r"\+look\d+$", method)
+    found = re.search(r"(\+look\d+|\+qfull)+$", method)
     return (method[:found.start()], found.group()) if found else (method, "")
 
 
@@ -418,7 +418,10 @@ def agreement(ours, theirs, tasks, lengths, budgets):
              ("expected_attention", "expected_attention_our_settings"),
              ("expected_attention+kvpress_settings", "expected_attention"), ("streaming", "streaming"),
              ("key_norm", "key_norm"), ("tova", "tova"), ("adakv", "adakv_snapkv"), ("kvzip", "kvzip"),
-             ("pyramidkv", "pyramidkv")]
+             ("pyramidkv", "pyramidkv"),
+             # under kvpress's protocol (the question prefilled over the full context, kept uncompressed)
+             ("snapkv+qfull", "snapkv"), ("expected_attention+qfull", "expected_attention"),
+             ("streaming+qfull", "streaming")]
     for name, press in pairs:
         diffs = []
         for task in tasks:
@@ -431,7 +434,8 @@ def agreement(ours, theirs, tasks, lengths, budgets):
         if diffs:
             within = sum(abs(d) <= 2 * max(s, 1e-9) for d, s, _ in diffs)
             mean = sum(d for d, _, _ in diffs) / len(diffs)
-            label = name if press in (name, f"{name}_snapkv") else f"{name} against kvpress:{press}"
+            label = name if press in (name, f"{name}_snapkv", _observation(name)[0]) else \
+                f"{name} against kvpress:{press}"
             lines.append(f"- {label}: ours - kvpress's accuracy, mean {mean:+.3f} over {len(diffs)} (task, length, "
                          f"budget) cells; within 2 standard errors in {within} of them")
     return lines

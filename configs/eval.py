@@ -84,6 +84,10 @@ def get_config() -> ConfigDict:
     # what a dropped value group of a kept token reads as in the packed cache: "zero" (the method as built) or
     # "mean" (the context's mean value of that layer and KV head; generation tasks only)
     c.value_fill = "zero"
+    # how the question reaches the answer (generation tasks, packed): "compressed" = the question is read over the
+    # compressed context (its keys, values and the first answer token from the packed cache); "full" = its prefill
+    # over the full context, before compression, is kept uncompressed (kvpress's question-aware protocol)
+    c.question_over = "compressed"
     # query-aware methods observe the question and, with lookahead L > 0, the first L tokens of an answer drafted
     # greedily over the full cache (then discarded; the answer is generated from the compressed cache). Tasks with
     # a question only; costs L full-cache decode steps per prompt

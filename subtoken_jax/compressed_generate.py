@@ -39,6 +39,16 @@ from subtoken_jax.sampling import check_sampling, hold_eos, pick_token
 from subtoken_jax.selectors import PrefillState, capture_prefill_state, needs_context_queries, reconstruction_prompt
 from subtoken_jax.shape_buckets import bucket_length, capacity_bucket, left_pad
 
+# how the question reaches the answer: read over the compressed context (ours), or prefilled over the full context
+# before compression and kept uncompressed (kvpress's question-aware protocol); see generate_from_state
+QUESTION_OVER = ("compressed", "full")
+
+
+def check_question_over(question_over: str) -> str:
+    if question_over not in QUESTION_OVER:
+        raise InputError(f"unknown question_over {question_over!r}; choose from {', '.join(QUESTION_OVER)}")
+    return question_over
+
 
 def packed_decode_step(model: DecoderLM, params, cache: PackedCache, token: jax.Array, position: jax.Array):
     """One decode step: token [B] at position [B] -> (logits [B, vocab] float32, updated cache).
@@ -98,8 +108,9 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
 
     compression(state: PrefillState) -> (token_keep_masks, group_masks), e.g. `Compression(...)`; it
     compresses the prompt (the context) only. With question_ids the question's queries guide query-aware
-    selectors and the question then runs over the compressed context; without, the prompt's last logits
-    (from the full prefill) give the first token. attention_mask / question_mask mark real tokens of
+    selectors and the question then runs over the compressed context (question_over="full": the question's keys,
+    values and logits from its prefill over the full context are kept instead, kvpress's protocol); without, the
+    prompt's last logits (from the full prefill) give the first token. attention_mask / question_mask mark real tokens of
     left-padded rows. bucket: the prompt and the question are left-padded to bucketed lengths
     (`shape_buckets`; masked: `Compression` recipes and the tokens do not change) and the packed sizes
     bucketed (see `generate_from_state`), so a stream of prompts of many lengths shares compiled programs.
@@ -118,6 +129,9 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
                                        return_cache=return_cache, bucket=bucket, **kwargs)
     prompt_ids = np.asarray(prompt_ids, np.int32)  # on the host: a cast on the device compiles per prompt length
     _check_lengths(model, prompt_ids, question_ids, max_new_tokens)
+    question_over = check_question_over(kwargs.get("question_over", "compressed"))
+    if question_over == "full" and question_ids is None:
+        raise InputError("question_over='full' keeps the question as read over the full context: give question_ids")
     if bucket:
         # buckets never past the model's positions: a prompt that fits must not be refused for its bucket
         room = model.config.max_position_embeddings - max_new_tokens - getattr(compression, "lookahead", 0)
@@ -141,9 +155,12 @@ def compressed_generate(model: DecoderLM, params, prompt_ids, *, compression: Ca
                             keep_context_queries=needs_context_queries(compression))
     masks = _compiled_compression(compression, state) if bucket else compression(state)
     kwargs.setdefault("value_fill", getattr(compression, "value_fill", "zero"))
-    tokens, packed = generate_from_state(model, params, state, masks, max_new_tokens=max_new_tokens,
-                                         question_ids=question_ids, question_mask=question_mask,
-                                         first_logits=None if question_ids is not None else logits, **kwargs)
+    if question_over == "full":  # the state carries the question: pass nothing else
+        tokens, packed = generate_from_state(model, params, state, masks, max_new_tokens=max_new_tokens, **kwargs)
+    else:
+        tokens, packed = generate_from_state(model, params, state, masks, max_new_tokens=max_new_tokens,
+                                             question_ids=question_ids, question_mask=question_mask,
+                                             first_logits=None if question_ids is not None else logits, **kwargs)
     return (tokens, packed) if return_cache else tokens
 
 
@@ -191,11 +208,15 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
                         question_ids=None, question_mask=None, first_logits=None, temperature: float = 0.0,
                         top_k: Optional[int] = None, rng: Optional[jax.Array] = None, eos_id: Optional[int] = None,
                         layout: str = "global", capacity=None, key_capacity=None, k=None, impl: str = "auto",
-                        progress: bool = False, chunk: int = 64, value_fill: str = "zero", bucket: bool = False):
+                        progress: bool = False, chunk: int = 64, value_fill: str = "zero", bucket: bool = False,
+                        question_over: str = "compressed"):
     """Packs a captured context under masks = (token_keep_masks, group_masks), then answers from it.
 
-    The question_ids [B, Q] (left-padded rows: question_mask) run over the packed context first; without
-    a question, first_logits [B, vocab] (the context's last logits) give the first token. layout "global"
+    question_over "compressed": the question_ids [B, Q] (left-padded rows: question_mask) run over the packed
+    context first; without a question, first_logits [B, vocab] (the context's last logits) give the first token.
+    "full" (kvpress's question-aware protocol): the question as the state's capture prefilled it over the full
+    context (`state.question`: its keys and values go to the tail uncompressed, its last logits give the first
+    token); give neither question_ids nor first_logits. layout "global"
     (any masks) or "fixed_k" (token masks, if any, [B, P]); capacity / key_capacity / k: packed sizes
     (None: from the masks; with bucket, the global layout's rounded up to powers of two and the dense tail to a
     `shape_buckets` length, so a stream of prompts compiles a bounded number of programs, at the cost of up to
@@ -209,11 +230,19 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
         raise InputError(f"unknown attention impl {impl!r}; choose from {', '.join(IMPLS)}")
     if layout not in LAYOUTS:
         raise InputError(f"unknown packed layout {layout!r}; choose from {', '.join(LAYOUTS)}")
-    if (question_ids is None) == (first_logits is None):
+    if check_question_over(question_over) == "full":
+        if state.question is None:
+            raise InputError("question_over='full' answers after the question as prefilled over the full context: "
+                             "capture the state with question_ids")
+        if question_ids is not None or first_logits is not None:
+            raise InputError("question_over='full' takes the question from the state: give neither question_ids "
+                             "nor first_logits")
+    elif (question_ids is None) == (first_logits is None):
         raise InputError("give exactly one of question_ids (run over the packed context) and first_logits")
     check_sampling(temperature, top_k, rng)
     cfg = model.config
-    question_len = 0 if question_ids is None else question_ids.shape[1]
+    question_len = (state.question.positions.shape[1] if question_over == "full" else
+                    0 if question_ids is None else question_ids.shape[1])
     token_masks, group_masks = masks
     cast = lambda arrays: tuple(a.astype(cfg.compute_dtype) for a in arrays)  # noqa: E731  capture keeps float32
     tail = question_len + max_new_tokens - 1
@@ -225,6 +254,10 @@ def generate_from_state(model: DecoderLM, params, state: PrefillState, masks, *,
     pack = _compiled_pack if sized else pack_cache  # sizes known (bucketed or given): one program per size
     packed = pack(cast(state.keys), cast(state.values), state.positions, token_masks, group_masks, layout=layout,
                   tail_capacity=tail, capacity=capacity, key_capacity=key_capacity, k=k, fill=value_fill, impl=impl)
+    if question_over == "full":
+        question = state.question
+        packed = packed.append_to_tail(cast(question.keys), cast(question.values), question.positions)
+        first_logits = question.logits
     return answer_from_cache(model, params, packed, max_new_tokens=max_new_tokens, question_ids=question_ids,
                              question_mask=question_mask, first_logits=first_logits, temperature=temperature,
                              top_k=top_k, rng=rng, eos_id=eos_id, progress=progress, chunk=chunk)
@@ -246,11 +279,12 @@ def answer_from_cache(model: DecoderLM, params, packed: PackedCache, *, max_new_
     batch = packed.prefix_end.shape[0]
     question_len = 0 if question_ids is None else question_ids.shape[1]
     needed = max_new_tokens - 1 if recompress is None else min(int(compress_every), max_new_tokens - 1)
-    if question_len + needed > packed.tail_capacity:
+    used = int(packed.tail_index)  # e.g. a question prefilled over the full context (question_over="full")
+    if used + question_len + needed > packed.tail_capacity:
         raise InputError(f"a question of {question_len} and {max_new_tokens} new tokens do not fit the packed "
-                         f"cache's tail of {packed.tail_capacity}")
+                         f"cache's tail of {packed.tail_capacity}" + (f" ({used} slots already used)" if used else ""))
     packed = jax.jit(shard_cache)(packed) if sharding.active_mesh() is not None else packed
-    next_position = packed.prefix_end
+    next_position = packed.next_position  # after the prefix, or after tokens already in the tail
     logits = first_logits
     if question_ids is not None:
         q_mask = jnp.ones((batch, question_len), jnp.int32) if question_mask is None else \

@@ -153,6 +153,23 @@ class PackedCache:
     def tail_capacity(self) -> int:
         return self.tail_positions.shape[1]
 
+    def append_to_tail(self, keys: Sequence[jax.Array], values: Sequence[jax.Array], positions: jax.Array
+                       ) -> "PackedCache":
+        """Writes tokens computed elsewhere (per layer keys / values [B, T, Hkv, D], positions [B, T], -1 = padding)
+        at the tail's next T slots, e.g. a question prefilled over the full context."""
+        def write(old, new):
+            return jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), self.tail_index, axis=1)
+
+        return self.replace(tail_keys=tuple(map(write, self.tail_keys, keys)),
+                            tail_values=tuple(map(write, self.tail_values, values)),
+                            tail_positions=write(self.tail_positions, jnp.asarray(positions, jnp.int32)),
+                            tail_index=self.tail_index + positions.shape[1])
+
+    @property
+    def next_position(self) -> jax.Array:
+        """[B] the position after the last token the cache holds (the prefix's, or the tail's once it has any)."""
+        return jnp.maximum(self.prefix_end, jnp.max(self.tail_positions, axis=1) + 1)
+
     @classmethod
     def with_empty_tail(cls, layers: Sequence[PackedLayer], tail_capacity: int, prefix_end: jax.Array,
                         dtype=None) -> "PackedCache":

@@ -472,6 +472,8 @@ def test_hugging_face_folder(hf_folder, mmlu_csv, tmp_path):
     ({"tasks": ("perplexity", "needle"), "value_fill": "mean"}, "perplexity score through the masked dense cache"),
     ({"tasks": ("needle",), "value_fill": "mean", "generation": "masked"}, "generation=masked score through"),
     ({"tasks": ("needle",), "value_fill": "mean", "answer_nll": True}, "answer_nll score through the masked dense"),
+    ({"tasks": ("needle",), "question_over": "both"}, "question_over='both': choose one of compressed, full"),
+    ({"tasks": ("needle",), "question_over": "full", "generation": "masked"}, "generation=masked read the question"),
     ({"tasks": ("needle",), "value_basis.calibration": "/nonexistent.txt"}, "is not a file"),
     ({"combined.selector": "predictor"}, "the predictor (scorer or selector) needs predictor.workdir"),
 ])

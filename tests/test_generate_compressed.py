@@ -11,6 +11,7 @@ from subtoken_jax import Compression, ConfigError, InputError, JointCompression,
 from subtoken_jax.attention import Attention
 from subtoken_jax import layer_caches
 from subtoken_jax.layer_caches import PackedLayerCache, layer_view
+from subtoken_jax.compressed_generate import compressed_generate, generate_from_state
 from subtoken_jax.packed_cache import bucketed_sizes, pack_cache
 from subtoken_jax.selectors import capture_prefill_state, pad_to_capacity
 from subtoken_jax.shape_buckets import bucket_length
@@ -24,8 +25,9 @@ def setup():
     return tiny_setup(CONFIG)
 
 
-def masked_dense_answer(model, params, context, question, mask, masks, new_tokens):
-    """Reference: a dense KVCache; the question (one chunk) and the answer attend under the masks."""
+def masked_dense_answer(model, params, context, question, mask, masks, new_tokens, question_over="compressed"):
+    """Reference: a dense KVCache; the question (one chunk) and the answer attend under the masks (question_over
+    "full": the question attends to the whole context, only the answer under the masks)."""
     token_masks, group_masks = masks
     capacity = CONTEXT + QUESTION + new_tokens
     layers = CONFIG.num_layers
@@ -35,7 +37,10 @@ def masked_dense_answer(model, params, context, question, mask, masks, new_token
     _, cache = model.apply({"params": params}, context, cache=cache, attention_mask=mask)
     step = lambda ids, cache: model.apply({"params": params}, ids, cache=cache, value_group_mask=group_masks,  # noqa
                                           token_keep_mask=token_masks)
-    logits, cache = step(question, cache)
+    if question_over == "full":
+        logits, cache = model.apply({"params": params}, question, cache=cache)
+    else:
+        logits, cache = step(question, cache)
     tokens = [jnp.argmax(logits[:, -1], -1).astype(jnp.int32)]
     for _ in range(new_tokens - 1):
         logits, cache = step(tokens[-1][:, None], cache)
@@ -58,6 +63,43 @@ def test_query_aware_compression_equals_masked_dense(setup, compression):
                                   lookahead=compression.lookahead)
     expected = masked_dense_answer(model, params, context, question, mask, compression(state), NEW)
     np.testing.assert_array_equal(tokens, expected)
+
+
+def test_question_prefilled_over_the_full_context_equals_masked_dense(setup):
+    """kvpress's protocol (question_over="full"): the question's keys, values and first logits come from its
+    prefill over the whole context (a lookahead draft's do not reach the tail); only the answer reads the compressed
+    context. The default reads the question over the compressed context: its last layer's question keys differ."""
+    model, params, context, question, mask = setup
+    compression = JointCompression(kv_budget=0.375, lookahead=3)
+    run = lambda over: compressed_generate(model, params, context, question_ids=question, attention_mask=mask,  # noqa
+                                           compression=compression, max_new_tokens=NEW, return_cache=True,
+                                           question_over=over)
+    (tokens, packed), (_, packed_compressed) = run("full"), run("compressed")
+    state = capture_prefill_state(model, params, context, question, context_mask=mask, lookahead=3)
+    expected = masked_dense_answer(model, params, context, question, mask, compression(state), NEW,
+                                   question_over="full")
+    np.testing.assert_array_equal(tokens, expected)
+    over_full = state.question.keys[-1].astype(packed.tail_keys[-1].dtype)
+    np.testing.assert_array_equal(packed.tail_keys[-1][:, :QUESTION], over_full)
+    assert not np.allclose(packed_compressed.tail_keys[-1][:, :QUESTION], over_full, atol=1e-3)
+
+
+def test_question_over_full_needs_a_question_and_takes_it_from_the_state(setup):
+    model, params, context, question, mask = setup
+    compression = Compression(token_fraction=0.5, value_fraction=0.5)
+    with pytest.raises(InputError, match="give question_ids"):
+        generate(model, params, context, compression=compression, max_new_tokens=2, question_over="full")
+    with pytest.raises(InputError, match="unknown question_over"):
+        generate(model, params, context, question_ids=question, compression=compression, max_new_tokens=2,
+                 question_over="dense")
+    state = capture_prefill_state(model, params, context, question, context_mask=mask)
+    with pytest.raises(InputError, match="neither question_ids nor first_logits"):
+        generate_from_state(model, params, state, compression(state), max_new_tokens=2, question_ids=question,
+                            question_over="full")
+    no_question = capture_prefill_state(model, params, context, context_mask=mask)
+    with pytest.raises(InputError, match="capture the state with question_ids"):
+        generate_from_state(model, params, no_question, compression(no_question), max_new_tokens=2,
+                            question_over="full")
 
 
 def test_lookahead_window_is_the_greedy_full_cache_draft(setup):

@@ -153,3 +153,12 @@ def test_best_combination_picks_among_rows_with_the_most_prompts():
     rows = [("few", few), ("many", many), ("weaker", weaker)]
     assert study_report.best_combination(rows)[0] == "many"
     assert study_report.best_combination([]) == (None, None)
+
+
+def test_rows_are_compared_under_the_same_observation_and_protocol():
+    """A combination row is compared with its selector under the same lookahead and question protocol."""
+    assert study_report.selector_of("joint(snapkv)") == "snapkv"
+    assert study_report.selector_of("joint(snapkv)+look24") == "snapkv+look24"
+    assert study_report.selector_of("joint(snapkv)+qfull") == "snapkv+qfull"
+    assert study_report.selector_of("snapkv+groups(snapkv)+qfull") == "snapkv+qfull"
+    assert study_report.is_token_method("streaming+qfull") and not study_report.is_token_method("joint(snapkv)+qfull")

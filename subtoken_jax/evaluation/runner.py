@@ -30,6 +30,7 @@ from ml_collections import ConfigDict
 from subtoken_jax import packed_cache
 from subtoken_jax import sharding
 from subtoken_jax import workdir as workdir_lib
+from subtoken_jax.compressed_generate import QUESTION_OVER
 from subtoken_jax.config_checks import check_ranges
 from subtoken_jax.errors import CheckpointError, ConfigError
 from subtoken_jax.evaluation import kinds
@@ -75,6 +76,13 @@ def validate(config: ConfigDict) -> None:
         raise ConfigError(f"value_fill={fill!r} applies to answers generated from the packed cache "
                           f"(generation='packed'); {', '.join(scored_dense) or 'generation=masked'} score through "
                           f"the masked dense cache: drop them or use value_fill='zero'")
+    over = config.get("question_over", "compressed")
+    if over not in QUESTION_OVER:
+        raise ConfigError(f"question_over={over!r}: choose one of {', '.join(QUESTION_OVER)}")
+    if over != "compressed" and (config.generation != "packed" or scored_dense):
+        raise ConfigError(f"question_over={over!r} applies to answers generated from the packed cache "
+                          f"(generation='packed'); {', '.join(scored_dense) or 'generation=masked'} read the question "
+                          f"over the masked dense cache: drop them or use question_over='compressed'")
     for task in ("needle", "variable_tracking") + tuple(tasks_lib.MULTI_NEEDLE):
         if task in config.tasks:
             name = "multi_needle" if task in tasks_lib.MULTI_NEEDLE else task

@@ -8,7 +8,7 @@
 
 from subtoken_jax.selectors.adakv import AdaKV, head_adaptive_select
 from subtoken_jax.selectors.allocate import SCOPES, allocate_joint, allocate_value_groups, combine, kv_bytes_fraction
-from subtoken_jax.selectors.base import (PrefillState, TokenSelector, accumulated_attention, budget_count,
+from subtoken_jax.selectors.base import (PrefillState, QuestionPrefill, TokenSelector, accumulated_attention, budget_count,
                                          capture_prefill_state, needs_context_queries, pad_to_capacity, select_tokens,
                                          window_attention)
 from subtoken_jax.selectors.expected_attention import (ExpectedAttention, expected_attention_weights,
@@ -32,5 +32,6 @@ __all__ = ["SCOPES", "TOKEN_SELECTORS", "TOVA", "accumulated_attention", "AdaKV"
            "allocate_value_groups", "budget_count", "capture_prefill_state", "combine", "expected_attention_weights",
            "ExpectedAttention", "future_statistics", "head_adaptive_select", "KeyNorm", "KVzip", "layer_adaptive_select", "kv_bytes_fraction",
            "last_query_attention", "layer_value_group_scores", "needs_context_queries", "pad_to_capacity", "PrefillState", "pyramid_fractions",
+           "QuestionPrefill",
            "PyramidKV", "query_statistics", "RandomSelector", "reconstruction_prompt", "select_tokens", "SnapKV", "StreamingLLM",
            "TokenSelector", "value_group_norms", "value_group_scorer", "value_group_scores", "window_attention"]

@@ -26,6 +26,19 @@ from subtoken_jax.permutations import inverse_permutation
 
 
 @flax.struct.dataclass
+class QuestionPrefill:
+    """The question as prefilled over the *full* context (per layer [B, Q, Hkv, D] keys with RoPE and values;
+    positions [B, Q], -1 = left padding; the last position's logits [B, vocab]). Answering from a compressed
+    cache with these in its tail is kvpress's question-aware protocol: the question read the whole context before
+    the context was compressed (`generate_from_state(..., question_over="full")`)."""
+
+    keys: Tuple[jax.Array, ...]
+    values: Tuple[jax.Array, ...]
+    positions: jax.Array
+    logits: jax.Array
+
+
+@flax.struct.dataclass
 class PrefillState:
     """What query-aware selectors see of one prefilled context (all per layer unless noted).
 
@@ -50,6 +63,8 @@ class PrefillState:
     # [B, S, Hq, D] per layer, RoPE applied: every context position's queries (`capture_prefill_state(...,
     # keep_context_queries=True)`), for statistics over the whole prefill (ExpectedAttention(observe="prefill"))
     context_queries: Optional[Tuple[jax.Array, ...]] = None
+    # the question's keys, values and last logits over the full context (set whenever a question is given)
+    question: Optional[QuestionPrefill] = None
 
     @property
     def num_layers(self) -> int:
@@ -182,7 +197,8 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
     (query-aware selection); without, the last `window` context tokens do. with_attention also
     accumulates each layer's observed attention over the context prefill (for H2O). return_logits also
     returns the last position's logits [B, vocab] (of the context, or of the question over the full
-    context), as (state, logits).
+    context), as (state, logits). With a question, `state.question` keeps its keys, values and last logits over
+    the full context (`QuestionPrefill`), for answering as kvpress does (`question_over="full"`).
 
     lookahead L > 0 (with a question): the answer's first L tokens are drafted greedily over the *full*
     cache and their queries join the observation window. The question says what is asked; the draft's
@@ -218,6 +234,10 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
         q_positions = default_positions(question_ids, q_mask, jnp.max(positions, axis=1, keepdims=True) + 1)
         cache, queries, last_logits = _prefill(model, params, jnp.asarray(question_ids, jnp.int32), q_positions,
                                                cache)
+        asked = slice(ctx_len, ctx_len + q_len)  # the question's slots (a lookahead draft goes after them)
+        question = QuestionPrefill(keys=tuple(k[:, asked] for k in cache.keys),
+                                   values=tuple(v[:, asked] for v in cache.values), positions=q_positions,
+                                   logits=last_logits)
         if lookahead:
             queries, q_positions = _draft_queries(model, params, cache, queries, q_positions, last_logits, lookahead)
     else:
@@ -225,6 +245,7 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
             raise InputError(f"observation window {window} must be in [1, context length {ctx_len}]")
         queries = tuple(q[:, -window:] for q in ctx_queries)
         q_positions = positions[:, -window:]
+        question = None
     reconstruction = None
     if reconstruct is not None:
         if model.config.routing.enabled:
@@ -241,7 +262,7 @@ def capture_prefill_state(model: DecoderLM, params, context_ids, question_ids=No
     state = PrefillState(keys=keys, values=values, queries=queries, positions=positions, query_positions=q_positions,
                          inv_freq=inv_freq, attention=attention, value_groups=cfg.value_groups,
                          window_in_context=question_ids is None, reconstruction=reconstruction,
-                         context_queries=ctx_queries if keep_context_queries else None)
+                         context_queries=ctx_queries if keep_context_queries else None, question=question)
     return (state, last_logits) if return_logits else state
 
 

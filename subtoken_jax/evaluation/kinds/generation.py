@@ -44,10 +44,14 @@ class Generation:
                 scores.add_bytes(plan, tokens, groups, batch, model)
                 if packed:
                     capacity, key_capacity = bucketed_sizes(tokens, groups, batch.state.positions)
+                    over = config.get("question_over", "compressed")
+                    # "full": the state's question, prefilled over the full context, goes to the tail as it is
+                    question = (dict(question_ids=batch.question, question_mask=batch.question_mask)
+                                if over == "compressed" else {})
                     out, _ = generate_from_state(model, params, batch.state, (tokens, groups), max_new_tokens=new_tokens,
-                                                 question_ids=batch.question, question_mask=batch.question_mask,
                                                  capacity=capacity, key_capacity=key_capacity,
-                                                 value_fill=config.get("value_fill", "zero"))
+                                                 value_fill=config.get("value_fill", "zero"), question_over=over,
+                                                 **question)
                 else:
                     t_masks, g_masks = methods_lib.widen_masks(tokens, groups, batch.capacity)
                     out = methods_lib.greedy_answer(model, params, cache, batch.question, question_positions(batch),
