@@ -31,7 +31,7 @@ ours() {  # ours_STEP
         2) "${run[@]}" --lengths 2048 --tasks needle,multi_key --variants tokens_and_joint ;;
         # kvpress's question-aware protocol on our side (the question prefilled over the full context and kept
         # uncompressed), beside kvpress's 2k rows: is the comparison fair, and do the claims change under it?
-        2q) "${run[@]}" --lengths 2048 --tasks needle,multi_key --variants "tokens_and_joint+qfull" ;;
+        2q) "${run[@]}" --lengths 2048 --tasks multi_key,needle --variants "tokens_and_joint+qfull" ;;
         # the two multi-item tasks at 2k, both settings
         3) "${run[@]}" --lengths 2048 --tasks multi_value,two_needles \
                --variants "tokens_and_joint,tokens_and_joint+look24" ;;
