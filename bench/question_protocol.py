@@ -47,6 +47,31 @@ def same_text(a: str, b: str) -> bool:
     return a.strip() == b.strip()
 
 
+def distractor_answers(task, length, ours, correct, tokenizer) -> list:
+    """Per method: the prompts the full-context question answers and ours does not, and how many of our answers there
+    are another number from the context (a distractor's value) instead of the asked one."""
+    import re
+
+    with open(os.path.join(STUDY, "prompts", f"{task}_{length}.jsonl")) as fh:
+        prompts = {int(p["id"].rsplit("_", 1)[1]): p for p in map(json.loads, fh)}
+    lines = []
+    for method in METHODS:
+        lost = distractor = 0
+        for budget in BUDGETS:
+            default = correct.get((task, length, method, budget), {})
+            full = correct.get((task, length, f"{method}+qfull", budget), {})
+            for i in set(default) & set(full):
+                if full[i][0] and not default[i][0]:
+                    lost += 1
+                    answer = prompts[i]["answer"].strip()
+                    said = re.findall(r"\d{%d}" % len(answer), ours[(task, length, method, budget)][i])
+                    distractor += bool(said) and said[0] != answer and said[0] in tokenizer.decode(prompts[i]["context"])
+        if lost:
+            lines.append(f"- {method}: {lost} answers right only with the question over the full context (budgets "
+                         f"pooled); {distractor} of ours there give another number from the context")
+    return lines + [""] if lines else []
+
+
 def table(task, length, ours, theirs, correct) -> list:
     lines = [f"## {task}, {length} tokens", "",
              "| method | b | prompts | same answer as kvpress's: question over the compressed context / over the "
@@ -84,6 +109,7 @@ def main():
     for task in args.tasks:
         for length in args.lengths:
             lines += table(task, length, ours, theirs, correct)
+            lines += distractor_answers(task, length, ours, correct, tokenizer)
     with open(args.out, "w") as fh:
         fh.write("\n".join(lines))
     print("\n".join(lines))
