@@ -41,6 +41,8 @@ ours() {  # ours_STEP
         # claim (b) at 2k against the press that beat the combination at 1k: KVzip alone and the joint allocation
         # priced by its scores (joint(kvzip)@global), over one prefill and one repetition pass per batch
         5) "${run[@]}" --lengths 2048 --tasks needle,multi_key --variants "pairz(kvzip)" ;;
+        # kvpress's question protocol on the two multi-item tasks at 2k, beside their kvpress rows
+        6) "${run[@]}" --lengths 2048 --tasks multi_value,two_needles --variants "tokens_and_joint+qfull" ;;
     esac
 }
 
@@ -76,3 +78,4 @@ checks
 ours 4
 ours 5
 PRESSES=kvzip kvpress needle_2048 multi_key_2048
+ours 6
